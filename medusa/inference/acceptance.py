@@ -1,0 +1,90 @@
+"""Acceptance schemes: which candidates of the verified tree to keep, and how the next root is chosen.
+
+Given the base model's logits at every tree node, each scheme picks the root-to-leaf path whose prefix of
+candidates it accepts the longest. The next step's root (the "bonus" token) is then chosen from the
+logits at the last accepted node by `next_token`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medusa.inference.tree import TreeBuffers
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 0.0            # 0 = greedy
+    top_p: float = 1.0
+    posterior_threshold: float = 0.09   # epsilon of typical acceptance
+    posterior_alpha: float = 0.3        # delta of typical acceptance
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _path_candidates(tokens: torch.Tensor, tree: TreeBuffers) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per path: candidate tokens at depth 1..D (P, D) and whether that slot exists (P, D)."""
+    ret = tree.retrieve
+    valid = ret[:, 1:] >= 0
+    cand = tokens[ret[:, 1:].clamp(min=0)]
+    return cand, valid
+
+
+def _longest(match: torch.Tensor) -> tuple[int, int]:
+    """match (P, D) bool -> (best path, number of leading Trues on it)."""
+    if match.shape[1] == 0:
+        return 0, 0
+    lengths = match.int().cumprod(dim=1).sum(dim=1)
+    best = int(lengths.argmax())
+    return best, int(lengths[best])
+
+
+def accept_greedy(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers) -> tuple[int, int]:
+    """Accept a candidate when it is the base model's argmax at its parent: the output equals greedy decoding.
+
+    logits (N, V) at each node; tokens (N,) each node's token. Returns (path row, accepted candidates).
+    """
+    cand, valid = _path_candidates(tokens, tree)
+    pred = logits.argmax(dim=-1)[tree.retrieve[:, :-1].clamp(min=0)]   # (P, D) base's guess at each parent
+    return _longest((cand == pred) & valid)
+
+
+def accept_typical(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers, opts: SamplingOptions) -> tuple[int, int]:
+    """Typical acceptance (Medusa paper): accept x at a node with distribution p if
+    p(x) > min(epsilon, delta * exp(-H(p))), p being the temperature-scaled base distribution."""
+    cand, valid = _path_candidates(tokens, tree)
+    probs = torch.softmax(logits.float() / opts.temperature, dim=-1)            # (N, V)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1)          # (N,)
+    threshold = torch.minimum(torch.full_like(entropy, opts.posterior_threshold),
+                              opts.posterior_alpha * torch.exp(-entropy))
+    parents = tree.retrieve[:, :-1].clamp(min=0)                                 # (P, D)
+    p_cand = probs[parents, cand]
+    return _longest((p_cand > threshold[parents]) & valid)
+
+
+def next_token(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next root token from the base's logits (V,): argmax, or a temperature / top-p sample."""
+    if opts.greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / opts.temperature, dim=-1)
+    if opts.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > opts.top_p   # keep the smallest set reaching top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def accept(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers, opts: SamplingOptions) -> tuple[int, int]:
+    if opts.greedy:
+        return accept_greedy(logits, tokens, tree)
+    return accept_typical(logits, tokens, tree, opts)

@@ -1,0 +1,131 @@
+"""Heads checkpoints on disk: our format, and the original Medusa format published checkpoints use.
+
+Ours:      medusa_config.json (HeadsConfig + "medusa_heads": true), heads.safetensors, optional tree.json.
+Original:  config.json with medusa_num_heads / medusa_num_layers / base_model_name_or_path, weights in
+           medusa_lm_head.safetensors (or a pickled medusa_lm_head.pt, read with weights_only=True), keys
+           `{head}.{layer}.linear.weight|bias` and `{head}.{num_layers}.weight` (own projection); the later
+           variant has ResBlock weights only and shares the base's projection.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from medusa.inference.heads import HeadsConfig, MedusaHeads
+
+OUR_CONFIG, OUR_WEIGHTS, TREE_FILE = "medusa_config.json", "heads.safetensors", "tree.json"
+ORIG_CONFIG, ORIG_WEIGHTS = "config.json", ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
+_ORIG_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+
+
+def is_heads_folder(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    if (path / OUR_CONFIG).is_file():
+        return True
+    cfg = path / ORIG_CONFIG
+    return cfg.is_file() and "medusa_num_heads" in _read_json(cfg)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load safetensors, or a pickled .pt with weights_only=True; a damaged file's name is in the error."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read heads weights {path}: the file is truncated or corrupt ({e})") from None
+    except Exception as e:  # the unpickler refuses arbitrary objects: say why
+        raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def save_heads(folder: str | Path, heads: MedusaHeads, tree: list | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    heads.config.save(folder)
+    state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    save_file(state, str(folder / OUR_WEIGHTS), metadata={"format": "pt"})
+    if tree is not None:
+        (folder / TREE_FILE).write_text(json.dumps({"paths": [list(p) for p in tree]}) + "\n")
+    return folder
+
+
+def _from_original(folder: Path) -> tuple[HeadsConfig, dict]:
+    cfg = _read_json(folder / ORIG_CONFIG)
+    weights = next((folder / w for w in ORIG_WEIGHTS if (folder / w).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{folder} has a Medusa config.json but no {' or '.join(ORIG_WEIGHTS)}")
+    raw = _load_weights(weights)
+    parsed = {}
+    for key, value in raw.items():
+        m = _ORIG_KEY.match(key)
+        if not m:
+            raise ValueError(f"{weights}: unexpected key {key!r} for an original-format Medusa checkpoint")
+        parsed[(int(m.group(1)), int(m.group(2)), m.group(3))] = value
+    num_heads = 1 + max(h for h, _, _ in parsed)
+    num_layers = 1 + max((layer for _, layer, kind in parsed if kind.startswith("linear")), default=-1)
+    proj = {h: v for (h, layer, kind), v in parsed.items() if kind == "weight" and layer == num_layers}
+    hidden = parsed[(0, 0, "linear.weight")].shape[1] if num_layers else next(iter(proj.values())).shape[1]
+    for name, claimed, actual in (("medusa_num_heads", cfg.get("medusa_num_heads"), num_heads),
+                                  ("medusa_num_layers", cfg.get("medusa_num_layers"), num_layers)):
+        if claimed is not None and claimed != actual:
+            warnings.warn(f"{folder / ORIG_CONFIG} says {name}={claimed} but {weights.name} holds {actual}; "
+                          f"using {actual} from the weights", stacklevel=3)
+    shared = not proj
+    if not shared and len(proj) != num_heads:
+        raise ValueError(f"{weights}: {len(proj)} of {num_heads} heads have an output projection")
+    state = {}
+    for (h, layer, kind), v in parsed.items():
+        if kind == "weight":
+            state[f"heads.{h}.proj.weight"] = v
+        else:
+            state[f"heads.{h}.blocks.{layer}.{kind}"] = v
+    vocab = next(iter(proj.values())).shape[0] if proj else cfg.get("vocab_size", 0)
+    config = HeadsConfig(hidden_size=hidden, vocab_size=vocab, num_heads=num_heads, num_layers=num_layers,
+                         shared_lm_head=shared, base_model_name_or_path=cfg.get("base_model_name_or_path"),
+                         extra={"converted_from": "original Medusa format"})
+    return config, state
+
+
+def load_heads_checkpoint(folder: str | Path) -> tuple[HeadsConfig, dict, list | None]:
+    """Read a heads folder of either format -> (config, state dict in our key names, tree paths or None)."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"heads folder does not exist: {folder}")
+    if (folder / OUR_CONFIG).is_file():
+        config = HeadsConfig.from_dict(_read_json(folder / OUR_CONFIG))
+        weights = folder / OUR_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"{folder} has {OUR_CONFIG} but no {OUR_WEIGHTS}")
+        state = _load_weights(weights)
+    elif is_heads_folder(folder):
+        config, state = _from_original(folder)
+    else:
+        raise ValueError(f"{folder} is not a Medusa heads folder (no {OUR_CONFIG}, no config.json with medusa_num_heads)")
+    tree = None
+    if (folder / TREE_FILE).is_file():
+        data = _read_json(folder / TREE_FILE)
+        tree = [tuple(p) for p in (data["paths"] if isinstance(data, dict) else data)]
+    return config, state, tree
+
+
+def build_heads(config: HeadsConfig, state: dict | None = None) -> MedusaHeads:
+    heads = MedusaHeads(config)
+    if state is not None:
+        missing, unexpected = heads.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"heads weights do not match their config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return heads

@@ -1,0 +1,163 @@
+"""The decode loop, in one place: prefill, then propose -> verify -> accept -> compact, one step at a time.
+
+Verification runs the stock transformers model over the whole candidate tree in ONE forward pass, with a
+4D additive float mask (0 = attend, dtype min = blocked) and explicit position ids over the KV cache.
+All per-request state lives in local variables; nothing is stored on the model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from medusa.inference.acceptance import SamplingOptions, accept, next_token
+from medusa.inference.cache import TreeCache
+from medusa.inference.tree import TreeBuffers, tree_buffers
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    max_new_tokens: int = 256
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    eos_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Step:
+    tokens: torch.Tensor               # (n,) token ids this step added
+    seconds: float                     # wall time of the step
+    finish_reason: str | None = None   # on the last step: "eos", "stop", "length" or "context"
+    nodes: tuple[int, ...] = ()        # the accepted tree nodes (0 = root), before any stop trimming
+    tree_size: int = 1                 # nodes verified this step
+
+    @property
+    def accepted(self) -> int:
+        """Tokens this step produced (the root plus accepted candidates, after any stop trimming)."""
+        return self.tokens.numel()
+
+
+class _MaskBuffer:
+    """The (1, 1, N, L + N) additive mask, kept in one preallocated buffer and updated incrementally."""
+
+    def __init__(self, n: int, capacity: int, dtype: torch.dtype, device):
+        self.min = torch.finfo(dtype).min
+        self.buf = torch.full((1, 1, n, capacity), self.min, dtype=dtype, device=device)
+        self.committed = 0  # columns [0, committed) are already 0 (visible to every node)
+
+    def view(self, length: int, block: torch.Tensor) -> torch.Tensor:
+        n = block.shape[0]
+        self.buf[..., self.committed:length] = 0
+        self.committed = length
+        self.buf[0, 0, :n, length:length + n] = block
+        return self.buf[:, :, :n, :length + n]
+
+
+def _additive(tree: TreeBuffers, dtype) -> torch.Tensor:
+    zero = torch.zeros((), dtype=dtype, device=tree.attn_mask.device)
+    return torch.where(tree.attn_mask, zero, torch.finfo(dtype).min)
+
+
+def _forward(model, ids, cache, positions, mask=None, logits_to_keep=0):
+    out = model(input_ids=ids, past_key_values=cache, position_ids=positions, attention_mask=mask,
+                use_cache=True, output_hidden_states=True, logits_to_keep=logits_to_keep)
+    # logits and the heads' input come from the same forward (soft-capped models need out.logits)
+    return out.logits[0], out.hidden_states[-1][0]
+
+
+def _stop_index(tokenizer, generated: list[int], n_new: int, stop_strings) -> int | None:
+    """If a stop string appears, how many of this step's n_new tokens to keep (the one completing it included)."""
+    if not stop_strings or tokenizer is None:
+        return None
+    done = len(generated) - n_new
+    if not any(s in tokenizer.decode(generated) for s in stop_strings):
+        return None
+    for k in range(1, n_new + 1):
+        if any(s in tokenizer.decode(generated[:done + k]) for s in stop_strings):
+            return k
+    return n_new
+
+
+@torch.inference_mode()
+def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts: DecodeOptions, *,
+                  context_limit: int, tokenizer=None) -> Iterator[Step]:
+    """Yield one Step per decoding step. input_ids: (1, T) on the model's device."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"medusa decodes one sequence at a time: input_ids must be (1, T), got {tuple(input_ids.shape)}")
+    prompt_len = input_ids.shape[1]
+    if prompt_len == 0:
+        raise ValueError("empty prompt")
+    if prompt_len >= context_limit:
+        raise PromptTooLongError(f"prompt is {prompt_len} tokens but the model's context is {context_limit}")
+    device, dtype = input_ids.device, next(model.parameters()).dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float16
+    capacity = min(context_limit, prompt_len + opts.max_new_tokens + tree.num_nodes)
+    cache = TreeCache.for_model(model, capacity)
+    tree, root_only = tree.to(device), tree_buffers([]).to(device)
+    blocks = {id(tree): _additive(tree, dtype), id(root_only): _additive(root_only, dtype)}
+    mask = _MaskBuffer(tree.num_nodes, capacity, dtype, device)
+    lm_head = model.get_output_embeddings()
+    gen = torch.Generator(device=device).manual_seed(opts.seed) if opts.seed is not None else None
+    eos = set(opts.eos_token_ids)
+
+    t0 = time.perf_counter()
+    positions = torch.arange(prompt_len, device=device)[None]
+    logits, hidden = _forward(model, input_ids, cache, positions, logits_to_keep=1)
+    last_logits, last_hidden = logits[-1], hidden[-1]
+    length, generated = prompt_len, []
+    prefill_seconds = time.perf_counter() - t0
+
+    while True:
+        t0 = time.perf_counter()
+        remaining, room = opts.max_new_tokens - len(generated), capacity - length
+        if room < 1:
+            yield Step(torch.empty(0, dtype=torch.long, device=device), 0.0, "context")
+            return
+        t = tree if (room >= tree.num_nodes and remaining > 1) else root_only
+        # propose: the root is the base's own next token; the heads fill the rest of the tree
+        tokens = next_token(last_logits, opts.sampling, gen).view(1)
+        if t.num_nodes > 1:
+            top = heads(last_hidden, lm_head).topk(t.topk, dim=-1).indices          # (K, topk)
+            tokens = torch.cat([tokens, top[t.head[1:], t.rank[1:]]])                 # (N,)
+        # verify: one forward over the whole tree
+        logits, hidden = _forward(model, tokens[None], cache, (length + t.depth)[None],
+                                  mask.view(length, blocks[id(t)]))
+        best, n_acc = accept(logits, tokens, t, opts.sampling)
+        path = t.retrieve[best, : n_acc + 1]                                          # accepted nodes
+        # compact: keep only the accepted nodes' KV entries
+        cache.compact(length, path)
+        length += path.numel()
+        last_logits, last_hidden = logits[path[-1]], hidden[path[-1]]
+        new = tokens[path].tolist()
+
+        finish = None
+        cut = next((i + 1 for i, tok in enumerate(new) if tok in eos), None)
+        if cut is not None:
+            new, finish = new[:cut], "eos"
+        if len(new) >= remaining:
+            new, finish = new[:remaining], finish or "length"
+        generated += new
+        k = _stop_index(tokenizer, generated, len(new), opts.stop_strings)
+        if k is not None:
+            del generated[len(generated) - len(new) + k:]
+            new, finish = new[:k], "stop"
+        if finish is None and length >= capacity:
+            finish = "context"
+        seconds = time.perf_counter() - t0 + prefill_seconds
+        prefill_seconds = 0.0
+        yield Step(torch.tensor(new, dtype=torch.long, device=device), seconds, finish,
+                   nodes=tuple(path.tolist()), tree_size=t.num_nodes)
+        if finish:
+            return

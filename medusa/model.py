@@ -1,0 +1,148 @@
+"""MedusaModel: a stock transformers causal LM plus Medusa heads, a candidate tree, and the public API."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from medusa.inference import loading
+from medusa.inference.acceptance import SamplingOptions
+from medusa.inference.checkpoint import build_heads, is_heads_folder, load_heads_checkpoint, save_heads
+from medusa.inference.decode import DecodeOptions, Step, medusa_decode
+from medusa.inference.heads import HeadsConfig, MedusaHeads
+from medusa.inference.tree import DEFAULT_TREE, fit_tree_to_heads, load_tree, tree_buffers
+
+EMBEDDED_DEFAULT = "embedded:" + loading.DEFAULT_MODEL_NAME
+DEFAULT_HEADS_DIR = Path(__file__).parent / "default_heads"
+
+
+def context_limit(config) -> int:
+    """Longest sequence the base model handles: its position limit, or its sliding window if smaller
+    (a single 4D mask cannot express per-layer windows, so we stay where they make no difference)."""
+    cfg = config.get_text_config(decoder=True)
+    limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                  if getattr(cfg, k, None)), 2048)
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) is not False:
+        limit = min(limit, window)
+    return int(limit)
+
+
+def _as_input_ids(input_ids, device) -> torch.Tensor:
+    """Accept a (1, T) or (T,) tensor, a list of ids, or a tokenizer's BatchEncoding / dict."""
+    if isinstance(input_ids, dict) or hasattr(input_ids, "keys"):
+        mask = input_ids.get("attention_mask")
+        if mask is not None and not bool(torch.as_tensor(mask).all()):
+            raise ValueError("padded input is not supported: medusa decodes one unpadded sequence (batch 1)")
+        input_ids = input_ids["input_ids"]
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids[None]
+    return ids.to(device)
+
+
+class MedusaModel(nn.Module):
+    def __init__(self, base_model, heads: MedusaHeads, tokenizer=None, tree=None):
+        super().__init__()
+        self.base_model = base_model
+        self.heads = heads
+        self.tokenizer = tokenizer
+        self.tree = load_tree(tree if tree is not None else fit_tree_to_heads(load_tree(DEFAULT_TREE), heads.num_heads),
+                              heads.num_heads)
+        self._check_compatible()
+
+    def _check_compatible(self) -> None:
+        cfg = self.base_model.config.get_text_config(decoder=True)
+        hc = self.heads.config
+        if hc.hidden_size != cfg.hidden_size:
+            raise ValueError(f"heads have hidden size {hc.hidden_size} but the base model's is {cfg.hidden_size}")
+        vocab = self.base_model.get_output_embeddings().weight.shape[0]
+        if hc.vocab_size != vocab:
+            raise ValueError(f"heads have vocabulary size {hc.vocab_size} but the base model's is {vocab}")
+
+    # ---------------------------------------------------------------- loading and saving
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *, base_model=None, dtype=None,
+                        device=None, tree=None, num_heads: int = 4, num_layers: int = 1,
+                        shared_lm_head: bool = True, load_in_8bit: bool = False, load_in_4bit: bool = False,
+                        attn_implementation: str | None = None, log=None) -> "MedusaModel":
+        """Load heads + base. `name_or_path` is a heads folder (ours or the original Medusa format), a base
+        model (Hub id, folder or GGUF file; new untrained heads), or None for the embedded default."""
+        log = log or (lambda m: None)
+        config, state, saved_tree = None, None, None
+        if name_or_path is None:
+            if (DEFAULT_HEADS_DIR / "medusa_config.json").is_file():
+                config, state, saved_tree = load_heads_checkpoint(DEFAULT_HEADS_DIR)
+            else:
+                log("No trained heads ship for the default model yet: using untrained heads (about 1 token per step).")
+            base_ref = base_model
+        elif is_heads_folder(Path(name_or_path).expanduser()):
+            config, state, saved_tree = load_heads_checkpoint(Path(name_or_path).expanduser())
+            base_ref = base_model or config.base_model_name_or_path
+            if base_ref is None:
+                raise ValueError(f"{name_or_path} names no base model: pass base_model= (--base-model)")
+        else:
+            if base_model is not None:
+                raise ValueError(f"{name_or_path} is not a heads folder, so base_model= has nothing to override")
+            base_ref = name_or_path
+        if base_ref == EMBEDDED_DEFAULT:
+            base_ref = None
+        log(f"Loading base model {base_ref or EMBEDDED_DEFAULT} ...")
+        model, tokenizer = loading.load_base_model(base_ref, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
+                                                   load_in_4bit=load_in_4bit,
+                                                   attn_implementation=attn_implementation, log=log)
+        text_cfg = model.config.get_text_config(decoder=True)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if config is None:
+            config = HeadsConfig(hidden_size=text_cfg.hidden_size, vocab_size=vocab, num_heads=num_heads,
+                                 num_layers=num_layers, shared_lm_head=shared_lm_head,
+                                 base_model_name_or_path=str(base_ref) if base_ref else EMBEDDED_DEFAULT)
+        elif not config.vocab_size:
+            config.vocab_size = vocab  # original shared-projection variant does not record it
+        heads = build_heads(config, state)
+        if state is None:
+            heads.init_projections_from(model.get_output_embeddings())
+        head_dtype = model.dtype if model.dtype.is_floating_point else torch.float16
+        heads.to(device=model.get_output_embeddings().weight.device, dtype=head_dtype).eval()
+        if tree is None and saved_tree is not None:
+            tree = saved_tree
+        return cls(model, heads, tokenizer, tree=tree)
+
+    def save_pretrained(self, folder: str | os.PathLike, *, save_tree: bool = True) -> Path:
+        """Write the heads (and the tree in use) in our format; the base model is referenced by name."""
+        return save_heads(folder, self.heads, self.tree if save_tree else None)
+
+    # ---------------------------------------------------------------- generation
+    @property
+    def context_limit(self) -> int:
+        return context_limit(self.base_model.config)
+
+    def decode_options(self, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                       posterior_threshold: float = 0.09, posterior_alpha: float = 0.3, stop=None,
+                       eos_token_id=None, seed: int | None = None) -> DecodeOptions:
+        eos = eos_token_id if eos_token_id is not None else self.base_model.generation_config.eos_token_id
+        if eos is None and self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        sampling = SamplingOptions(temperature=temperature, top_p=top_p, posterior_threshold=posterior_threshold,
+                                   posterior_alpha=posterior_alpha)
+        return DecodeOptions(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos,
+                             stop_strings=stop, seed=seed)
+
+    def stream(self, input_ids, *, tree=None, **options) -> Iterator[Step]:
+        """One Step per decoding step (Step.tokens: the ids it added). Options: see `decode_options`."""
+        ids = _as_input_ids(input_ids, self.base_model.get_input_embeddings().weight.device)
+        paths = self.tree if tree is None else load_tree(tree, self.heads.num_heads)
+        opts = self.decode_options(**options)
+        return medusa_decode(self.base_model, self.heads, ids, tree_buffers(paths), opts,
+                             context_limit=self.context_limit, tokenizer=self.tokenizer)
+
+    def generate(self, input_ids, **options) -> torch.Tensor:
+        """Like transformers' generate: (1, prompt + new) token ids."""
+        ids = _as_input_ids(input_ids, self.base_model.get_input_embeddings().weight.device)
+        new = [step.tokens for step in self.stream(ids, **options)]
+        return torch.cat([ids[0], *new])[None]

@@ -1,0 +1,206 @@
+"""Self-distillation: the base model answers prompts, and its answers become the heads' training data.
+
+Output is ShareGPT-format JSONL, one conversation per line, appended batch by batch and fsynced, so a
+killed run loses at most the batch in flight and a re-run skips every prompt already answered.
+Two back ends: batched local generation, or any OpenAI-compatible endpoint (`api_base`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from medusa.training.prompts import PromptRecord, read_prompts
+
+
+@dataclass
+class DistillConfig:
+    inputs: list[str]
+    output: str
+    model: str | None = None          # base model; None = the embedded default
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    temperature: float = 0.0          # 0 = greedy: the data then matches greedy decoding exactly
+    top_p: float = 1.0
+    limit: int | None = None
+    api_base: str | None = None       # e.g. http://127.0.0.1:8000/v1 (vLLM, TGI, medusa serve)
+    api_model: str | None = None
+    api_key: str | None = None
+    concurrency: int = 8
+    dtype: str | None = None
+    device: str | None = None
+    extra: list[PromptRecord] = field(default_factory=list)
+
+
+def done_ids(output: Path) -> set[str]:
+    """Ids already answered in `output`. A torn last line (a kill mid-write) is cut off."""
+    if not output.exists():
+        return set()
+    ids, good_bytes = set(), 0
+    with output.open("rb") as f:
+        for raw in f:
+            try:
+                ids.add(json.loads(raw)["id"])
+            except (ValueError, KeyError):
+                break
+            good_bytes += len(raw)
+    if good_bytes != output.stat().st_size:
+        with output.open("r+b") as f:
+            f.truncate(good_bytes)
+    return ids
+
+
+def _append(output: Path, rows: list[dict]) -> None:
+    with output.open("a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _row(rec: PromptRecord, answers: list[str], new_tokens: int, finish: str) -> dict:
+    conv = []
+    for q, a in zip(rec.turns, answers):
+        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    row = {"id": rec.id, "conversations": conv, "new_tokens": new_tokens, "finish_reason": finish}
+    if rec.category:
+        row["category"] = rec.category
+    return row
+
+
+class LocalGenerator:
+    """Batched `generate` with left padding; the whole batch is one call per user turn."""
+
+    def __init__(self, model, tokenizer, cfg: DistillConfig):
+        self.model, self.tok, self.cfg = model, tokenizer, cfg
+        self.tok.padding_side = "left"
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+
+    def prompt_len(self, rec: PromptRecord) -> int:
+        return len(rec.turns[0])
+
+    @torch.inference_mode()
+    def answer(self, recs: list[PromptRecord]) -> list[dict]:
+        histories = [[] for _ in recs]
+        answers = [[] for _ in recs]
+        new_tokens, finish = [0] * len(recs), ["stop"] * len(recs)
+        for turn in range(max(len(r.turns) for r in recs)):
+            active = [i for i, r in enumerate(recs) if turn < len(r.turns)]
+            texts = []
+            for i in active:
+                histories[i].append({"role": "user", "content": recs[i].turns[turn]})
+                texts.append(self.tok.apply_chat_template(histories[i], tokenize=False, add_generation_prompt=True))
+            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+            sample = self.cfg.temperature > 0
+            out = self.model.generate(
+                **enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=sample,
+                temperature=self.cfg.temperature if sample else None, top_p=self.cfg.top_p if sample else None,
+                top_k=None, pad_token_id=self.tok.pad_token_id,
+            )
+            gen = out[:, enc["input_ids"].shape[1]:]
+            eos = set(_eos_ids(self.model, self.tok))
+            for row, i in enumerate(active):
+                ids = gen[row].tolist()
+                n = next((k for k, t in enumerate(ids) if t in eos), None)
+                if n is None:
+                    n, finish[i] = len(ids), "length"
+                text = self.tok.decode(ids[:n], skip_special_tokens=True)
+                new_tokens[i] += n
+                answers[i].append(text)
+                histories[i].append({"role": "assistant", "content": text})
+        return [_row(r, a, n, f) for r, a, n, f in zip(recs, answers, new_tokens, finish)]
+
+
+def _eos_ids(model, tok) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return list({*eos, tok.eos_token_id} - {None})
+
+
+class ApiGenerator:
+    """Any OpenAI-compatible `/chat/completions` endpoint, several requests in flight."""
+
+    def __init__(self, cfg: DistillConfig):
+        self.cfg = cfg
+
+    def _chat(self, messages: list[dict]) -> tuple[str, int, str]:
+        import urllib.request
+
+        body = {"model": self.cfg.api_model or "default", "messages": messages,
+                "max_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p}
+        req = urllib.request.Request(self.cfg.api_base.rstrip("/") + "/chat/completions",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        if self.cfg.api_key:
+            req.add_header("Authorization", f"Bearer {self.cfg.api_key}")
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            data = json.loads(resp.read())
+        choice = data["choices"][0]
+        n = (data.get("usage") or {}).get("completion_tokens", 0)
+        return choice["message"]["content"], n, choice.get("finish_reason") or "stop"
+
+    def _one(self, rec: PromptRecord) -> dict:
+        history, answers, total, finish = [], [], 0, "stop"
+        for q in rec.turns:
+            history.append({"role": "user", "content": q})
+            text, n, finish = self._chat(history)
+            history.append({"role": "assistant", "content": text})
+            answers.append(text)
+            total += n
+        return _row(rec, answers, total, finish)
+
+    def prompt_len(self, rec: PromptRecord) -> int:
+        return 0
+
+    def answer(self, recs: list[PromptRecord]) -> list[dict]:
+        with ThreadPoolExecutor(self.cfg.concurrency) as pool:
+            return list(pool.map(self._one, recs))
+
+
+def pending_records(cfg: DistillConfig, warn=None) -> tuple[list[PromptRecord], int]:
+    records = [r for path in cfg.inputs for r in read_prompts(path, warn=warn)] + list(cfg.extra)
+    if cfg.limit is not None:
+        records = records[: cfg.limit]
+    done = done_ids(Path(cfg.output))
+    return [r for r in records if r.id not in done], len(records)
+
+
+def run_distill(cfg: DistillConfig, generator=None, *, log=None) -> dict:
+    """Answer every pending prompt; return counts. `generator` defaults to local or API per `cfg`."""
+    from tqdm import tqdm
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    output = Path(cfg.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    pending, total = pending_records(cfg, warn=log)
+    log(f"{total} prompts, {total - len(pending)} already answered, {len(pending)} to go -> {output}")
+    if generator is None:
+        generator = ApiGenerator(cfg) if cfg.api_base else _local_generator(cfg, log)
+    # Sort within windows by prompt length: less padding, yet a stopped run still covers the pool evenly.
+    window = cfg.batch_size * 16
+    ordered = []
+    for s in range(0, len(pending), window):
+        ordered += sorted(pending[s:s + window], key=generator.prompt_len)
+    tokens, start = 0, time.time()
+    bar = tqdm(total=len(ordered), unit="prompt", dynamic_ncols=True, mininterval=5)
+    for s in range(0, len(ordered), cfg.batch_size):
+        rows = generator.answer(ordered[s:s + cfg.batch_size])
+        _append(output, rows)
+        tokens += sum(r["new_tokens"] for r in rows)
+        bar.update(len(rows))
+        bar.set_postfix(tok_s=f"{tokens / (time.time() - start):.1f}", tokens=tokens)
+    bar.close()
+    return {"answered": len(ordered), "tokens": tokens, "seconds": time.time() - start, "total": total}
+
+
+def _local_generator(cfg: DistillConfig, log) -> LocalGenerator:
+    from medusa.inference.loading import load_base_model
+
+    model, tok = load_base_model(cfg.model, dtype=cfg.dtype, device=cfg.device, log=log)
+    return LocalGenerator(model, tok, cfg)

@@ -1,0 +1,104 @@
+"""Tiny in-process models of several architectures, and heads that really predict (oracle heads)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MistralConfig, Phi3Config,
+                          Qwen2Config)
+
+from medusa.inference.heads import HeadsConfig, MedusaHeads
+
+VOCAB, HIDDEN = 96, 64
+
+
+def _configs() -> dict:
+    # initializer_range 0.3 (not 0.02): with tiny weights a random model's greedy output falls into a
+    # one-token loop at once; larger ones give varied continuations, so acceptance is really exercised.
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  initializer_range=0.3)
+    return {
+        "llama": LlamaConfig(**common),
+        "mistral": MistralConfig(**common, sliding_window=None),
+        "qwen2": Qwen2Config(**common),
+        "gemma2": Gemma2Config(**common, head_dim=16, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                               sliding_window=256),
+        "phi3": Phi3Config(**common, pad_token_id=0),
+        "gpt2": GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=256, initializer_range=0.3),
+    }
+
+
+ARCHS = list(_configs())
+
+
+def tiny_model(arch: str, seed: int = 0, attn: str | None = None):
+    torch.manual_seed(seed)
+    cfg = _configs()[arch]
+    if attn:
+        cfg._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+def random_heads(num_heads: int = 4, seed: int = 1, shared: bool = True) -> MedusaHeads:
+    torch.manual_seed(seed)
+    heads = MedusaHeads(HeadsConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=num_heads, shared_lm_head=shared))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.2)
+    return heads.eval()
+
+
+class OracleHeads(nn.Module):
+    """Heads that know the reference greedy continuation. At the position whose hidden state is nearest,
+    head i puts the true token t+2+i at a chosen top-k rank. With `tree`, successive calls walk the tree's
+    root-to-leaf paths in turn (ranks along the path, a miss below it), so every node gets accepted;
+    otherwise ranks are drawn at random below `max_rank` with a miss one time in `miss_every`.
+    Used to force long accepted paths. Same call signature as MedusaHeads."""
+
+    def __init__(self, model, sequence: torch.Tensor, num_heads: int = 4, max_rank: int = 3,
+                 miss_every: int = 7, tree: list | None = None):
+        super().__init__()
+        self.config = HeadsConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=num_heads)
+        with torch.no_grad():
+            out = model(sequence[None], output_hidden_states=True)
+        self.register_buffer("hidden", out.hidden_states[-1][0])   # (T, H)
+        self.seq = sequence.tolist()
+        self.max_rank, self.miss_every = max_rank, miss_every
+        self.leaves = [p for p in tree if not any(q[:-1] == p for q in tree)] if tree else None
+        self.calls = 0
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    def _ranks(self, t: int) -> list[int | None]:
+        if self.leaves:
+            leaf = self.leaves[self.calls % len(self.leaves)]
+            return [leaf[i] if i < len(leaf) else None for i in range(self.num_heads)]
+        picks = [random.Random(t * 1000 + i) for i in range(self.num_heads)]
+        return [None if p.randrange(self.miss_every) == 0 else p.randrange(self.max_rank) for p in picks]
+
+    def forward(self, hidden: torch.Tensor, lm_head=None) -> torch.Tensor:
+        t = int((self.hidden - hidden.float()).norm(dim=-1).argmin())
+        ranks = self._ranks(t)
+        self.calls += 1
+        logits = torch.rand(self.num_heads, VOCAB, generator=torch.Generator().manual_seed(1000 + t))
+        for i, rank in enumerate(ranks):
+            if rank is None or t + 2 + i >= len(self.seq):
+                continue
+            true = self.seq[t + 2 + i]
+            order = [tok for tok in logits[i].argsort(descending=True).tolist() if tok != true]
+            ranked = order[:rank] + [true] + order[rank:]
+            logits[i, ranked] = torch.linspace(2.0, 1.0, VOCAB)
+        return logits.to(hidden.dtype)

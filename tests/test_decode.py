@@ -1,0 +1,186 @@
+"""The decode loop: tree verification is exact, cache compaction is exact, greedy equals plain greedy."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import OracleHeads, random_heads, tiny_model
+from medusa import MedusaModel
+from medusa.inference.cache import TreeCache
+from medusa.inference.decode import PromptTooLongError
+from medusa.inference.tree import PRESETS, tree_buffers
+
+
+def _prompt(seed=0, n=12):
+    return torch.randint(3, 90, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_greedy(model, ids, n):
+    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_tree_forward_equals_each_path_alone(arch, attn):
+    if arch == "gemma2" and attn == "sdpa":
+        pytest.skip("Gemma-2 has no sdpa attention (logit soft-capping)")
+    model = tiny_model(arch, attn=attn)
+    prompt = _prompt(1)
+    tree = tree_buffers(PRESETS["cpu_small"])
+    n = tree.num_nodes
+    tokens = torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(2))
+    cache = TreeCache.for_model(model, 64)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, use_cache=True)
+        L = prompt.shape[1]
+        dtype = model.dtype
+        mask = torch.full((1, 1, n, L + n), torch.finfo(dtype).min)
+        mask[..., :L] = 0
+        mask[0, 0, :, L:] = torch.where(tree.attn_mask, 0.0, torch.finfo(dtype).min)
+        tree_logits = model(tokens[None], past_key_values=cache, attention_mask=mask,
+                            position_ids=(L + tree.depth)[None], use_cache=True).logits[0]
+        for node in range(n):
+            ancestors = [j for j in range(n) if tree.attn_mask[node, j]]        # root..node, in depth order
+            seq = torch.cat([prompt[0], tokens[ancestors]])[None]
+            alone = model(seq).logits[0, -1]
+            torch.testing.assert_close(tree_logits[node], alone, atol=2e-4, rtol=2e-4)
+
+
+def test_decoding_after_compaction_equals_no_cache(arch):
+    model = tiny_model(arch)
+    prompt = _prompt(3)
+    tree = tree_buffers(PRESETS["cpu_small"])
+    n, L = tree.num_nodes, prompt.shape[1]
+    tokens = torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(4))
+    cache = TreeCache.for_model(model, 64)
+    leaf_path = tree.retrieve[3]
+    path = leaf_path[leaf_path >= 0]
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, use_cache=True)
+        mask = torch.full((1, 1, n, L + n), torch.finfo(model.dtype).min)
+        mask[..., :L] = 0
+        mask[0, 0, :, L:] = torch.where(tree.attn_mask, 0.0, torch.finfo(model.dtype).min)
+        model(tokens[None], past_key_values=cache, attention_mask=mask, position_ids=(L + tree.depth)[None],
+              use_cache=True)
+        cache.compact(L, path)
+        assert cache.get_seq_length() == L + path.numel()
+        nxt = torch.tensor([[5, 17, 42]])
+        pos = torch.arange(cache.get_seq_length(), cache.get_seq_length() + 3)[None]
+        cached = model(nxt, past_key_values=cache, position_ids=pos, use_cache=True).logits[0]
+        full = model(torch.cat([prompt[0], tokens[path], nxt[0]])[None]).logits[0, -3:]
+    torch.testing.assert_close(cached, full, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", "cpu_small", "chain"])
+def test_greedy_equals_plain_greedy_random_heads(arch, tree):
+    model = tiny_model(arch)
+    m = MedusaModel(model, random_heads(), tree=tree)
+    for seed in range(2):
+        ids = _prompt(seed)
+        ref = _hf_greedy(model, ids, 40)
+        out = m.generate(ids, max_new_tokens=40)
+        assert torch.equal(out, ref), f"{arch}/{tree} seed {seed}"
+
+
+def test_greedy_equals_plain_greedy_oracle_heads(arch):
+    """Heads that predict well: long paths are accepted, every node of the tree is used at least once."""
+    model = tiny_model(arch)
+    ids = _prompt(5)
+    n_new = 120
+    ref = _hf_greedy(model, ids, n_new + 8)
+    oracle = OracleHeads(model, ref[0], tree=PRESETS["cpu_small"])
+    m = MedusaModel(model, oracle, tree="cpu_small")
+    steps = list(m.stream(ids, max_new_tokens=n_new))
+    out = torch.cat([ids[0], *[s.tokens for s in steps]])
+    assert torch.equal(out, ref[0, : ids.shape[1] + n_new])
+    assert max(s.accepted for s in steps) >= 4
+    assert len(steps) < n_new / 2.5          # on average more than 2.5 tokens per step
+    used = {node for s in steps for node in s.nodes}
+    assert used == set(range(tree_buffers(PRESETS["cpu_small"]).num_nodes))
+
+
+def test_typical_acceptance_samples_reproducibly():
+    model = tiny_model("llama")
+    m = MedusaModel(model, random_heads(), tree="cpu_small")
+    ids = _prompt(6)
+    a = m.generate(ids, max_new_tokens=30, temperature=0.8, top_p=0.9, seed=11)
+    b = m.generate(ids, max_new_tokens=30, temperature=0.8, top_p=0.9, seed=11)
+    c = m.generate(ids, max_new_tokens=30, temperature=0.8, top_p=0.9, seed=12)
+    greedy = m.generate(ids, max_new_tokens=30)
+    assert torch.equal(a, b) and a.shape == (1, ids.shape[1] + 30)
+    assert not torch.equal(a, c) or not torch.equal(a, greedy)
+
+
+def test_typical_acceptance_accepts_confident_candidates():
+    """With oracle heads and a near-greedy temperature, typical acceptance keeps multi-token paths."""
+    model = tiny_model("qwen2")
+    ids = _prompt(7)
+    ref = _hf_greedy(model, ids, 80)
+    m = MedusaModel(model, OracleHeads(model, ref[0], tree=PRESETS["cpu_small"]), tree="cpu_small")
+    steps = list(m.stream(ids, max_new_tokens=60, temperature=0.05, seed=0))
+    assert sum(s.accepted for s in steps) == 60
+    assert max(s.accepted for s in steps) >= 3
+
+
+def test_eos_and_max_new_tokens_stop_like_generate():
+    model = tiny_model("llama")
+    ids = _prompt(8)
+    ref = _hf_greedy(model, ids, 30)
+    eos = int(ref[0, ids.shape[1] + 9])                 # the 10th generated token acts as EOS
+    m = MedusaModel(model, random_heads(), tree="chain")
+    out = m.generate(ids, max_new_tokens=30, eos_token_id=eos)
+    hf = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, hf)
+    steps = list(m.stream(ids, max_new_tokens=7))
+    assert sum(s.accepted for s in steps) == 7 and steps[-1].finish_reason == "length"
+
+
+class _CharTokenizer:
+    eos_token_id = None
+
+    def decode(self, ids, **_):
+        return "".join(chr(65 + (i % 26)) for i in ids)
+
+
+def test_stop_strings_trim_after_the_completing_token():
+    model = tiny_model("llama")
+    ids = _prompt(9)
+    m = MedusaModel(model, random_heads(), _CharTokenizer(), tree="chain")
+    full = m.generate(ids, max_new_tokens=30)[0, ids.shape[1]:].tolist()
+    text = _CharTokenizer().decode(full)
+    stop = text[12:14]
+    first = text.find(stop)
+    out = m.generate(ids, max_new_tokens=30, stop=[stop])[0, ids.shape[1]:].tolist()
+    assert out == full[: first + 2]
+
+
+def test_context_limit_stops_and_long_prompt_is_refused():
+    model = tiny_model("llama")                        # max_position_embeddings = 256
+    m = MedusaModel(model, random_heads())
+    ids = torch.randint(3, 90, (1, 240))
+    steps = list(m.stream(ids, max_new_tokens=100))
+    assert steps[-1].finish_reason == "context"
+    assert ids.shape[1] + sum(s.accepted for s in steps) == 256
+    out = torch.cat([ids[0], *[s.tokens for s in steps]])
+    assert torch.equal(out[None], _hf_greedy(model, ids, 16))
+    with pytest.raises(PromptTooLongError, match="300 tokens .* context is 256"):
+        m.generate(torch.randint(3, 90, (1, 300)))
+
+
+def test_batch_and_padding_are_refused():
+    m = MedusaModel(tiny_model("llama"), random_heads())
+    with pytest.raises(ValueError, match="one sequence"):
+        m.generate(torch.randint(3, 90, (2, 5)))
+    with pytest.raises(ValueError, match="padded"):
+        m.generate({"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.tensor([[0, 1, 1, 1]])})
+
+
+def test_no_state_left_on_model_between_calls():
+    model = tiny_model("llama")
+    m = MedusaModel(model, random_heads(), tree="cpu_small")
+    before = set(vars(m)) | set(vars(model))
+    a, b = _prompt(10), _prompt(11)
+    ref_b = m.generate(b, max_new_tokens=20)
+    gen_a = m.stream(a, max_new_tokens=20)
+    next(gen_a)                                         # a request in flight...
+    assert torch.equal(m.generate(b, max_new_tokens=20), ref_b)   # ...does not disturb another
+    assert set(vars(m)) | set(vars(model)) == before
