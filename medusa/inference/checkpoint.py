@@ -45,11 +45,17 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"cannot read heads weights {path}: the file is truncated or corrupt ({e})") from None
     except Exception as e:  # the unpickler refuses arbitrary objects: say why
         raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    # weights_only still admits a bare tensor, a list or nested dicts: a state dict is a flat {name: tensor}
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{path} does not hold a state dict (a flat dict of name -> tensor) "
+                         f"but a {type(state).__name__}")
+    return state
 
 
 def save_heads(folder: str | Path, heads: MedusaHeads, tree: list | None = None) -> Path:

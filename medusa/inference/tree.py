@@ -7,6 +7,7 @@ guess (top-k rank, from 0) of head d-1, and its parent is the path without its l
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +55,12 @@ def validate_tree(paths: list[Path_], num_heads: int | None = None) -> list[Path
     return paths
 
 
-def load_tree(spec: str | list | None, num_heads: int | None = None) -> list[Path_]:
+def load_tree(spec: str | os.PathLike | list | None, num_heads: int | None = None) -> list[Path_]:
     """A preset name, a JSON file holding a list of paths (or {"paths": [...]}), or a list of paths."""
     if spec is None:
         spec = DEFAULT_TREE
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     if isinstance(spec, str):
         if spec in PRESETS:
             paths = PRESETS[spec]

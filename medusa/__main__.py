@@ -1,0 +1,5 @@
+import sys
+
+from medusa.interfaces.cli import main
+
+sys.exit(main())

@@ -1,0 +1,134 @@
+"""The `medusa` command: parses arguments into option objects and calls library functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    model: str | None
+    base_model: str | None
+    tree: str | None
+    device: str | None
+    dtype: str | None
+    load_in_8bit: bool
+    load_in_4bit: bool
+
+    @classmethod
+    def from_args(cls, a) -> "LoadOptions":
+        return cls(a.model, a.base_model, a.tree, a.device, a.dtype, a.load_in_8bit, a.load_in_4bit)
+
+    def load(self):
+        from medusa.model import MedusaModel
+
+        log = lambda m: print(m, file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        model = MedusaModel.from_pretrained(self.model, base_model=self.base_model, dtype=self.dtype,
+                                            device=self.device, tree=self.tree, load_in_8bit=self.load_in_8bit,
+                                            load_in_4bit=self.load_in_4bit, log=log)
+        if model.tokenizer is None:
+            raise ValueError(f"{self.base_model or self.model} has no tokenizer; the command line needs one "
+                             f"(the Python API works on token ids without it)")
+        log(f"Ready in {time.perf_counter() - t0:.1f} s: {model.heads.num_heads} heads, "
+            f"tree of {len(model.tree) + 1} nodes, {model.base_model.dtype}, {model.base_model.device}")
+        return model
+
+
+def gen_options(a) -> dict:
+    return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed}
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="heads folder (ours or original Medusa format), or a base model "
+                                   "(Hub id, folder, .gguf); default: the embedded SmolLM2-135M-Instruct")
+    g.add_argument("--base-model", help="override the base model named in a heads checkpoint")
+    g.add_argument("--tree", help="tree preset name or JSON file of paths (default: the heads' own or mc_sim_7b_63)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
+    g.add_argument("--load-in-8bit", action="store_true", help="8-bit base via bitsandbytes (CUDA only)")
+    g.add_argument("--load-in-4bit", action="store_true", help="4-bit base via bitsandbytes (CUDA only)")
+    s = p.add_argument_group("generation")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 = typical acceptance")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--max-new-tokens", type=int, default=512)
+    s.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medusa", description="Faster decoding with Medusa heads.")
+    sub = p.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", help="interactive multi-turn chat (answers each stdin line when piped)")
+    _model_args(chat)
+    gen = sub.add_parser("generate", help="answer one prompt")
+    _model_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--baseline", action="store_true", help="decode plainly with transformers generate instead")
+    gen.add_argument("--json", action="store_true", help="print text and figures as JSON")
+    gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    return p, sub
+
+
+def cmd_chat(a) -> int:
+    from medusa.interfaces.chat import ChatSession
+
+    ChatSession(LoadOptions.from_args(a).load(), gen_options(a)).run(sys.stdin, sys.stdout)
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from medusa.interfaces.chat import encode_prompt, generate_once
+
+    model = LoadOptions.from_args(a).load()
+    ids = encode_prompt(model.tokenizer, [{"role": "user", "content": a.prompt}], chat=not a.no_chat_template)
+    on_text = None if a.json else (lambda s: print(s, end="", flush=True))
+    text, stats = generate_once(model, ids, gen_options(a), baseline=a.baseline, on_text=on_text)
+    if a.json:
+        print(json.dumps({"text": text, "mode": "baseline" if a.baseline else "medusa", **stats.as_dict()}))
+    else:
+        print()
+        print(f"[{stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s, "
+              f"{stats.tokens_per_step:.2f} tokens/step]", file=sys.stderr)
+    return 0
+
+
+# Each of these modules has `add_commands(subparsers) -> {name: handler}`; they parse, the library works.
+COMMAND_MODULES = ["medusa.training.cli", "medusa.integrations.cli", "medusa.interfaces.serve_cli",
+                   "medusa.evaluation.cli"]
+
+
+def build_cli() -> tuple[argparse.ArgumentParser, dict]:
+    import importlib
+
+    parser, sub = build_parser()
+    handlers = {"chat": cmd_chat, "generate": cmd_generate}
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        handlers.update(module.add_commands(sub))
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, handlers = build_cli()
+    args = parser.parse_args(argv)
+    handler = handlers[args.command]
+    try:
+        return handler(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"medusa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

