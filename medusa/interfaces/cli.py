@@ -97,8 +97,7 @@ def cmd_generate(a) -> int:
 
 
 # Each of these modules has `add_commands(subparsers) -> {name: handler}`; they parse, the library works.
-COMMAND_MODULES = ["medusa.training.cli", "medusa.integrations.cli", "medusa.interfaces.serve_cli",
-                   "medusa.evaluation.cli"]
+COMMAND_MODULES = ["medusa.training.cli"]
 
 
 def build_cli() -> tuple[argparse.ArgumentParser, dict]:
@@ -107,13 +106,7 @@ def build_cli() -> tuple[argparse.ArgumentParser, dict]:
     parser, sub = build_parser()
     handlers = {"chat": cmd_chat, "generate": cmd_generate}
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        handlers.update(module.add_commands(sub))
+        handlers.update(importlib.import_module(name).add_commands(sub))
     return parser, handlers
 
 
