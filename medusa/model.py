@@ -94,6 +94,12 @@ class MedusaModel(nn.Module):
         model, tokenizer = loading.load_base_model(base_ref, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
                                                    load_in_4bit=load_in_4bit,
                                                    attn_implementation=attn_implementation, log=log)
+        adapter = (config.extra or {}).get("adapter") if config is not None else None
+        if adapter:  # Medusa-2: the base was fine-tuned with LoRA alongside the heads
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(Path(name_or_path).expanduser() / adapter)).merge_and_unload()
+            model.eval()
         text_cfg = model.config.get_text_config(decoder=True)
         vocab = model.get_output_embeddings().weight.shape[0]
         if config is None:

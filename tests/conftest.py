@@ -19,6 +19,7 @@ def _configs() -> dict:
     # one-token loop at once; larger ones give varied continuations, so acceptance is really exercised.
     common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0,
                   initializer_range=0.3)
     return {
         "llama": LlamaConfig(**common),
@@ -26,8 +27,9 @@ def _configs() -> dict:
         "qwen2": Qwen2Config(**common),
         "gemma2": Gemma2Config(**common, head_dim=16, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
                                sliding_window=256),
-        "phi3": Phi3Config(**common, pad_token_id=0),
-        "gpt2": GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=256, initializer_range=0.3),
+        "phi3": Phi3Config(**common),
+        "gpt2": GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=256, initializer_range=0.3,
+                           bos_token_id=1, eos_token_id=2),
     }
 
 
@@ -102,3 +104,23 @@ class OracleHeads(nn.Module):
             ranked = order[:rank] + [true] + order[rank:]
             logits[i, ranked] = torch.linspace(2.0, 1.0, VOCAB)
         return logits.to(hidden.dtype)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer over VOCAB ids with a ChatML-style template (ids 0-2 special)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    chars = [chr(c) for c in range(32, 32 + VOCAB - len(specials) - 1)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE)

@@ -24,7 +24,7 @@ def add_commands(sub) -> dict:
     d.add_argument("--api-model", help="model name to send to the endpoint")
     d.add_argument("--api-key")
     d.add_argument("--concurrency", type=int, default=8, help="requests in flight (API back end)")
-    return {"distill": cmd_distill}
+    return {"distill": cmd_distill, **add_train_commands(sub)}
 
 
 def cmd_distill(a) -> int:
@@ -43,3 +43,90 @@ def cmd_distill(a) -> int:
     print(json.dumps(run_distill(cfg)))
     return 0
 
+
+
+_HELP = {
+    "mode": "medusa1 (frozen base, heads only) or medusa2 (LoRA on the base + heads)",
+    "shared_lm_head": "heads reuse the base's frozen lm_head (small heads) instead of one projection each",
+    "loss": "ce (true next tokens) or kl (the base's own distributions: soft self-distillation targets)",
+    "decay": "head i's loss weight is decay**i",
+    "mixed_precision": "no, bf16 or fp16 (bf16 is fast on GPUs and on CPUs with AMX)",
+    "checkpoint_every": "save a resumable checkpoint every N optimizer steps",
+    "stop_after": "end this run after N steps without changing the schedule; re-run to resume",
+    "heads_weight": "medusa2: lambda0, the heads loss weight beside the KL that keeps the base",
+    "heads_warmup_steps": "medusa2: heads-only steps before the base's adapters start training",
+    "base_lr": "medusa2: learning rate of the LoRA adapters",
+    "save_merged": "medusa2: also save the base with the adapters merged in",
+    "val_examples": "conversations held out for the final per-head accuracy",
+}
+
+
+def add_train_commands(sub) -> dict:
+    t = sub.add_parser("train", help="train Medusa heads (Medusa-1: frozen base; Medusa-2: LoRA + heads)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from medusa.training.trainer import TrainConfig
+
+    defaults = TrainConfig(data="", output="")
+    t.add_argument("--data", required=True, help="ShareGPT JSONL, e.g. from `medusa distill`")
+    t.add_argument("--output", required=True, help="heads folder (checkpoints inside; re-run to resume)")
+    t.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    for name, value in vars(defaults).items():
+        if name in ("data", "output", "model", "extra"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            t.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=_HELP.get(name))
+        else:
+            kind = type(value) if value is not None else (int if name in ("stop_after", "limit") else str)
+            t.add_argument(flag, type=kind, default=value, help=_HELP.get(name))
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    e = sub.add_parser("evaluate", help="per-head top-k accuracy and mean tokens per step of a heads folder")
+    e.add_argument("--model", help="heads folder (default: the shipped default heads)")
+    e.add_argument("--base-model")
+    e.add_argument("--data", help="held-out ShareGPT JSONL for per-head accuracy")
+    e.add_argument("--prompts", help="prompt file (dev prompts, MT-Bench...) for tokens per step")
+    e.add_argument("--limit", type=int, default=50)
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--tree")
+    e.add_argument("--dtype")
+    e.add_argument("--threads", type=int)
+    return {"train": cmd_train, "evaluate": cmd_evaluate}
+
+
+def cmd_train(a) -> int:
+    import torch
+
+    from medusa.training.trainer import TrainConfig, train
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    fields = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}
+    train(TrainConfig(**fields), log=lambda m: print(m, flush=True))
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    import json
+
+    import torch
+
+    from medusa.model import MedusaModel
+    from medusa.training.data import read_conversations, tokenize_conversation
+    from medusa.training.evaluate import head_accuracy, tokens_per_step
+    from medusa.training.prompts import read_prompts
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if not (a.data or a.prompts):
+        raise ValueError("give --data (held-out conversations) and/or --prompts (a prompt file)")
+    m = MedusaModel.from_pretrained(a.model, base_model=a.base_model, dtype=a.dtype, tree=a.tree)
+    report = {}
+    if a.data:
+        examples = [tokenize_conversation(m.tokenizer, c, 1024) for c in read_conversations(a.data)[: a.limit]]
+        report["head_accuracy"] = head_accuracy(m.base_model, m.heads, examples)
+    if a.prompts:
+        log = lambda s: print(s, flush=True)
+        report["greedy"] = tokens_per_step(m, read_prompts(a.prompts)[: a.limit], max_new_tokens=a.max_new_tokens,
+                                           log=log)
+    print(json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,260 @@
+"""Training Medusa heads with accelerate (one CPU, one GPU, or many GPUs/nodes via `accelerate launch` /
+`torchrun` with DDP, FSDP or DeepSpeed): Medusa-1 (frozen base, heads only, on cached base features) and
+Medusa-2 (LoRA on the base + heads, with a KL term that keeps the base's behaviour).
+
+Checkpoints every N steps with `accelerator.save_state`; a re-run with the same output folder resumes from
+the latest one and, data order being seeded per epoch, ends where an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medusa.inference.heads import HeadsConfig, MedusaHeads
+from medusa.training.data import collate, read_conversations, tokenize_conversation
+from medusa.training.losses import medusa_loss
+
+
+@dataclass
+class TrainConfig:
+    data: str                          # ShareGPT JSONL (e.g. from `medusa distill`)
+    output: str                        # heads folder; checkpoints and feature cache live inside it
+    model: str | None = None           # base model; None = the embedded default
+    mode: str = "medusa1"              # or "medusa2"
+    num_heads: int = 4
+    num_layers: int = 1
+    shared_lm_head: bool = True
+    max_length: int = 1024
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    lr: float = 1e-3                   # heads
+    base_lr: float = 5e-5              # LoRA adapters (medusa2)
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    decay: float = 0.8                 # head i's loss weight is decay**i
+    loss: str = "ce"                   # "ce" on the true token, or "kl" to the base's own distribution
+    kl_topk: int = 20
+    mixed_precision: str = "no"        # "bf16" is fast on GPUs and on CPUs with AMX
+    base_dtype: str | None = None
+    checkpoint_every: int = 200
+    stop_after: int | None = None      # end this run after N steps (schedule unchanged); re-run to resume
+    seed: int = 0
+    val_examples: int = 64
+    limit: int | None = None
+    log_every: int = 10
+    lora_r: int = 16                   # medusa2
+    lora_alpha: int = 32
+    heads_weight: float = 0.2          # lambda0: total = KL(base kept) + lambda0 * heads loss
+    heads_warmup_steps: int = 0        # heads-only steps before the joint phase
+    save_merged: bool = False
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in ("medusa1", "medusa2"):
+            raise ValueError(f"mode must be medusa1 or medusa2, got {self.mode!r}")
+        if self.loss not in ("ce", "kl"):
+            raise ValueError(f"loss must be ce or kl, got {self.loss!r}")
+
+
+def _projector(heads: MedusaHeads, lm_head: nn.Module):
+    if heads.config.shared_lm_head:
+        return lambda i, x: lm_head(x)
+    return lambda i, x: heads.heads[i].proj(x)
+
+
+class Medusa1Step(nn.Module):
+    """Heads on cached features; the forward returns the loss so DDP/FSDP see every parameter in use."""
+
+    def __init__(self, heads: MedusaHeads, lm_head: nn.Module, cfg: TrainConfig):
+        super().__init__()
+        self.heads, self.lm_head, self.cfg = heads, lm_head, cfg
+
+    def forward(self, batch: dict):
+        hidden = batch["hidden"].to(self.lm_head.weight.dtype)
+        teacher = (batch["topk_logp"], batch["topk_idx"]) if self.cfg.loss == "kl" else None
+        return medusa_loss(self.heads.features(hidden), _projector(self.heads, self.lm_head), batch["input_ids"],
+                           batch["loss_mask"], decay=self.cfg.decay, teacher=teacher)
+
+
+class Medusa2Step(nn.Module):
+    """LoRA base + heads. Loss = KL(original base || adapted base) on assistant positions + lambda0 * heads."""
+
+    def __init__(self, base, heads: MedusaHeads, cfg: TrainConfig):
+        super().__init__()
+        self.base, self.heads, self.cfg = base, heads, cfg
+
+    def forward(self, batch: dict):
+        ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        out = self.base(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+        with torch.no_grad(), self.base.disable_adapter():
+            ref = self.base(input_ids=ids, attention_mask=attn).logits
+        sel = mask[:, 1:]                                          # logits at t predict the token t+1
+        ref_logp = torch.log_softmax(ref[:, :-1][sel].float(), -1)
+        new_logp = torch.log_softmax(out.logits[:, :-1][sel].float(), -1)
+        keep = (ref_logp.exp() * (ref_logp - new_logp)).sum(-1).mean() if sel.any() else out.logits.sum() * 0
+        lm_head = self.base.get_output_embeddings()
+        heads_loss, stats = medusa_loss(self.heads.features(out.hidden_states[-1]), _projector(self.heads, lm_head),
+                                        ids, mask, decay=self.cfg.decay)
+        stats.base_kl = keep.detach()
+        return keep + self.cfg.heads_weight * heads_loss, stats
+
+
+def _schedule(total: int, warmup: int, delay: int = 0):
+    def f(step: int) -> float:
+        step -= delay
+        if step < 0:
+            return 0.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - delay - warmup))))
+    return f
+
+
+def _latest_checkpoint(folder: Path) -> tuple[Path | None, int]:
+    ckpts = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return (ckpts[-1], int(ckpts[-1].name.split("-")[1])) if ckpts else (None, 0)
+
+
+def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
+    """Run (or resume) training; `base`/`tokenizer` may be passed in-process instead of `cfg.model`."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from medusa.inference.checkpoint import save_heads
+    from medusa.inference.loading import load_base_model
+
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    say = lambda m: acc.is_main_process and log(m)
+    set_seed(cfg.seed)
+    out_dir = Path(cfg.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    if base is None:
+        base, tokenizer = load_base_model(cfg.model, dtype=cfg.base_dtype, device=acc.device,
+                                          load_in_8bit=cfg.load_in_8bit, load_in_4bit=cfg.load_in_4bit, log=say)
+    tok = tokenizer
+    convs = read_conversations(cfg.data, warn=say)[: cfg.limit]
+    examples = [tokenize_conversation(tok, c, cfg.max_length) for c in convs]
+    examples = [e for e in examples if e.loss_mask[2:].any()]
+    random.Random(cfg.seed).shuffle(examples)
+    n_val = min(cfg.val_examples, len(examples) // 10)
+    val, train_ex = examples[:n_val], examples[n_val:]
+    say(f"{len(train_ex)} training conversations ({sum(e.loss_mask.sum().item() for e in train_ex)} assistant "
+        f"tokens), {n_val} held out")
+    text_cfg = base.config.get_text_config(decoder=True)
+    hcfg = HeadsConfig(hidden_size=text_cfg.hidden_size, vocab_size=base.get_output_embeddings().weight.shape[0],
+                       num_heads=cfg.num_heads, num_layers=cfg.num_layers, shared_lm_head=cfg.shared_lm_head,
+                       base_model_name_or_path=cfg.model or "embedded:SmolLM2-135M-Instruct")
+    heads = MedusaHeads(hcfg)
+    heads.init_projections_from(base.get_output_embeddings())
+    heads.to(acc.device)
+    for p in base.parameters():
+        p.requires_grad_(False)
+
+    if cfg.mode == "medusa1":
+        from medusa.training.features import (FeatureDataset, build_feature_cache, cache_key,
+                                              collate_features)
+
+        topk = cfg.kl_topk if cfg.loss == "kl" else 0
+        key = cache_key(str(cfg.model), len(train_ex), cfg.max_length, topk, train_ex[0].input_ids.tolist())
+        feat_dir = out_dir / f"features-{key}"
+        build_feature_cache(base, train_ex, feat_dir, topk=topk, process_index=acc.process_index,
+                            num_processes=acc.num_processes, log=say)
+        acc.wait_for_everyone()
+        dataset, collate_fn = FeatureDataset(feat_dir, len(train_ex)), collate_features
+        step_module = Medusa1Step(heads, base.get_output_embeddings(), cfg)
+        groups = [{"params": [p for p in heads.parameters() if p.requires_grad], "lr": cfg.lr}]
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        base = get_peft_model(base, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
+                                               task_type="CAUSAL_LM"))
+        dataset, collate_fn = train_ex, collate
+        step_module = Medusa2Step(base, heads, cfg)
+        groups = [{"params": [p for p in heads.parameters() if p.requires_grad], "lr": cfg.lr},
+                  {"params": [p for p in base.parameters() if p.requires_grad], "lr": cfg.base_lr}]
+    per_epoch = math.ceil(len(dataset) / cfg.batch_size / acc.num_processes / cfg.grad_accum)
+    total = max(1, int(per_epoch * cfg.epochs))
+    warmup = max(1, int(total * cfg.warmup_ratio))
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    lambdas = [_schedule(total, warmup)] + [_schedule(total, warmup, cfg.heads_warmup_steps)] * (len(groups) - 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    step_module, opt, sched = acc.prepare(step_module, opt, sched)
+
+    ckpt_dir = out_dir / "checkpoints"
+    latest, step = _latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        acc.load_state(str(latest))
+        say(f"resumed from {latest} (step {step} of {total})")
+    log_file = out_dir / "train_log.jsonl"
+    run_steps, done = 0, step >= total
+    while not done:
+        epoch, skip = divmod(step * cfg.grad_accum, per_epoch * cfg.grad_accum)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=cfg.batch_size,
+                                             collate_fn=collate_fn)
+        loader = acc.skip_first_batches(acc.prepare(loader), skip)
+        for batch in loader:
+            with acc.accumulate(step_module):
+                loss, stats = step_module(batch)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(step_module.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            if not acc.sync_gradients:
+                continue
+            step, run_steps = step + 1, run_steps + 1
+            if step % cfg.log_every == 0 or step == total:
+                rec = {"step": step, "total": total, "loss": round(loss.item(), 4), "lr": sched.get_last_lr()[0],
+                       "top1": [round(x, 3) for x in stats.top1.tolist()],
+                       "top5": [round(x, 3) for x in stats.top5.tolist()], "elapsed_s": round(time.time() - t_start)}
+                if stats.base_kl is not None:
+                    rec["base_kl"] = round(stats.base_kl.item(), 5)
+                say(json.dumps(rec))
+                if acc.is_main_process:
+                    with log_file.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
+            stop_now = cfg.stop_after is not None and run_steps >= cfg.stop_after
+            if step % cfg.checkpoint_every == 0 or step == total or stop_now:
+                acc.save_state(str(ckpt_dir / f"step-{step}"))
+                if acc.is_main_process:
+                    for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
+                        shutil.rmtree(old, ignore_errors=True)
+            if step >= total:
+                done = True
+                break
+            if stop_now:
+                say(f"stopped after {run_steps} steps at step {step}/{total}; re-run to resume")
+                return {"step": step, "total": total, "finished": False}
+    acc.wait_for_everyone()
+    step_module = acc.unwrap_model(step_module)
+    from medusa.training.evaluate import head_accuracy
+
+    accuracy = head_accuracy(step_module.base if cfg.mode == "medusa2" else base, step_module.heads, val)
+    result = {"step": step, "total": total, "finished": True, "train_examples": len(train_ex),
+              "seconds": round(time.time() - t_start), "val_accuracy": accuracy}
+    if acc.is_main_process:
+        hcfg.extra = {"training": {**asdict(cfg), "extra": None}, "result": result, **cfg.extra}
+        if cfg.mode == "medusa2":
+            step_module.base.save_pretrained(str(out_dir / "adapter"))
+            hcfg.extra["adapter"] = "adapter"
+            if cfg.save_merged:
+                merged = step_module.base.merge_and_unload()
+                merged.save_pretrained(str(out_dir / "merged"))
+                tok.save_pretrained(str(out_dir / "merged"))
+        save_heads(out_dir, step_module.heads)
+        say(json.dumps({"saved": str(out_dir), **result}))
+    return result

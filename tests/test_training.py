@@ -1,0 +1,192 @@
+"""Training: the loss shift and masking, distillation resumption, Medusa-1/Medusa-2 runs on tiny models."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import VOCAB, tiny_model, tiny_tokenizer
+from medusa import MedusaModel
+from medusa.training.data import collate, read_conversations, tokenize_conversation
+from medusa.training.distill import DistillConfig, LocalGenerator, run_distill
+from medusa.training.losses import medusa_loss
+from medusa.training.trainer import TrainConfig, train
+
+ident = lambda i, x: x
+
+
+def _onehot_features(ids: torch.Tensor, offset: int, K: int = 3) -> torch.Tensor:
+    """(K, B, T, V): head i at position t puts all its mass on token t + offset + i."""
+    B, T = ids.shape
+    feats = torch.full((K, B, T, VOCAB), -30.0)
+    for i in range(K):
+        for t in range(T - offset - i):
+            feats[i, torch.arange(B), t, ids[:, t + offset + i]] = 30.0
+    return feats
+
+
+def test_head_predicting_token_t_plus_2_plus_i_has_zero_loss_and_off_by_one_does_not():
+    ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    right, stats = medusa_loss(_onehot_features(ids, 2), ident, ids, mask)
+    assert right.item() < 1e-6 and stats.top1.tolist() == [1.0, 1.0, 1.0]
+    for wrong_offset in (1, 3):
+        wrong, stats = medusa_loss(_onehot_features(ids, wrong_offset), ident, ids, mask)
+        assert wrong.item() > 10 and max(stats.top1.tolist()) < 0.3
+
+
+def test_loss_counts_only_assistant_targets():
+    ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, 8:12] = True
+    feats = _onehot_features(ids, 2)
+    base, stats = medusa_loss(feats, ident, ids, mask)
+    assert stats.count.tolist() == [4, 4, 4]              # targets 8..11 for every head
+    spoiled = feats.clone()
+    spoiled[:, 0, :4] = torch.randn(3, 4, VOCAB)           # t <= 3: targets t+2+i <= 7, not assistant tokens
+    assert medusa_loss(spoiled, ident, ids, mask)[0].item() == pytest.approx(base.item(), abs=1e-6)
+    spoiled[0, 0, 6] = torch.randn(VOCAB)                   # head 0 at t=6 predicts token 8: counted
+    assert medusa_loss(spoiled, ident, ids, mask)[0].item() > base.item() + 0.1
+
+
+def test_kl_loss_is_zero_when_head_matches_teacher():
+    torch.manual_seed(2)
+    ids = torch.randint(3, VOCAB, (1, 12))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    base_logits = torch.randn(1, 12, VOCAB) * 3
+    logp = torch.log_softmax(base_logits, -1)
+    teacher = (logp, torch.arange(VOCAB).expand(1, 12, VOCAB))      # full support: exact KL
+    feats = torch.stack([torch.roll(base_logits, -(1 + i), dims=1) for i in range(3)])  # head i at t = base at t+1+i
+    loss, _ = medusa_loss(feats, ident, ids, mask, teacher=teacher)
+    assert loss.item() < 1e-5
+    loss2, _ = medusa_loss(torch.stack([base_logits] * 3), ident, ids, mask, teacher=teacher)
+    assert loss2.item() > 0.1
+
+
+def test_assistant_mask_covers_every_assistant_turn_and_nothing_else():
+    tok = tiny_tokenizer()
+    msgs = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "AB"},
+            {"role": "user", "content": "two"}, {"role": "assistant", "content": "CD"}]
+    ex = tokenize_conversation(tok, msgs, 512)
+    assert tok.decode(ex.input_ids[ex.loss_mask]) == "AB<|im_end|>CD<|im_end|>"
+    short = tokenize_conversation(tok, msgs, 20)
+    assert short.input_ids.numel() == 20 and short.loss_mask.sum() < ex.loss_mask.sum()
+
+
+def _prompts(path, n=10, bad_line=None):
+    with open(path, "w") as f:
+        for k in range(n):
+            if k == bad_line:
+                f.write("{not json\n")
+            f.write(json.dumps({"id": f"p{k}", "prompt": f"say {k} and {k * 7}"}) + "\n")
+
+
+class _Dies(LocalGenerator):
+    """Answers `lives` batches, then fails as a killed process would."""
+    lives = 2
+
+    def answer(self, recs):
+        if self.lives == 0:
+            raise KeyboardInterrupt
+        self.lives -= 1
+        return super().answer(recs)
+
+
+def test_distill_resumes_without_duplicates_or_loss(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    _prompts(tmp_path / "p.jsonl", 10, bad_line=4)
+    cfg = DistillConfig(inputs=[str(tmp_path / "p.jsonl")], output=str(tmp_path / "out.jsonl"), max_new_tokens=12,
+                        batch_size=3)
+    warnings = []
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(cfg, _Dies(model, tok, cfg), log=warnings.append)
+    assert any("p.jsonl:5" in w and "skipped" in w for w in warnings)   # the bad line, by its number
+    with open(cfg.output, "a") as f:
+        f.write('{"id": "p9", "conversa')                               # torn write of a killed run
+    first = [json.loads(x)["id"] for x in open(cfg.output) if x.strip().endswith("}")]
+    assert len(first) == 6
+    run_distill(cfg, LocalGenerator(model, tok, cfg), log=lambda m: None)
+    rows = [json.loads(x) for x in open(cfg.output)]
+    ids = [r["id"] for r in rows]
+    assert sorted(ids) == sorted(f"p{k}" for k in range(10)) and len(ids) == len(set(ids))
+    cfg2 = DistillConfig(inputs=cfg.inputs, output=str(tmp_path / "straight.jsonl"), max_new_tokens=12, batch_size=3)
+    run_distill(cfg2, LocalGenerator(model, tok, cfg2), log=lambda m: None)
+    straight = {json.loads(x)["id"]: json.loads(x)["conversations"] for x in open(cfg2.output)}
+    assert {r["id"]: r["conversations"] for r in rows} == straight
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """The tiny model's own greedy answers to 48 prompts: self-distillation data."""
+    d = tmp_path_factory.mktemp("distilled")
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    _prompts(d / "p.jsonl", 48)
+    cfg = DistillConfig(inputs=[str(d / "p.jsonl")], output=str(d / "data.jsonl"), max_new_tokens=40, batch_size=16)
+    run_distill(cfg, LocalGenerator(model, tok, cfg), log=lambda m: None)
+    return d / "data.jsonl"
+
+
+def _train(data, out, **kw):
+    cfg = TrainConfig(data=str(data), output=str(out), num_heads=3, batch_size=4, epochs=kw.pop("epochs", 2),
+                      lr=kw.pop("lr", 1e-2), val_examples=8, log_every=1, checkpoint_every=5, **kw)
+    return train(cfg, base=tiny_model("llama"), tokenizer=tiny_tokenizer(), log=lambda m: None)
+
+
+def _log(out):
+    return [json.loads(x) for x in open(out / "train_log.jsonl")]
+
+
+def test_medusa1_training_lowers_loss_and_round_trips(distilled, tmp_path):
+    res = _train(distilled, tmp_path / "h", epochs=4)
+    log = _log(tmp_path / "h")
+    assert res["finished"] and res["step"] == res["total"] == len(log)
+    assert sum(r["loss"] for r in log[-3:]) < 0.7 * sum(r["loss"] for r in log[:3])
+    assert len(res["val_accuracy"]["top1"]) == 3
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    m = MedusaModel.from_pretrained(tmp_path / "h", base_model=str(tmp_path / "base"))
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "h" / "heads.safetensors"))
+    for k, v in m.heads.state_dict().items():
+        torch.testing.assert_close(v, saved[k])
+    ids = tok.apply_chat_template([{"role": "user", "content": "say 3 and 21"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ref = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(m.generate(ids, max_new_tokens=20, eos_token_id=[]), ref)
+
+
+def test_killed_training_resumes_to_the_same_end(distilled, tmp_path):
+    straight = _train(distilled, tmp_path / "a")
+    part = _train(distilled, tmp_path / "b", stop_after=3)
+    assert not part["finished"] and part["step"] == 3
+    resumed = _train(distilled, tmp_path / "b")
+    assert resumed["finished"] and resumed["step"] == straight["step"]
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp_path / "a" / "heads.safetensors")), load_file(str(tmp_path / "b" / "heads.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert [r["loss"] for r in _log(tmp_path / "a")] == pytest.approx([r["loss"] for r in _log(tmp_path / "b")],
+                                                                      abs=1e-4)
+
+
+def test_medusa2_keeps_base_greedy_while_heads_improve(distilled, tmp_path):
+    res = _train(distilled, tmp_path / "m2", mode="medusa2", epochs=3, base_lr=3e-5, heads_warmup_steps=2,
+                 heads_weight=0.2)
+    log = _log(tmp_path / "m2")
+    assert max(r["base_kl"] for r in log) < 0.01
+    assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3])
+    assert (tmp_path / "m2" / "adapter" / "adapter_config.json").is_file()
+    tok, base = tiny_tokenizer(), tiny_model("llama")
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    m = MedusaModel.from_pretrained(tmp_path / "m2", base_model=str(tmp_path / "base"))
+    assert any(not torch.equal(a, b) for a, b in zip(m.base_model.parameters(), base.parameters()))  # LoRA merged
+    batch = collate([tokenize_conversation(tok, c, 512) for c in read_conversations(distilled)])
+    with torch.no_grad():
+        before = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+        after = m.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+    sel = batch["loss_mask"]
+    assert (before[sel] == after[sel]).float().mean() > 0.98   # the base's greedy choice, token by token
+    assert res["val_accuracy"]["top1"][0] > 0
