@@ -127,15 +127,15 @@ class MedusaModel(nn.Module):
         return context_limit(self.base_model.config)
 
     def decode_options(self, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                       posterior_threshold: float = 0.09, posterior_alpha: float = 0.3, stop=None,
-                       eos_token_id=None, seed: int | None = None) -> DecodeOptions:
+                       posterior_threshold: float = 0.09, posterior_alpha: float = 0.3, sampling: str = "typical",
+                       stop=None, eos_token_id=None, seed: int | None = None) -> DecodeOptions:
         eos = eos_token_id if eos_token_id is not None else self.base_model.generation_config.eos_token_id
         if eos is None and self.tokenizer is not None:
             eos = self.tokenizer.eos_token_id
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         sampling = SamplingOptions(temperature=temperature, top_p=top_p, posterior_threshold=posterior_threshold,
-                                   posterior_alpha=posterior_alpha)
+                                   posterior_alpha=posterior_alpha, mode=sampling)
         return DecodeOptions(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos,
                              stop_strings=stop, seed=seed)
 

@@ -19,8 +19,11 @@ class SamplingOptions:
     top_p: float = 1.0
     posterior_threshold: float = 0.09   # epsilon of typical acceptance
     posterior_alpha: float = 0.3        # delta of typical acceptance
+    mode: str = "typical"               # when sampling: "typical" (fast, approximate) or "lossless"
 
     def __post_init__(self):
+        if self.mode not in ("typical", "lossless"):
+            raise ValueError(f"sampling mode must be 'typical' or 'lossless', got {self.mode!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -71,20 +74,53 @@ def accept_typical(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers
     return _longest((p_cand > threshold[parents]) & valid)
 
 
-def next_token(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The next root token from the base's logits (V,): argmax, or a temperature / top-p sample."""
-    if opts.greedy:
-        return logits.argmax(dim=-1)
+def sampling_probs(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
+    """The distribution plain sampling draws from: softmax(logits / T), cut to the top-p nucleus."""
     probs = torch.softmax(logits.float() / opts.temperature, dim=-1)
     if opts.top_p < 1:
         sorted_p, order = probs.sort(descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > opts.top_p   # keep the smallest set reaching top_p
         sorted_p[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p / sorted_p.sum())
+    return probs
 
 
-def accept(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers, opts: SamplingOptions) -> tuple[int, int]:
+def next_token(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next root token from the base's logits (V,): argmax, or a temperature / top-p sample."""
     if opts.greedy:
-        return accept_greedy(logits, tokens, tree)
-    return accept_typical(logits, tokens, tree, opts)
+        return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, opts), 1, generator=generator)[0]
+
+
+def accept_lossless(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers, opts: SamplingOptions,
+                    generator: torch.Generator | None = None) -> tuple[int, int, torch.Tensor]:
+    """Multi-candidate rejection sampling (as in SpecInfer) for deterministic top-k drafts: at each node,
+    try its children in rank order, accepting child x with probability p(x) under the current residual
+    distribution p; a rejected x is removed from p (p renormalised). When every child is rejected, or at a
+    leaf, the next token is drawn from what remains. Every emitted token then follows plain sampling's
+    distribution exactly. Returns (path row, accepted candidates, next root token)."""
+    node, toks = 0, tokens.tolist()
+    p = sampling_probs(logits[0], opts)
+    while True:
+        for child in tree.children[node]:
+            x = toks[child]
+            if torch.rand((), generator=generator, device=p.device) < p[x]:
+                node, p = child, sampling_probs(logits[child], opts)
+                break
+            p[x] = 0
+            p = p / p.sum()
+        else:
+            break
+    depth = int(tree.depth[node])
+    row = int((tree.retrieve[:, depth] == node).nonzero()[0, 0])
+    return row, depth, torch.multinomial(p, 1, generator=generator)[0]
+
+
+def accept(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers, opts: SamplingOptions,
+           generator: torch.Generator | None = None) -> tuple[int, int, torch.Tensor | None]:
+    """-> (path row, accepted candidates, the next root token if the scheme fixes it, else None)."""
+    if opts.greedy:
+        return (*accept_greedy(logits, tokens, tree), None)
+    if opts.mode == "lossless":
+        return accept_lossless(logits, tokens, tree, opts, generator)
+    return (*accept_typical(logits, tokens, tree, opts), None)

@@ -116,7 +116,7 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
     positions = torch.arange(prompt_len, device=device)[None]
     logits, hidden = _forward(model, input_ids, cache, positions, logits_to_keep=1)
     last_logits, last_hidden = logits[-1], hidden[-1]
-    length, generated = prompt_len, []
+    length, generated, root = prompt_len, [], None
     prefill_seconds = time.perf_counter() - t0
 
     while True:
@@ -127,14 +127,14 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
             return
         t = tree if (room >= tree.num_nodes and remaining > 1) else root_only
         # propose: the root is the base's own next token; the heads fill the rest of the tree
-        tokens = next_token(last_logits, opts.sampling, gen).view(1)
+        tokens = (root if root is not None else next_token(last_logits, opts.sampling, gen)).view(1)
         if t.num_nodes > 1:
             top = heads(last_hidden, lm_head).topk(t.topk, dim=-1).indices          # (K, topk)
             tokens = torch.cat([tokens, top[t.head[1:], t.rank[1:]]])                 # (N,)
         # verify: one forward over the whole tree
         logits, hidden = _forward(model, tokens[None], cache, (length + t.depth)[None],
                                   mask.view(length, blocks[id(t)]))
-        best, n_acc = accept(logits, tokens, t, opts.sampling)
+        best, n_acc, root = accept(logits, tokens, t, opts.sampling, gen)
         path = t.retrieve[best, : n_acc + 1]                                          # accepted nodes
         # compact: keep only the accepted nodes' KV entries
         cache.compact(length, path)

@@ -90,6 +90,7 @@ class TreeBuffers:
     parent: torch.Tensor         # (N,) parent's index (root: -1)
     retrieve: torch.Tensor       # (P, D + 1) node indices along each root-to-leaf path, -1 padded
     topk: int                    # largest rank used + 1
+    children: tuple[tuple[int, ...], ...] = ()   # per node, its children in rank order
 
     @property
     def num_nodes(self) -> int:
@@ -97,7 +98,7 @@ class TreeBuffers:
 
     def to(self, device) -> "TreeBuffers":
         move = {k: getattr(self, k).to(device) for k in ("attn_mask", "depth", "head", "rank", "parent", "retrieve")}
-        return TreeBuffers(paths=self.paths, topk=self.topk, **move)
+        return TreeBuffers(paths=self.paths, topk=self.topk, children=self.children, **move)
 
 
 def tree_buffers(paths: list[Path_]) -> TreeBuffers:
@@ -125,4 +126,5 @@ def tree_buffers(paths: list[Path_]) -> TreeBuffers:
         for d in range(len(leaf) + 1):
             retrieve[row, d] = index[leaf[:d]]
     topk = max((r for p in paths for r in p), default=-1) + 1
-    return TreeBuffers(tuple(paths), attn, depth, head, rank, parent, retrieve, topk)
+    children = tuple(tuple(j for j in range(1, n) if parent[j] == i) for i in range(n))
+    return TreeBuffers(tuple(paths), attn, depth, head, rank, parent, retrieve, topk, children)

@@ -39,7 +39,8 @@ class LoadOptions:
 
 
 def gen_options(a) -> dict:
-    return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed}
+    return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
+            "sampling": a.sampling}
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +56,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("generation")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 = typical acceptance")
     s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--sampling", choices=["typical", "lossless"], default="typical",
+                   help="with temperature > 0: typical acceptance (faster) or lossless rejection sampling "
+                        "(exactly the base model's sampling distribution)")
     s.add_argument("--max-new-tokens", type=int, default=512)
     s.add_argument("--seed", type=int, default=None)
 
@@ -97,7 +101,8 @@ def cmd_generate(a) -> int:
 
 
 # Each of these modules has `add_commands(subparsers) -> {name: handler}`; they parse, the library works.
-COMMAND_MODULES = ["medusa.training.cli"]
+COMMAND_MODULES = ["medusa.training.cli", "medusa.integrations.cli", "medusa.interfaces.serve_cli",
+                   "medusa.evaluation.cli"]
 
 
 def build_cli() -> tuple[argparse.ArgumentParser, dict]:

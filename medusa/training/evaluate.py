@@ -23,13 +23,13 @@ def head_accuracy(base, heads, examples: list[Example], *, ks=(1, 5, 10), batch_
         batch = {k: v.to(device) for k, v in collate(examples[s:s + batch_size]).items()}
         hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       output_hidden_states=True).hidden_states[-1]
-        hidden = hidden.to(lm_head.weight.dtype)
+        head_dtype = next(heads.parameters()).dtype
         for i, head in enumerate(heads.heads):
             keep, target = targets(i, batch["input_ids"], batch["loss_mask"])
             if target.numel() == 0:
                 continue
-            feats = head.features(hidden[:, : keep.shape[1]][keep])
-            logits = lm_head(feats) if head.proj is None else head.proj(feats)
+            feats = head.features(hidden[:, : keep.shape[1]][keep].to(head_dtype))
+            logits = lm_head(feats.to(lm_head.weight.dtype)) if head.proj is None else head.proj(feats)
             top = logits.topk(max(ks), dim=-1).indices
             for j, k in enumerate(ks):
                 hits[i, j] += (top[:, :k] == target[:, None]).any(-1).sum().item()
