@@ -10,7 +10,8 @@ from torch import nn
 
 from medusa.inference import loading
 from medusa.inference.acceptance import SamplingOptions
-from medusa.inference.checkpoint import build_heads, is_heads_folder, load_heads_checkpoint, save_heads
+from medusa.inference.checkpoint import (build_heads, fetch_heads_repo, is_heads_folder, load_heads_checkpoint,
+                                         save_heads)
 from medusa.inference.decode import DecodeOptions, Step, medusa_decode
 from medusa.inference.heads import HeadsConfig, MedusaHeads
 from medusa.inference.tree import DEFAULT_TREE, fit_tree_to_heads, load_tree, tree_buffers
@@ -42,6 +43,14 @@ def _as_input_ids(input_ids, device) -> torch.Tensor:
     if ids.dim() == 1:
         ids = ids[None]
     return ids.to(device)
+
+
+def _heads_folder(name) -> Path | None:
+    """A local heads folder, or a Hub repo id holding heads (fetched); None for anything else (a base model)."""
+    path = Path(str(name)).expanduser()
+    if path.exists() or str(name).startswith((".", "/", "~")) or str(name).count("/") != 1:
+        return path if is_heads_folder(path) else None
+    return fetch_heads_repo(str(name))
 
 
 class MedusaModel(nn.Module):
@@ -79,8 +88,9 @@ class MedusaModel(nn.Module):
             else:
                 log("No trained heads ship for the default model yet: using untrained heads (about 1 token per step).")
             base_ref = base_model
-        elif is_heads_folder(Path(name_or_path).expanduser()):
-            config, state, saved_tree = load_heads_checkpoint(Path(name_or_path).expanduser())
+        elif (heads_dir := _heads_folder(name_or_path)) is not None:
+            name_or_path = heads_dir
+            config, state, saved_tree = load_heads_checkpoint(heads_dir)
             base_ref = base_model or config.base_model_name_or_path
             if base_ref is None:
                 raise ValueError(f"{name_or_path} names no base model: pass base_model= (--base-model)")

@@ -33,6 +33,23 @@ def is_heads_folder(path: Path) -> bool:
     return cfg.is_file() and "medusa_num_heads" in _read_json(cfg)
 
 
+def fetch_heads_repo(repo_id: str) -> Path | None:
+    """A Hub repo of heads (ours or original format, e.g. FasterDecoding/medusa-vicuna-7b-v1.3) -> its local
+    snapshot with only the heads files; None when the repo holds no heads (a base model) or cannot be read."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    for name in (OUR_CONFIG, ORIG_CONFIG):
+        try:
+            cfg = Path(hf_hub_download(repo_id, name))
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError):
+            continue
+        if name == OUR_CONFIG or "medusa_num_heads" in _read_json(cfg):
+            return Path(snapshot_download(repo_id, allow_patterns=[OUR_CONFIG, OUR_WEIGHTS, TREE_FILE, ORIG_CONFIG,
+                                                                   *ORIG_WEIGHTS, "adapter/*"]))
+    return None
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

@@ -1,0 +1,40 @@
+"""Base-model loading: references, the embedded default's cache, and clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medusa.inference import loading
+from medusa.model import MedusaModel
+
+
+def test_quantized_loading_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="--load-in-8bit .*CUDA"):
+        loading.load_base_model("any/model", load_in_8bit=True)
+    with pytest.raises(RuntimeError, match="--load-in-4bit .*CUDA"):
+        MedusaModel.from_pretrained(load_in_4bit=True)
+
+
+def test_missing_local_paths_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such.gguf"):
+        loading.resolve_base_path(str(tmp_path / "no-such.gguf"))
+    with pytest.raises(FileNotFoundError, match="does not exist: ./missing/model"):
+        loading.resolve_base_path("./missing/model")
+    assert loading.resolve_base_path("org/model") == "org/model"          # a Hub id passes through
+
+
+def test_default_model_is_converted_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDUSA_CACHE", str(tmp_path))
+    first = loading.resolve_base_path(None)
+    files = {p.name for p in (tmp_path / "gguf").glob("*/*")}
+    assert "model.safetensors" in files and "config.json" in files and "tokenizer.json" in files
+    stamp = (tmp_path / "gguf").glob("*/model.safetensors").__next__().stat().st_mtime_ns
+    assert loading.resolve_base_path(None) == first                        # second start: no conversion
+    assert next((tmp_path / "gguf").glob("*/model.safetensors")).stat().st_mtime_ns == stamp
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        loading.resolve_dtype("float8")
