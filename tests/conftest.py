@@ -92,6 +92,8 @@ class OracleHeads(nn.Module):
         return [None if p.randrange(self.miss_every) == 0 else p.randrange(self.max_rank) for p in picks]
 
     def forward(self, hidden: torch.Tensor, lm_head=None) -> torch.Tensor:
+        if hidden.dim() > 1:     # a batch of positions (evaluation): (n, H) -> (K, n, V)
+            return torch.stack([self(h) for h in hidden], dim=1)
         t = int((self.hidden - hidden.float()).norm(dim=-1).argmin())
         ranks = self._ranks(t)
         self.calls += 1

@@ -85,9 +85,10 @@ class MedusaHeads(nn.Module):
         return torch.stack([h.features(hidden) for h in self.heads])
 
     def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
-        feats = self.features(hidden)
+        feats = self.features(hidden.to(self.heads[0].blocks[0].linear.weight.dtype) if self.config.num_layers
+                              else hidden)
         if self.config.shared_lm_head:
             if lm_head is None:
                 raise ValueError("these heads share the base model's lm_head: pass it as `lm_head`")
-            return lm_head(feats)
+            return lm_head(feats.to(lm_head.weight.dtype))
         return torch.stack([h.proj(f) for h, f in zip(self.heads, feats)])

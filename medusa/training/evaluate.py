@@ -10,33 +10,48 @@ from medusa.training.data import Example, collate
 from medusa.training.losses import targets
 
 
+def head_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(K, B, T): the token head i should predict at (b, t), i.e. input_ids[b, t+2+i], or -1 where that is
+    past the end or not an assistant token."""
+    B, T = input_ids.shape
+    out = torch.full((num_heads, B, T), -1, dtype=torch.long, device=input_ids.device)
+    for i in range(num_heads):
+        keep, target = targets(i, input_ids, loss_mask)
+        out[i, :, : keep.shape[1]][keep] = target
+    return out
+
+
 @torch.inference_mode()
-def head_accuracy(base, heads, examples: list[Example], *, ks=(1, 5, 10), batch_size: int = 8) -> dict:
-    """Fraction of assistant tokens t+2+i that head i ranks in its top k, for each k in `ks`."""
-    if not examples:
-        return {}
+def rank_accuracy(base, heads, examples: list[Example], *, max_rank: int = 10, batch_size: int = 8,
+                  chunk: int = 256) -> torch.Tensor:
+    """(K, max_rank): the fraction of assistant tokens t+2+i that head i ranks exactly r-th (from 0).
+    Heads run through their public call, `heads(hidden (n, H), lm_head) -> (K, n, V)`, a chunk at a time."""
     device = base.get_input_embeddings().weight.device
     lm_head = base.get_output_embeddings()
-    hits = torch.zeros(heads.num_heads, len(ks))
-    counts = torch.zeros(heads.num_heads)
+    K = heads.num_heads
+    hits, counts = torch.zeros(K, max_rank), torch.zeros(K)
     for s in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[s:s + batch_size]).items()}
         hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       output_hidden_states=True).hidden_states[-1]
-        head_dtype = next(heads.parameters()).dtype
-        for i, head in enumerate(heads.heads):
-            keep, target = targets(i, batch["input_ids"], batch["loss_mask"])
-            if target.numel() == 0:
-                continue
-            feats = head.features(hidden[:, : keep.shape[1]][keep].to(head_dtype))
-            logits = lm_head(feats.to(lm_head.weight.dtype)) if head.proj is None else head.proj(feats)
-            top = logits.topk(max(ks), dim=-1).indices
-            for j, k in enumerate(ks):
-                hits[i, j] += (top[:, :k] == target[:, None]).any(-1).sum().item()
-            counts[i] += target.numel()
-    acc = hits / counts.clamp(min=1)[:, None]
-    return {f"top{k}": [round(x, 4) for x in acc[:, j].tolist()] for j, k in enumerate(ks)} | {
-        "tokens": int(counts[0].item())}
+        tgt = head_targets(batch["input_ids"], batch["loss_mask"], K)                  # (K, B, T)
+        used = (tgt >= 0).any(0)                                                       # (B, T)
+        h, tgt = hidden[used], tgt[:, used]                                            # (n, H), (K, n)
+        for c in range(0, h.shape[0], chunk):
+            top = heads(h[c:c + chunk], lm_head).topk(max_rank, dim=-1).indices        # (K, n, R)
+            t = tgt[:, c:c + chunk]
+            hits += ((top == t[..., None]) & (t[..., None] >= 0)).float().sum(1).cpu()
+            counts += (t >= 0).sum(1).float().cpu()
+    return hits / counts.clamp(min=1)[:, None]
+
+
+def head_accuracy(base, heads, examples: list[Example], *, ks=(1, 5, 10), batch_size: int = 8) -> dict:
+    """Fraction of assistant tokens t+2+i that head i ranks in its top k, for each k in `ks`."""
+    if not examples:
+        return {}
+    cum = rank_accuracy(base, heads, examples, max_rank=max(ks), batch_size=batch_size).cumsum(dim=1)
+    tokens = sum(int(e.loss_mask[2:].sum()) for e in examples)
+    return {f"top{k}": [round(x, 4) for x in cum[:, k - 1].tolist()] for k in ks} | {"tokens": tokens}
 
 
 def tokens_per_step(model, prompts, *, max_new_tokens: int = 256, tree=None, log=None) -> dict:
