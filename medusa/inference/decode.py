@@ -40,7 +40,7 @@ class Step:
     seconds: float                     # wall time of the step
     finish_reason: str | None = None   # on the last step: "eos", "stop", "length" or "context"
     nodes: tuple[int, ...] = ()        # the accepted tree nodes (0 = root), before any stop trimming
-    tree_size: int = 1                 # nodes verified this step
+    tree_size: int = 1                 # nodes verified this step (0: a last token emitted unverified)
 
     @property
     def accepted(self) -> int:
@@ -125,22 +125,27 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
         if room < 1:
             yield Step(torch.empty(0, dtype=torch.long, device=device), 0.0, "context")
             return
-        t = tree if (room >= tree.num_nodes and remaining > 1) else root_only
-        # propose: the root is the base's own next token; the heads fill the rest of the tree
-        tokens = (root if root is not None else next_token(last_logits, opts.sampling, gen)).view(1)
-        if t.num_nodes > 1:
-            top = heads(last_hidden, lm_head).topk(t.topk, dim=-1).indices          # (K, topk)
-            tokens = torch.cat([tokens, top[t.head[1:], t.rank[1:]]])                 # (N,)
-        # verify: one forward over the whole tree
-        logits, hidden = _forward(model, tokens[None], cache, (length + t.depth)[None],
-                                  mask.view(length, blocks[id(t)]))
-        best, n_acc, root = accept(logits, tokens, t, opts.sampling, gen)
-        path = t.retrieve[best, : n_acc + 1]                                          # accepted nodes
-        # compact: keep only the accepted nodes' KV entries
-        cache.compact(length, path)
-        length += path.numel()
-        last_logits, last_hidden = logits[path[-1]], hidden[path[-1]]
-        new = tokens[path].tolist()
+        root = root if root is not None else next_token(last_logits, opts.sampling, gen)
+        if remaining == 1 or int(root) in eos:
+            # the last token needs no forward pass: nothing will read its KV entry or its logits
+            new, nodes, size = [int(root)], (0,), 0
+        else:
+            t = tree if room >= tree.num_nodes else root_only
+            # propose: the root is the base's own next token; the heads fill the rest of the tree
+            tokens = root.view(1)
+            if t.num_nodes > 1:
+                top = heads(last_hidden, lm_head).topk(t.topk, dim=-1).indices      # (K, topk)
+                tokens = torch.cat([tokens, top[t.head[1:], t.rank[1:]]])             # (N,)
+            # verify: one forward over the whole tree
+            logits, hidden = _forward(model, tokens[None], cache, (length + t.depth)[None],
+                                      mask.view(length, blocks[id(t)]))
+            best, n_acc, root = accept(logits, tokens, t, opts.sampling, gen)
+            path = t.retrieve[best, : n_acc + 1]                                      # accepted nodes
+            # compact: keep only the accepted nodes' KV entries
+            cache.compact(length, path)
+            length += path.numel()
+            last_logits, last_hidden = logits[path[-1]], hidden[path[-1]]
+            new, nodes, size = tokens[path].tolist(), tuple(path.tolist()), t.num_nodes
 
         finish = None
         cut = next((i + 1 for i, tok in enumerate(new) if tok in eos), None)
@@ -157,7 +162,7 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
             finish = "context"
         seconds = time.perf_counter() - t0 + prefill_seconds
         prefill_seconds = 0.0
-        yield Step(torch.tensor(new, dtype=torch.long, device=device), seconds, finish,
-                   nodes=tuple(path.tolist()), tree_size=t.num_nodes)
+        yield Step(torch.tensor(new, dtype=torch.long, device=device), seconds, finish, nodes=nodes,
+                   tree_size=size)
         if finish:
             return

@@ -1,0 +1,98 @@
+"""Trees fitted to a model and a machine (`medusa calibrate`).
+
+1. Measure how often head i's rank-r guess is the true token (on greedy continuations of calibration data).
+2. For each node budget, build the tree that maximizes the expected tokens per step: the paper's greedy
+   construction, where a path's chance of being accepted is the product of its heads' rank accuracies.
+3. Time real decoding steps with each of those trees on this machine, and keep the budget with the most
+   expected tokens per second. The tree is saved beside the heads, where the loader picks it up.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from medusa.training.data import Example
+from medusa.training.evaluate import rank_accuracy
+
+DEFAULT_BUDGETS = (1, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+def best_tree(acc: torch.Tensor, budget: int) -> list[tuple[int, ...]]:
+    """The `budget - 1` non-root nodes of highest acceptance probability (products of rank accuracies);
+    children never beat their parent, so every chosen node's parent is chosen before it."""
+    K, R = acc.shape
+    heap = [(-float(acc[0, r]), (r,)) for r in range(R)]
+    heapq.heapify(heap)
+    tree = []
+    while heap and len(tree) < budget - 1:
+        neg, path = heapq.heappop(heap)
+        tree.append(path)
+        if len(path) < K:
+            for r in range(R):
+                heapq.heappush(heap, (neg * float(acc[len(path), r]), path + (r,)))
+    return tree
+
+
+def expected_tokens(tree: list[tuple[int, ...]], acc: torch.Tensor) -> float:
+    """1 (the root) + the sum over nodes of the chance that the whole path to the node is accepted."""
+    total = 1.0
+    for path in tree:
+        p = 1.0
+        for depth, r in enumerate(path):
+            p *= float(acc[depth, r])
+        total += p
+    return total
+
+
+def time_steps(model, ids: torch.Tensor, tree, *, steps: int = 12) -> float:
+    """Median seconds per decoding step with `tree` (the whole step: heads, verify, accept, compact)."""
+    times = [s.seconds for s in model.stream(ids, max_new_tokens=steps * 8, tree=tree, eos_token_id=[])]
+    return statistics.median(times[1: steps + 1] or times)
+
+
+def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budgets=DEFAULT_BUDGETS,
+              max_rank: int = 10, log=print) -> dict:
+    acc = rank_accuracy(model.base_model, model.heads, examples, max_rank=max_rank)
+    log("rank accuracy (head x rank): " + json.dumps([[round(x, 3) for x in row[:5]] for row in acc.tolist()]))
+    rows = []
+    time_steps(model, timing_ids, "root", steps=2)  # warm-up
+    for budget in budgets:
+        tree = best_tree(acc, budget) if budget > 1 else []
+        paths = tree if tree else "root"
+        sec = time_steps(model, timing_ids, paths)
+        exp = expected_tokens(tree, acc)
+        rows.append({"budget": budget, "nodes": len(tree) + 1, "expected_tokens_per_step": round(exp, 3),
+                     "step_ms": round(sec * 1000, 2), "expected_tokens_per_s": round(exp / sec, 2), "tree": tree})
+        log(f"budget {budget:3d}: {exp:.2f} tokens/step expected, {sec * 1000:.1f} ms/step, "
+            f"{exp / sec:.1f} tokens/s expected")
+    best = max(rows, key=lambda r: r["expected_tokens_per_s"])
+    return {"best": best, "rows": rows, "rank_accuracy": acc.tolist()}
+
+
+def save_tree(folder: str | Path, result: dict) -> Path:
+    """tree.json beside the heads (read by the loader) with the calibration figures for reference."""
+    path = Path(folder) / "tree.json"
+    best = result["best"]
+    path.write_text(json.dumps({"paths": [list(p) for p in best["tree"]],
+                                "calibration": {k: v for k, v in best.items() if k != "tree"} |
+                                {"budgets": [{k: v for k, v in r.items() if k != "tree"} for r in result["rows"]]}},
+                               indent=1) + "\n")
+    return path
+
+
+def examples_from_prompts(model, prompts, *, max_new_tokens: int = 128) -> list[Example]:
+    """Calibration data from prompts alone: the model's own greedy answers (the text it will produce)."""
+    from medusa.interfaces.chat import encode_prompt
+
+    out = []
+    for rec in prompts:
+        ids = encode_prompt(model.tokenizer, [{"role": "user", "content": rec.turns[0]}])
+        full = model.generate(ids, max_new_tokens=max_new_tokens)[0].cpu()
+        mask = torch.zeros(full.numel(), dtype=torch.bool)
+        mask[ids.shape[1]:] = True
+        out.append(Example(full, mask))
+    return out

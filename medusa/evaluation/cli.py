@@ -1,0 +1,97 @@
+"""`medusa bench` and `medusa calibrate`: argument parsing only; the work is in medusa.evaluation."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(sub) -> dict:
+    from medusa.interfaces.cli import _model_args
+
+    b = sub.add_parser("bench", help="speed against transformers generate on MT-Bench / Spec-Bench questions",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_args(b)
+    b.set_defaults(max_new_tokens=256)
+    b.add_argument("--questions", required=True,
+                   help="question JSONL: MT-Bench / Spec-Bench (question_id, category, turns), e.g. Spec-Bench's "
+                        "data/spec_bench/question.jsonl, or dev prompts (id, category, prompt)")
+    b.add_argument("--output", default="bench", help="folder for answer files, summary.json and bench.png; "
+                                                     "re-running into it skips questions already answered")
+    b.add_argument("--limit", type=int, help="only the first N questions (after --categories)")
+    b.add_argument("--categories", help="comma-separated categories to run, e.g. translation,rag")
+    b.add_argument("--no-prompt-lookup", action="store_true", help="skip transformers' prompt-lookup decoding")
+    b.add_argument("--no-plain", action="store_true", help="skip plain one-token-per-step decoding on our engine")
+    b.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="prompt lookup's draft length")
+    b.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")
+    b.add_argument("--threads", type=int, help="torch CPU threads")
+    c = sub.add_parser("calibrate", help="fit the tree to these heads and this machine; saves tree.json beside "
+                                         "the heads", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_args(c)
+    c.add_argument("--data", help="ShareGPT JSONL (e.g. held-out distilled answers) to measure head accuracy on")
+    c.add_argument("--prompts", help="or a prompt file: the model's own greedy answers are used")
+    c.add_argument("--limit", type=int, default=40, help="conversations / prompts to use")
+    c.add_argument("--budgets", default="1,4,8,12,16,24,32,48,64", help="node budgets to time")
+    c.add_argument("--save-to", help="folder for tree.json (default: the heads folder given by --model)")
+    c.add_argument("--threads", type=int, help="torch CPU threads")
+    return {"bench": cmd_bench, "calibrate": cmd_calibrate}
+
+
+def cmd_calibrate(a) -> int:
+    import json
+
+    import torch
+
+    from medusa.evaluation.calibrate import calibrate, examples_from_prompts, save_tree
+    from medusa.interfaces.chat import encode_prompt
+    from medusa.interfaces.cli import LoadOptions
+    from medusa.model import DEFAULT_HEADS_DIR
+    from medusa.training.data import read_conversations, tokenize_conversation
+    from medusa.training.prompts import read_prompts
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if not (a.data or a.prompts):
+        raise ValueError("give --data (conversations) or --prompts (a prompt file) to calibrate on")
+    target = a.save_to or a.model or DEFAULT_HEADS_DIR
+    model = LoadOptions.from_args(a).load()
+    if a.data:
+        examples = [tokenize_conversation(model.tokenizer, c, 1024) for c in read_conversations(a.data)[: a.limit]]
+    else:
+        examples = examples_from_prompts(model, read_prompts(a.prompts)[: a.limit])
+    timing = encode_prompt(model.tokenizer, [{"role": "user", "content": "Write a story about a lighthouse."}])
+    budgets = tuple(int(b) for b in a.budgets.split(","))
+    result = calibrate(model, examples, timing, budgets=budgets, log=lambda s: print(s, flush=True))
+    path = save_tree(target, result)
+    best = result["best"]
+    print(json.dumps({"saved": str(path), "nodes": best["nodes"], "expected_tokens_per_step":
+                      best["expected_tokens_per_step"], "expected_tokens_per_s": best["expected_tokens_per_s"]}))
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from medusa.evaluation.bench import BenchConfig, run_bench
+    from medusa.evaluation.report import format_table
+    from medusa.inference.loading import DEFAULT_MODEL_NAME
+    from medusa.interfaces.cli import LoadOptions
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if not Path(a.questions).is_file():
+        raise FileNotFoundError(f"question file not found: {a.questions} (Spec-Bench's is data/spec_bench/"
+                                f"question.jsonl in its repository)")
+    model = LoadOptions.from_args(a).load()
+    name = Path(a.model.rstrip("/")).name if a.model else DEFAULT_MODEL_NAME
+    cfg = BenchConfig(questions=a.questions, output=a.output, max_new_tokens=a.max_new_tokens, limit=a.limit,
+                      categories=tuple(c.strip() for c in (a.categories or "").split(",") if c.strip()),
+                      temperature=a.temperature, top_p=a.top_p, sampling=a.sampling, seed=a.seed or 0,
+                      prompt_lookup=not a.no_prompt_lookup, plain=not a.no_plain,
+                      prompt_lookup_num_tokens=a.prompt_lookup_num_tokens, warmup=not a.no_warmup,
+                      model_id=f"{name}-{str(model.base_model.dtype).removeprefix('torch.')}")
+    summary = run_bench(model, cfg)
+    print(format_table(summary))
+    print(f"speedup = medusa tokens/s / transformers generate tokens/s; each tokens/s = total new tokens / "
+          f"total wall time ({summary['overall']['answers']} answers, {a.max_new_tokens} new tokens at most)")
+    return 0

@@ -1,0 +1,208 @@
+"""`medusa bench` on a tiny model: Spec-Bench answer files, summary figures, plot, resumption, the command."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import random_heads, tiny_model, tiny_tokenizer
+from medusa import MedusaModel
+from medusa.evaluation import bench
+from medusa.evaluation.bench import BenchConfig, run_bench
+from medusa.evaluation.report import format_table
+
+QUESTIONS = [
+    {"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now make it rhyme."]},
+    {"question_id": 82, "category": "writing", "turns": ["Describe the sea."]},
+    {"question_id": 83, "category": "math", "turns": ["What is 2+2?"]},
+]
+METHODS = ["baseline", "medusa", "prompt_lookup", "plain"]
+RECORD_KEYS = {"question_id", "category", "answer_id", "model_id", "choices", "tstamp"}
+CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths"}
+FIGURES = {"speedup", "mean_tokens_per_step", "exact_match_rate", "baseline_tokens_per_s", "medusa_tokens_per_s",
+           "prompt_lookup_tokens_per_s", "prompt_lookup_speedup", "plain_tokens_per_s", "plain_speedup"}
+MAX_NEW = 12
+
+
+def _model() -> MedusaModel:
+    return MedusaModel(tiny_model("llama"), random_heads(), tiny_tokenizer())
+
+
+def _write_questions(path: Path, rows=QUESTIONS) -> Path:
+    path.write_text("".join(json.dumps(q) + "\n" for q in rows))
+    return path
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _cfg(tmp: Path, **kw) -> BenchConfig:
+    return BenchConfig(**{"questions": str(tmp / "q.jsonl"), "output": str(tmp / "out"),
+                          "max_new_tokens": MAX_NEW, **kw})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    _write_questions(tmp / "q.jsonl")
+    model = _model()
+    prompts = []  # every prompt medusa's engine was given, decoded
+    stream = model.stream
+    model.stream = lambda ids, **kw: (prompts.append(model.tokenizer.decode(ids[0])), stream(ids, **kw))[1]
+    summary = run_bench(model, _cfg(tmp), progress=False)
+    return tmp, summary, prompts
+
+
+def test_answer_files_follow_spec_bench_schema(run):
+    tmp, _, _ = run
+    out = tmp / "out"
+    for m in METHODS:
+        records = _read(out / f"{m}.jsonl")
+        assert [r["question_id"] for r in records] == [81, 82, 83]
+        assert [r["category"] for r in records] == ["writing", "writing", "math"]
+        for r, q in zip(records, QUESTIONS):
+            assert set(r) == RECORD_KEYS and r["model_id"].endswith(m) and len(r["choices"]) == 1
+            c = r["choices"][0]
+            assert CHOICE_KEYS <= set(c) and c["index"] == 0
+            n = len(q["turns"])
+            assert len(c["turns"]) == len(c["new_tokens"]) == len(c["wall_time"]) == len(c["decoding_steps"]) == n
+            assert all(isinstance(t, str) for t in c["turns"]) and all(t > 0 for t in c["wall_time"])
+            # accept_lengths: one number per step, all turns in a row (Spec-Bench's speed.py takes their mean)
+            assert all(isinstance(a, int) and a >= 1 for a in c["accept_lengths"])
+            assert len(c["accept_lengths"]) == sum(c["decoding_steps"])
+            assert sum(c["accept_lengths"]) == sum(c["new_tokens"])
+            assert all(0 < k <= MAX_NEW for k in c["new_tokens"])
+            if m == "baseline":
+                assert c["accept_lengths"] == [1] * sum(c["new_tokens"]) and "matches_baseline" not in c
+            else:
+                assert len(c["matches_baseline"]) == n
+
+
+def test_greedy_answers_are_token_identical_to_the_baseline(run):
+    tmp, summary, _ = run
+    base = _read(tmp / "out" / "baseline.jsonl")
+    for m in ("medusa", "plain"):
+        for r, b in zip(_read(tmp / "out" / f"{m}.jsonl"), base):
+            assert r["choices"][0]["matches_baseline"] == [True] * len(b["choices"][0]["turns"])
+            assert r["choices"][0]["new_tokens"] == b["choices"][0]["new_tokens"]
+            assert r["choices"][0]["turns"] == b["choices"][0]["turns"]
+    for fig in (summary["overall"], *summary["categories"].values()):
+        assert fig["exact_match_rate"] == 1.0 and fig["plain_exact_match_rate"] == 1.0
+        assert fig["baseline_new_tokens"] == fig["medusa_new_tokens"]
+
+
+def test_summary_has_the_figures_overall_and_per_category(run):
+    tmp, summary, _ = run
+    assert json.loads((tmp / "out" / "summary.json").read_text()) == summary
+    assert list(summary["categories"]) == ["writing", "math"]
+    assert summary["overall"]["questions"] == 3 and summary["overall"]["answers"] == 4
+    assert summary["categories"]["writing"]["answers"] == 3 and summary["categories"]["math"]["answers"] == 1
+    records = {m: _read(tmp / "out" / f"{m}.jsonl") for m in METHODS}
+    for name, fig in [("overall", summary["overall"]), *summary["categories"].items()]:
+        assert FIGURES <= set(fig)
+        rate = {}
+        for m, recs in records.items():  # tokens/s = total new tokens / total time, from the answer files
+            recs = [r for r in recs if name == "overall" or r["category"] == name]
+            c = [r["choices"][0] for r in recs]
+            rate[m] = sum(sum(x["new_tokens"]) for x in c) / sum(sum(x["wall_time"]) for x in c)
+        assert fig["baseline_tokens_per_s"] == pytest.approx(rate["baseline"], rel=1e-3)
+        assert fig["medusa_tokens_per_s"] == pytest.approx(rate["medusa"], rel=1e-3)
+        assert fig["speedup"] == pytest.approx(rate["medusa"] / rate["baseline"], rel=1e-3)
+        assert fig["plain_speedup"] == pytest.approx(rate["plain"] / rate["baseline"], rel=1e-3)
+        assert fig["prompt_lookup_speedup"] == pytest.approx(rate["prompt_lookup"] / rate["baseline"], rel=1e-3)
+        assert fig["plain_tokens_per_step"] == 1.0 and fig["mean_tokens_per_step"] >= 1.0
+    table = format_table(summary)
+    assert [line.split()[0] for line in table.splitlines()] == ["category", "writing", "math", "overall"]
+
+
+def test_plot_is_a_png(run):
+    tmp, _, _ = run
+    assert (tmp / "out" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_second_turn_carries_the_baseline_first_answer(run):
+    tmp, _, prompts = run
+    first = _read(tmp / "out" / "baseline.jsonl")[0]["choices"][0]["turns"][0]
+    second = [p for p in prompts if "Now make it rhyme." in p]
+    assert len(second) == 2  # medusa and plain (the warm-up asks only first turns)
+    assert all(p.index("Write a haiku.") < p.index(first) < p.index("Now make it rhyme.") for p in second)
+
+
+def test_rerun_resumes_and_redoes_a_question_cut_off_between_files(run):
+    tmp, summary, _ = run
+    out = tmp / "out"
+    ids = {m: [r["answer_id"] for r in _read(out / f"{m}.jsonl")] for m in METHODS}
+    assert run_bench(_model(), _cfg(tmp), progress=False)["overall"] == summary["overall"]
+    assert {m: [r["answer_id"] for r in _read(out / f"{m}.jsonl")] for m in METHODS} == ids
+    lines = (out / "medusa.jsonl").read_text().splitlines()  # killed after writing question 83 for some files
+    (out / "medusa.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    run_bench(_model(), _cfg(tmp), progress=False)
+    for m in METHODS:
+        records = _read(out / f"{m}.jsonl")
+        assert sorted(r["question_id"] for r in records) == [81, 82, 83]
+        assert [r["answer_id"] for r in records][:2] == ids[m][:2] and records[2]["answer_id"] != ids[m][2]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        run_bench(_model(), _cfg(tmp, max_new_tokens=MAX_NEW + 1), progress=False)
+
+
+def test_methods_alternate_order_from_one_question_to_the_next(tmp_path, monkeypatch):
+    _write_questions(tmp_path / "q.jsonl")
+    calls = []
+    for m, fn in list(bench.RUNNERS.items()):
+        monkeypatch.setitem(bench.RUNNERS, m, lambda *a, m=m, fn=fn: (calls.append(m), fn(*a))[1])
+    run_bench(_model(), _cfg(tmp_path, warmup=False, plain=False), progress=False)
+    order = ["baseline", "medusa", "prompt_lookup"]
+    assert calls == order * 2 + order[::-1] + order  # question 81 has two turns
+
+
+@pytest.mark.parametrize("sampling", ["typical", "lossless"])
+def test_sampling_reports_no_exact_match_and_skipped_methods_are_absent(tmp_path, sampling):
+    _write_questions(tmp_path / "q.jsonl")
+    model, seen = _model(), []
+    stream = model.stream
+    model.stream = lambda ids, **kw: (seen.append(kw["sampling"]), stream(ids, **kw))[1]
+    summary = run_bench(model, _cfg(tmp_path, temperature=0.8, sampling=sampling, prompt_lookup=False,
+                                    plain=False, categories=("math",)), progress=False)
+    assert seen and set(seen) == {sampling} and summary["settings"]["sampling"] == sampling
+    assert summary["overall"]["exact_match_rate"] is None and summary["overall"]["questions"] == 1
+    assert not any(k.startswith(("prompt_lookup", "plain")) for k in summary["overall"])
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.jsonl")) == ["baseline.jsonl", "medusa.jsonl"]
+    assert _read(tmp_path / "out" / "medusa.jsonl")[0]["choices"][0]["matches_baseline"] is None
+    with pytest.raises(ValueError, match="no questions in"):
+        bench.load_questions(str(tmp_path / "q.jsonl"), categories=("poetry",))
+
+
+def test_dev_prompt_format_is_read(tmp_path):
+    rows = [{"id": "dev-1", "category": "coding", "prompt": "Print hello."},
+            {"id": "dev-2", "category": "math", "prompt": "Add 1 and 2."}]
+    _write_questions(tmp_path / "q.jsonl", rows)
+    summary = run_bench(_model(), _cfg(tmp_path, limit=1, prompt_lookup=False), progress=False)
+    assert list(summary["categories"]) == ["coding"]
+    assert _read(tmp_path / "out" / "baseline.jsonl")[0]["question_id"] == "dev-1"
+
+
+def test_command_on_a_saved_tiny_model(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    questions = _write_questions(tmp_path / "q.jsonl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "medusa", "bench", "--model", str(model_dir), "--questions",
+                           str(questions), "--output", str(tmp_path / "out"), "--max-new-tokens", "6",
+                           "--limit", "2", "--threads", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:5] == ["category", "q", "base", "tok/s", "medusa"]
+    assert [line.split()[0] for line in lines[1:3]] == ["writing", "overall"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["overall"]["questions"] == 2 and summary["overall"]["exact_match_rate"] == 1.0
+    assert summary["settings"]["max_new_tokens"] == 6
+    assert (tmp_path / "out" / "bench.png").is_file()
+    missing = subprocess.run([sys.executable, "-m", "medusa", "bench", "--questions", str(tmp_path / "none.jsonl")],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert missing.returncode == 2 and "question file not found" in missing.stderr

@@ -1,0 +1,65 @@
+"""Calibration: the greedy tree construction is optimal, and a calibrated tree is saved and used."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import OracleHeads, tiny_model, tiny_tokenizer
+from medusa import MedusaModel
+from medusa.evaluation.calibrate import best_tree, calibrate, expected_tokens, save_tree
+from medusa.inference.tree import validate_tree
+from medusa.training.data import Example
+
+
+def _all_trees(K: int, R: int, n: int):
+    nodes = [p for d in range(1, K + 1) for p in itertools.product(range(R), repeat=d)]
+    for combo in itertools.combinations(nodes, n):
+        if all(len(p) == 1 or p[:-1] in combo for p in combo):
+            yield list(combo)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_tree_is_the_best_tree_of_its_size(seed):
+    acc = torch.rand(2, 3, generator=torch.Generator().manual_seed(seed))
+    acc = acc / acc.sum(1, keepdim=True) * 0.9           # rank accuracies of a head sum to at most 1
+    acc = acc.sort(dim=1, descending=True).values        # better ranks are more often right
+    for n in range(1, 6):
+        tree = best_tree(acc, n + 1)
+        validate_tree(tree, num_heads=2)
+        best = max(expected_tokens(t, acc) for t in _all_trees(2, 3, n))
+        assert len(tree) == n and expected_tokens(tree, acc) == pytest.approx(best)
+
+
+def test_confident_first_ranks_give_a_chain():
+    acc = torch.tensor([[0.95, 0.01, 0.01], [0.9, 0.02, 0.01], [0.9, 0.01, 0.0]])
+    assert best_tree(acc, 4) == [(0,), (0, 0), (0, 0, 0)]
+    assert expected_tokens(best_tree(acc, 4), acc) == pytest.approx(1 + 0.95 + 0.95 * 0.9 + 0.95 * 0.9 * 0.9)
+
+
+def test_calibrate_saves_a_tree_the_loader_uses(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    prompt = torch.randint(3, 90, (1, 10), generator=torch.Generator().manual_seed(0))
+    ref = model.generate(prompt, max_new_tokens=150, min_new_tokens=150, do_sample=False, pad_token_id=0)[0]
+    heads = OracleHeads(model, ref, max_rank=2, miss_every=4)
+    m = MedusaModel(model, heads, tok, tree="chain")
+    mask = torch.zeros(ref.numel(), dtype=torch.bool)
+    mask[10:] = True
+    result = calibrate(m, [Example(ref, mask)], prompt, budgets=(1, 4, 8), log=lambda s: None)
+    acc = torch.tensor(result["rank_accuracy"])
+    assert acc[:, :2].sum(1).min() > 0.5                  # the oracle puts the truth in its top 2 mostly
+    assert [r["budget"] for r in result["rows"]] == [1, 4, 8]
+    assert result["rows"][0]["expected_tokens_per_step"] == 1.0
+    assert result["rows"][2]["expected_tokens_per_step"] > result["rows"][1]["expected_tokens_per_step"] > 1.5
+    assert result["best"] in result["rows"]
+    # the saved tree is what a loaded model uses by default
+    from medusa.inference.checkpoint import save_heads
+    from medusa.inference.heads import HeadsConfig, MedusaHeads
+    folder = tmp_path / "heads"
+    save_heads(folder, MedusaHeads(HeadsConfig(hidden_size=64, vocab_size=96, base_model_name_or_path="x")))
+    save_tree(folder, result)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    loaded = MedusaModel.from_pretrained(folder, base_model=str(tmp_path / "base"))
+    assert loaded.tree == [tuple(p) for p in result["best"]["tree"]]
