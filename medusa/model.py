@@ -157,6 +157,23 @@ class MedusaModel(nn.Module):
         return medusa_decode(self.base_model, self.heads, ids, tree_buffers(paths), opts,
                              context_limit=self.context_limit, tokenizer=self.tokenizer)
 
+    def generate_baseline(self, input_ids, generate_kwargs: dict | None = None, **options) -> torch.Tensor:
+        """transformers' own `generate` on the base model with the same options: the reference medusa is
+        measured against. `generate_kwargs` go to `generate` as they are (e.g. prompt_lookup_num_tokens)."""
+        ids = _as_input_ids(input_ids, self.base_model.get_input_embeddings().weight.device)
+        opts = self.decode_options(**options)
+        s = opts.sampling
+        if not s.greedy and opts.seed is not None:
+            torch.manual_seed(opts.seed)
+        tok = self.tokenizer
+        pad = None if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        return self.base_model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=opts.max_new_tokens, do_sample=not s.greedy,
+            temperature=None if s.greedy else s.temperature, top_p=None if s.greedy else s.top_p, top_k=None,
+            eos_token_id=list(opts.eos_token_ids) or None, pad_token_id=pad,
+            stop_strings=list(opts.stop_strings) or None, tokenizer=tok if opts.stop_strings else None,
+            **(generate_kwargs or {}))
+
     def generate(self, input_ids, **options) -> torch.Tensor:
         """Like transformers' generate: (1, prompt + new) token ids."""
         ids = _as_input_ids(input_ids, self.base_model.get_input_embeddings().weight.device)

@@ -130,6 +130,7 @@ def test_eos_and_max_new_tokens_stop_like_generate():
     out = m.generate(ids, max_new_tokens=30, eos_token_id=eos)
     hf = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(out, hf)
+    assert torch.equal(m.generate_baseline(ids, max_new_tokens=30, eos_token_id=eos), hf)
     steps = list(m.stream(ids, max_new_tokens=7))
     assert sum(s.accepted for s in steps) == 7 and steps[-1].finish_reason == "length"
 

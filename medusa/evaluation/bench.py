@@ -88,21 +88,13 @@ class _StepLengths:
 
 
 def _hf_generate(model, ids, cfg: BenchConfig, seed: int, *, prompt_lookup: bool) -> Answer:
-    base = model.base_model
-    eos = model.decode_options().eos_token_ids
-    sample = not cfg.greedy
     extra = {}
     if prompt_lookup:
         extra = {"prompt_lookup_num_tokens": cfg.prompt_lookup_num_tokens, "streamer": _StepLengths()}
-    if sample:
-        torch.manual_seed(seed)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
     _sync(ids.device)
     t0 = time.perf_counter()
-    out = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
-                        do_sample=sample, temperature=cfg.temperature if sample else None,
-                        top_p=cfg.top_p if sample else None, top_k=None,
-                        eos_token_id=list(eos) or None, pad_token_id=pad, **extra)
+    out = model.generate_baseline(ids, extra, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, seed=None if cfg.greedy else seed)
     _sync(ids.device)
     seconds = time.perf_counter() - t0
     tokens = out[0, ids.shape[1]:].tolist()

@@ -22,17 +22,12 @@ def generate_once(model, ids: torch.Tensor, options: dict, *, baseline: bool = F
     """Answer once; returns (text, RunStats). `baseline` decodes with transformers' own generate."""
     stats = RunStats()
     if baseline:
-        base = model.base_model
-        opts = model.decode_options(**options)
-        sample = opts.sampling.temperature > 0
         t0 = time.perf_counter()
-        out = base.generate(ids.to(base.device), max_new_tokens=opts.max_new_tokens, do_sample=sample,
-                            temperature=opts.sampling.temperature if sample else None,
-                            top_p=opts.sampling.top_p if sample else None, top_k=None,
-                            eos_token_id=list(opts.eos_token_ids) or None, pad_token_id=model.tokenizer.eos_token_id)
+        out = model.generate_baseline(ids, **options)
         stats.seconds = time.perf_counter() - t0
         new = out[0, ids.shape[1]:].tolist()
         stats.new_tokens = stats.steps = len(new)
+        stats.finish_reason = "length" if len(new) >= options.get("max_new_tokens", 256) else "eos"
         text = TextStream(model.tokenizer).push(new) if new else ""
         if on_text:
             on_text(text)
