@@ -24,7 +24,23 @@ def add_commands(sub) -> dict:
     d.add_argument("--api-model", help="model name to send to the endpoint")
     d.add_argument("--api-key")
     d.add_argument("--concurrency", type=int, default=8, help="requests in flight (API back end)")
-    return {"distill": cmd_distill, **add_train_commands(sub)}
+    c = sub.add_parser("compose-prompts", help="add summarization, translation and passage-QA prompts built "
+                                               "from passages of a prompt pool, spread through it")
+    c.add_argument("--input", required=True, help="prompt pool JSONL")
+    c.add_argument("--output", required=True)
+    c.add_argument("--per-task", type=int, default=500, help="composed prompts per task")
+    c.add_argument("--seed", type=int, default=0)
+    return {"distill": cmd_distill, "compose-prompts": cmd_compose, **add_train_commands(sub)}
+
+
+def cmd_compose(a) -> int:
+    from medusa.training.prompts import compose_task_prompts, interleave, read_prompts, write_prompts
+
+    pool = read_prompts(a.input)
+    extra = compose_task_prompts(pool, a.per_task, seed=a.seed)
+    write_prompts(interleave(pool, extra), a.output)
+    print(f"{len(pool)} prompts + {len(extra)} composed -> {a.output}")
+    return 0
 
 
 def cmd_distill(a) -> int:

@@ -106,6 +106,17 @@ def compose_task_prompts(records: list[PromptRecord], n_each: int, *, seed: int 
     return out
 
 
+def interleave(records: list[PromptRecord], extra: list[PromptRecord]) -> list[PromptRecord]:
+    """Spread `extra` evenly through `records`, so a partial distillation run covers both."""
+    out, step, j = [], len(records) / max(len(extra), 1), 0
+    for i, r in enumerate(records):
+        out.append(r)
+        while j < len(extra) and j * step <= i:
+            out.append(extra[j])
+            j += 1
+    return out + extra[j:]
+
+
 def write_prompts(records: list[PromptRecord], path: str | Path) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
         for r in records:
