@@ -208,3 +208,21 @@ def test_distill_through_an_openai_compatible_endpoint(tmp_path):
     run_distill(local, LocalGenerator(m.base_model, m.tokenizer, local), log=lambda s: None)
     rows = lambda p: {r["id"]: r["conversations"] for r in map(json.loads, open(p))}
     assert rows(api.output) == rows(local.output)
+
+
+def test_feature_cache_grows_with_the_data(distilled, tmp_path):
+    from medusa.training.features import FeatureDataset, build_feature_cache
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    examples = [tokenize_conversation(tok, c, 256) for c in read_conversations(distilled)]
+    logs = []
+    build_feature_cache(model, examples[:20], tmp_path, log=logs.append)
+    first = FeatureDataset(tmp_path, examples[:20])
+    build_feature_cache(model, examples, tmp_path, log=logs.append)
+    assert logs[-1].startswith(f"features: {len(examples) - 20}/{len(examples) - 20} new examples (20 cached")
+    grown = FeatureDataset(tmp_path, examples)
+    with torch.no_grad():
+        direct = model(examples[25].input_ids[None], output_hidden_states=True).hidden_states[-1][0]
+    torch.testing.assert_close(grown[25]["hidden"].float(), direct, atol=0.05, rtol=0.02)   # stored in bf16
+    for k in range(20):
+        assert torch.equal(first[k]["hidden"], grown[k]["hidden"])

@@ -1,8 +1,9 @@
 """Frozen-base features for Medusa-1: the base's last hidden states (and, for the KL loss, its top-k
 log-probabilities) computed once and cached in safetensors shards, so every epoch costs only the heads.
 
-Shards are written atomically and skipped when present: a killed run resumes where it stopped. With
-several processes (accelerate / torchrun) each computes its own shards.
+Each example is stored under a hash of its token ids, so a data set that grows between runs (a
+distillation still going on) only adds the new examples. Shards are written atomically: a killed run
+resumes where it stopped. With several processes (accelerate / torchrun) each computes its share.
 """
 from __future__ import annotations
 
@@ -19,9 +20,25 @@ from medusa.training.data import Example, collate
 SHARD = 64  # examples per shard
 
 
-def cache_key(model_name: str, n_examples: int, max_length: int, topk: int, first_ids: list[int]) -> str:
-    raw = json.dumps([model_name, n_examples, max_length, topk, first_ids[:64]])
+def cache_key(model_name: str, max_length: int, topk: int, dtype: torch.dtype) -> str:
+    """The cache folder's name: what the features depend on besides the examples themselves."""
+    raw = json.dumps([model_name, max_length, topk, str(dtype)])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def example_key(ex: Example) -> str:
+    data = ex.input_ids.numpy().tobytes() + ex.loss_mask.numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:20]
+
+
+def _cached_keys(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    keys = set()
+    for path in folder.glob("shard-*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            keys |= {k.split(".", 1)[1] for k in f.keys() if k.startswith("hidden.")}
+    return keys
 
 
 @torch.inference_mode()
@@ -50,38 +67,41 @@ def build_feature_cache(model, examples: list[Example], folder: str | Path, *, t
                         num_processes: int = 1, log=None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    n_shards = (len(examples) + SHARD - 1) // SHARD
+    have = _cached_keys(folder)
+    todo = {example_key(e): e for e in examples}
+    todo = [(k, e) for k, e in sorted(todo.items()) if k not in have]
+    n_shards = (len(todo) + SHARD - 1) // SHARD
     for shard in range(process_index, n_shards, num_processes):
-        path = folder / f"shard-{shard:05d}.safetensors"
-        if path.exists():
-            continue
-        lo = shard * SHARD
-        part = examples[lo:lo + SHARD]
-        feats = _compute(model, part, topk, dtype, batch_size)
+        part = todo[shard * SHARD:(shard + 1) * SHARD]
+        feats = _compute(model, [e for _, e in part], topk, dtype, batch_size)
         tensors = {}
-        for j, ex in enumerate(part):
-            tensors[f"input_ids.{lo + j}"] = ex.input_ids
-            tensors[f"loss_mask.{lo + j}"] = ex.loss_mask.to(torch.uint8)
+        for j, (key, ex) in enumerate(part):
+            tensors[f"input_ids.{key}"] = ex.input_ids
+            tensors[f"loss_mask.{key}"] = ex.loss_mask.to(torch.uint8)
             for name in ("hidden", "topk_logp", "topk_idx"):
                 if f"{name}.{j}" in feats:
-                    tensors[f"{name}.{lo + j}"] = feats[f"{name}.{j}"]
+                    tensors[f"{name}.{key}"] = feats[f"{name}.{j}"]
+        path = folder / f"shard-{part[0][0]}.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, path)
         if log:
-            log(f"features: shard {shard + 1}/{n_shards}")
+            log(f"features: {min((shard + 1) * SHARD, len(todo))}/{len(todo)} new examples "
+                f"({len(have)} cached before)")
     return folder
 
 
 class FeatureDataset(torch.utils.data.Dataset):
-    """Cached features held in memory: item k -> dict of input_ids, loss_mask, hidden (+ topk_*)."""
+    """Cached features of `examples`, held in memory: item k -> dict of input_ids, loss_mask, hidden (+ topk_*)."""
 
-    def __init__(self, folder: str | Path, n_examples: int):
-        self.items: list[dict] = [dict() for _ in range(n_examples)]
+    def __init__(self, folder: str | Path, examples: list[Example]):
+        wanted = {example_key(e): k for k, e in enumerate(examples)}
+        self.items: list[dict] = [dict() for _ in examples]
         for path in sorted(Path(folder).glob("shard-*.safetensors")):
-            for key, value in load_file(str(path)).items():
-                name, k = key.rsplit(".", 1)
-                self.items[int(k)][name] = value.bool() if name == "loss_mask" else value
+            for name_key, value in load_file(str(path)).items():
+                name, key = name_key.split(".", 1)
+                if key in wanted:
+                    self.items[wanted[key]][name] = value.bool() if name == "loss_mask" else value
         missing = [k for k, it in enumerate(self.items) if "hidden" not in it]
         if missing:
             raise RuntimeError(f"feature cache {folder} lacks {len(missing)} examples (e.g. #{missing[0]})")

@@ -167,12 +167,12 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
                                               collate_features)
 
         topk = cfg.kl_topk if cfg.loss == "kl" else 0
-        key = cache_key(str(cfg.model), len(train_ex), cfg.max_length, topk, train_ex[0].input_ids.tolist())
+        key = cache_key(str(cfg.model), cfg.max_length, topk, base.dtype)
         feat_dir = out_dir / f"features-{key}"
         build_feature_cache(base, train_ex, feat_dir, topk=topk, process_index=acc.process_index,
                             num_processes=acc.num_processes, log=say)
         acc.wait_for_everyone()
-        dataset, collate_fn = FeatureDataset(feat_dir, len(train_ex)), collate_features
+        dataset, collate_fn = FeatureDataset(feat_dir, train_ex), collate_features
         step_module = Medusa1Step(heads, base.get_output_embeddings(), cfg)
         groups = [{"params": [p for p in heads.parameters() if p.requires_grad], "lr": cfg.lr}]
     else:
