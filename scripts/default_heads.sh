@@ -7,6 +7,7 @@
 #   scripts/default_heads.sh calibrate   # tree for this machine, saved beside the heads
 #   scripts/default_heads.sh evaluate    # per-head accuracy + tokens per step on the dev prompts
 #
+# Run it with the project installed (. .venv/bin/activate after the README set-up).
 # Data lives outside the repository (MEDUSA_DATA, default ~/medusa-data); the shared prompt pool is at
 # ../shared/data. Spec-Bench questions are never used for training.
 set -euo pipefail
