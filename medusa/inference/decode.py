@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+from torch.profiler import record_function
 
 from medusa.inference.acceptance import SamplingOptions, accept, next_token
 from medusa.inference.cache import TreeCache
@@ -132,17 +133,21 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
         else:
             t = tree if room >= tree.num_nodes else root_only
             # propose: the root is the base's own next token; the heads fill the rest of the tree
-            tokens = root.view(1)
-            if t.num_nodes > 1:
-                top = heads(last_hidden, lm_head).topk(t.topk, dim=-1).indices      # (K, topk)
-                tokens = torch.cat([tokens, top[t.head[1:], t.rank[1:]]])             # (N,)
+            with record_function("medusa.propose"):
+                tokens = root.view(1)
+                if t.num_nodes > 1:
+                    top = heads(last_hidden, lm_head).topk(t.topk, dim=-1).indices  # (K, topk)
+                    tokens = torch.cat([tokens, top[t.head[1:], t.rank[1:]]])         # (N,)
             # verify: one forward over the whole tree
-            logits, hidden = _forward(model, tokens[None], cache, (length + t.depth)[None],
-                                      mask.view(length, blocks[id(t)]))
-            best, n_acc, root = accept(logits, tokens, t, opts.sampling, gen)
-            path = t.retrieve[best, : n_acc + 1]                                      # accepted nodes
+            with record_function("medusa.verify"):
+                logits, hidden = _forward(model, tokens[None], cache, (length + t.depth)[None],
+                                          mask.view(length, blocks[id(t)]))
+            with record_function("medusa.accept"):
+                best, n_acc, root = accept(logits, tokens, t, opts.sampling, gen)
+                path = t.retrieve[best, : n_acc + 1]                                  # accepted nodes
             # compact: keep only the accepted nodes' KV entries
-            cache.compact(length, path)
+            with record_function("medusa.compact"):
+                cache.compact(length, path)
             length += path.numel()
             last_logits, last_hidden = logits[path[-1]], hidden[path[-1]]
             new, nodes, size = tokens[path].tolist(), tuple(path.tolist()), t.num_nodes
