@@ -226,3 +226,5 @@ def test_feature_cache_grows_with_the_data(distilled, tmp_path):
     torch.testing.assert_close(grown[25]["hidden"].float(), direct, atol=0.05, rtol=0.02)   # stored in bf16
     for k in range(20):
         assert torch.equal(first[k]["hidden"], grown[k]["hidden"])
+    twice = FeatureDataset(tmp_path, examples[:3] + examples[:1])     # a repeated conversation
+    assert torch.equal(twice[3]["hidden"], twice[0]["hidden"])

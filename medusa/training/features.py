@@ -95,13 +95,15 @@ class FeatureDataset(torch.utils.data.Dataset):
     """Cached features of `examples`, held in memory: item k -> dict of input_ids, loss_mask, hidden (+ topk_*)."""
 
     def __init__(self, folder: str | Path, examples: list[Example]):
-        wanted = {example_key(e): k for k, e in enumerate(examples)}
+        wanted: dict[str, list[int]] = {}
+        for k, e in enumerate(examples):           # identical examples share one cache entry
+            wanted.setdefault(example_key(e), []).append(k)
         self.items: list[dict] = [dict() for _ in examples]
         for path in sorted(Path(folder).glob("shard-*.safetensors")):
             for name_key, value in load_file(str(path)).items():
                 name, key = name_key.split(".", 1)
-                if key in wanted:
-                    self.items[wanted[key]][name] = value.bool() if name == "loss_mask" else value
+                for k in wanted.get(key, ()):
+                    self.items[k][name] = value.bool() if name == "loss_mask" else value
         missing = [k for k, it in enumerate(self.items) if "hidden" not in it]
         if missing:
             raise RuntimeError(f"feature cache {folder} lacks {len(missing)} examples (e.g. #{missing[0]})")
