@@ -128,7 +128,8 @@ def distilled(tmp_path_factory):
 
 
 def _train(data, out, **kw):
-    cfg = TrainConfig(data=str(data), output=str(out), num_heads=3, batch_size=4, epochs=kw.pop("epochs", 2),
+    cfg = TrainConfig(data=str(data), output=str(out), num_heads=3, batch_size=kw.pop("batch_size", 4),
+                      epochs=kw.pop("epochs", 2),
                       lr=kw.pop("lr", 1e-2), val_examples=8, log_every=1, checkpoint_every=5, **kw)
     return train(cfg, base=tiny_model("llama"), tokenizer=tiny_tokenizer(), log=lambda m: None)
 
@@ -169,6 +170,9 @@ def test_killed_training_resumes_to_the_same_end(distilled, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
     assert [r["loss"] for r in _log(tmp_path / "a")] == pytest.approx([r["loss"] for r in _log(tmp_path / "b")],
                                                                       abs=1e-4)
+    _train(distilled, tmp_path / "c", stop_after=2)
+    with pytest.raises(ValueError, match="different run .*batch_size"):   # not a resume of that run
+        _train(distilled, tmp_path / "c", batch_size=2)
 
 
 def test_medusa2_keeps_base_greedy_while_heads_improve(distilled, tmp_path):

@@ -194,9 +194,20 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
 
     ckpt_dir = out_dir / "checkpoints"
     latest, step = _latest_checkpoint(ckpt_dir)
+    run = {"train_examples": len(dataset), "total_steps": total, "mode": cfg.mode, "num_heads": cfg.num_heads,
+           "num_layers": cfg.num_layers, "shared_lm_head": cfg.shared_lm_head, "batch_size": cfg.batch_size,
+           "epochs": cfg.epochs, "seed": cfg.seed}
+    run_file = out_dir / "run.json"
     if latest is not None:
+        before = json.loads(run_file.read_text()) if run_file.exists() else None
+        if before != run:
+            changed = sorted(k for k in run if (before or {}).get(k) != run[k])
+            raise ValueError(f"{out_dir} holds checkpoints of a different run (changed: {', '.join(changed)}); "
+                             f"resume only with the same data and settings, or use a new --output folder")
         acc.load_state(str(latest))
         say(f"resumed from {latest} (step {step} of {total})")
+    elif acc.is_main_process:
+        run_file.write_text(json.dumps(run, indent=1) + "\n")
     log_file = out_dir / "train_log.jsonl"
     run_steps, done = 0, step >= total
     while not done:
