@@ -15,7 +15,13 @@ from transformers.cache_utils import Cache, StaticLayer
 
 
 class _TreeLayer(StaticLayer):
-    """A preallocated layer (its tensors come from StaticLayer's lazy init) with a Python-int fill level."""
+    """A preallocated layer (its tensors come from StaticLayer's lazy init) with a Python-int fill level.
+
+    Not "compileable" (its length is a Python int): transformers then treats it like a DynamicCache and,
+    for a one-token step without a mask, skips the mask and takes the same attention kernel as `generate`,
+    so plain steps are bit-identical to it even in bf16 (an explicit all-zero mask is not: ~0.4 logit error)."""
+
+    is_compileable = False
 
     def __init__(self, max_cache_len: int):
         super().__init__(max_cache_len=max_cache_len)

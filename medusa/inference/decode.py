@@ -140,8 +140,9 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
                     tokens = torch.cat([tokens, top[t.head[1:], t.rank[1:]]])         # (N,)
             # verify: one forward over the whole tree
             with record_function("medusa.verify"):
-                logits, hidden = _forward(model, tokens[None], cache, (length + t.depth)[None],
-                                          mask.view(length, blocks[id(t)]))
+                # a lone root needs no mask: the model's own causal path then matches `generate` exactly
+                step_mask = mask.view(length, blocks[id(t)]) if t.num_nodes > 1 else None
+                logits, hidden = _forward(model, tokens[None], cache, (length + t.depth)[None], step_mask)
             with record_function("medusa.accept"):
                 best, n_acc, root = accept(logits, tokens, t, opts.sampling, gen)
                 path = t.retrieve[best, : n_acc + 1]                                  # accepted nodes
