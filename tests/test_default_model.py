@@ -81,3 +81,26 @@ def test_cli_reports_missing_model_path():
     r = _medusa("generate", "--prompt", "x", "--model", "/no/such/heads")
     assert r.returncode == 2
     assert "/no/such/heads" in r.stderr and "does not exist" in r.stderr
+
+
+def test_plain_steps_match_generate_bit_for_bit_in_bf16():
+    """One-token steps over our cache take the model's own mask-free attention path, as `generate` does
+    with a DynamicCache, so even bf16 logits agree exactly (an explicit all-zero mask picks another kernel
+    and differs by ~0.4 in the logits here)."""
+    from transformers import DynamicCache
+
+    from medusa.inference.cache import TreeCache
+    from medusa.inference.loading import load_base_model
+
+    model, tok = load_base_model(None, dtype="bfloat16")
+    ids = encode_prompt(tok, [{"role": "user", "content": "Explain how rainbows form."}])
+    ours, theirs = TreeCache.for_model(model, ids.shape[1] + 16), DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=ours, use_cache=True)
+        nxt = model(ids, past_key_values=theirs, use_cache=True).logits[0, -1].argmax()
+        for i in range(8):
+            x, pos = nxt.view(1, 1), torch.tensor([[ids.shape[1] + i]])
+            a = model(x, past_key_values=ours, position_ids=pos, use_cache=True).logits
+            b = model(x, past_key_values=theirs, position_ids=pos, use_cache=True).logits
+            assert torch.equal(a, b)
+            nxt = b[0, -1].argmax()
