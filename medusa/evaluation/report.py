@@ -145,6 +145,18 @@ def format_table(summary: dict) -> str:
                      for r in rows)
 
 
+
+def _bars(ax, groups: dict, names: list, overall: dict, title: str, series: list) -> None:
+    """Grouped bars, one group per category, one bar per (key, label) present in the summary."""
+    series = [s for s in series if s[0] in overall]
+    width = 0.8 / len(series)
+    for k, (key, label) in enumerate(series):
+        ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(names))],
+               [groups[n][key] or 0 for n in names], width, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_title(title)
+
+
 def plot(summary: dict, path: Path) -> None:
     """Bar charts by category (and overall): speedup over the baseline, tokens per step."""
     import matplotlib
@@ -157,22 +169,10 @@ def plot(summary: dict, path: Path) -> None:
     many = len(names) > 6  # Spec-Bench's 13 categories: one chart above the other
     fig, (left, right) = plt.subplots(2 if many else 1, 1 if many else 2,
                                       figsize=(max(8.0, 0.8 * len(names) + 3), 8.0) if many else (10.0, 4.5))
-    series = [("speedup", "medusa"), ("prompt_lookup_speedup", "prompt lookup"), ("plain_speedup", "plain engine")]
-    series = [s for s in series if s[0] in summary["overall"]]
-    width = 0.8 / len(series)
-    for k, (key, label) in enumerate(series):
-        left.bar([i + (k - (len(series) - 1) / 2) * width for i in x], [groups[n][key] or 0 for n in names],
-                 width, label=label)
-    left.axhline(1.0, color="black", linewidth=0.8)
-    left.set_title("speedup over transformers generate")
-    steps = [("mean_tokens_per_step", "medusa"), ("prompt_lookup_tokens_per_step", "prompt lookup")]
-    steps = [s for s in steps if s[0] in summary["overall"]]
-    width = 0.8 / len(steps)
-    for k, (key, label) in enumerate(steps):
-        right.bar([i + (k - (len(steps) - 1) / 2) * width for i in x], [groups[n][key] or 0 for n in names],
-                  width, label=label)
-    right.axhline(1.0, color="black", linewidth=0.8)
-    right.set_title("tokens per step")
+    _bars(left, groups, names, summary["overall"], "speedup over transformers generate",
+          [("speedup", "medusa"), ("prompt_lookup_speedup", "prompt lookup"), ("plain_speedup", "plain engine")])
+    _bars(right, groups, names, summary["overall"], "tokens per step",
+          [("mean_tokens_per_step", "medusa"), ("prompt_lookup_tokens_per_step", "prompt lookup")])
     for ax in (left, right):  # headroom above the bars for the legend
         ax.set_ylim(0, max(1.0, ax.get_ylim()[1]) * 1.2)
         ax.legend(fontsize=7, loc="upper left", ncol=3)
