@@ -81,12 +81,13 @@ class MedusaHeads(nn.Module):
                     head.proj.weight.copy_(lm_head.weight)
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (K, ..., H): each head's residual blocks (before the projection)."""
+        """(..., H) -> (K, ..., H): each head's residual blocks (before the projection), in the heads' dtype."""
+        param = next(self.parameters(), None)
+        hidden = hidden if param is None else hidden.to(param.dtype)
         return torch.stack([h.features(hidden) for h in self.heads])
 
     def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
-        feats = self.features(hidden.to(self.heads[0].blocks[0].linear.weight.dtype) if self.config.num_layers
-                              else hidden)
+        feats = self.features(hidden)
         if self.config.shared_lm_head:
             if lm_head is None:
                 raise ValueError("these heads share the base model's lm_head: pass it as `lm_head`")

@@ -27,7 +27,7 @@ def generate_once(model, ids: torch.Tensor, options: dict, *, baseline: bool = F
         stats.seconds = time.perf_counter() - t0
         new = out[0, ids.shape[1]:].tolist()
         stats.new_tokens = stats.steps = len(new)
-        stats.finish_reason = "length" if len(new) >= options.get("max_new_tokens", 256) else "eos"
+        stats.finish_reason = "length" if len(new) >= model.decode_options(**options).max_new_tokens else "eos"
         text = TextStream(model.tokenizer).push(new) if new else ""
         if on_text:
             on_text(text)
