@@ -206,3 +206,13 @@ def test_command_on_a_saved_tiny_model(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "medusa", "bench", "--questions", str(tmp_path / "none.jsonl")],
                              capture_output=True, text=True, env=env, timeout=300)
     assert missing.returncode == 2 and "question file not found" in missing.stderr
+
+
+def test_per_category_spreads_through_every_category(tmp_path):
+    rows = [{"question_id": i, "category": "qa" if i < 10 else "rag", "turns": [f"q{i}"]} for i in range(13)]
+    _write_questions(tmp_path / "q.jsonl", rows)
+    picked = bench.load_questions(str(tmp_path / "q.jsonl"), per_category=2)
+    assert [q.id for q in picked] == ["0", "5", "10", "11"]  # evenly spaced in qa (10), first two of rag (3)
+    assert [q.id for q in bench.load_questions(str(tmp_path / "q.jsonl"), per_category=5)][-3:] == ["10", "11", "12"]
+    with pytest.raises(ValueError, match="per_category"):
+        bench.load_questions(str(tmp_path / "q.jsonl"), per_category=0)

@@ -38,6 +38,7 @@ class BenchConfig:
     max_new_tokens: int = 256
     limit: int | None = None
     categories: tuple[str, ...] = ()
+    per_category: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     sampling: str = "typical"     # medusa at temperature > 0: "typical" acceptance or "lossless" rejection
@@ -124,7 +125,23 @@ RUNNERS = {
 
 # ---------------------------------------------------------------- questions
 
-def load_questions(path: str, *, categories=(), limit: int | None = None, warn=None) -> list[PromptRecord]:
+def spread(questions: list[PromptRecord], per_category: int) -> list[PromptRecord]:
+    """`per_category` questions of each category, evenly spaced through it (a sample of the whole set that
+    keeps every category, where `--limit` would take only the first ones); file order is kept."""
+    if per_category < 1:
+        raise ValueError(f"per_category must be >= 1, got {per_category}")
+    by_cat: dict[str, list[int]] = {}
+    for k, q in enumerate(questions):
+        by_cat.setdefault(q.category, []).append(k)
+    keep = set()
+    for idx in by_cat.values():
+        n = min(per_category, len(idx))
+        keep |= {idx[(j * len(idx)) // n] for j in range(n)}
+    return [q for k, q in enumerate(questions) if k in keep]
+
+
+def load_questions(path: str, *, categories=(), limit: int | None = None, per_category: int | None = None,
+                   warn=None) -> list[PromptRecord]:
     """MT-Bench / Spec-Bench (`question_id`, `category`, `turns`) or dev prompts (`id`, `category`, `prompt`)."""
     questions = read_prompts(path, warn=warn)
     if categories:
@@ -134,6 +151,8 @@ def load_questions(path: str, *, categories=(), limit: int | None = None, warn=N
             raise ValueError(f"{path} has no questions in {missing}; its categories: "
                              f"{sorted(c for c in present if c)}")
         questions = [q for q in questions if q.category in categories]
+    if per_category is not None:
+        questions = spread(questions, per_category)
     return questions[:limit] if limit else questions
 
 
@@ -202,7 +221,8 @@ def run_bench(model, cfg: BenchConfig, *, progress: bool = True, log=None) -> di
         raise ValueError("the benchmark needs the model's tokenizer (questions are text)")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    questions = load_questions(cfg.questions, categories=cfg.categories, limit=cfg.limit, warn=log)
+    questions = load_questions(cfg.questions, categories=cfg.categories, limit=cfg.limit,
+                               per_category=cfg.per_category, warn=log)
     if not questions:
         raise ValueError(f"no questions to run from {cfg.questions}")
     base = model.base_model

@@ -18,6 +18,7 @@ def add_commands(sub) -> dict:
                                                      "re-running into it skips questions already answered")
     b.add_argument("--limit", type=int, help="only the first N questions (after --categories)")
     b.add_argument("--categories", help="comma-separated categories to run, e.g. translation,rag")
+    b.add_argument("--per-category", type=int, help="only N questions of each category, evenly spread through it")
     b.add_argument("--no-prompt-lookup", action="store_true", help="skip transformers' prompt-lookup decoding")
     b.add_argument("--no-plain", action="store_true", help="skip plain one-token-per-step decoding on our engine")
     b.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="prompt lookup's draft length")
@@ -86,7 +87,8 @@ def cmd_bench(a) -> int:
     name = Path(a.model.rstrip("/")).name if a.model else DEFAULT_MODEL_NAME
     cfg = BenchConfig(questions=a.questions, output=a.output, max_new_tokens=a.max_new_tokens, limit=a.limit,
                       categories=tuple(c.strip() for c in (a.categories or "").split(",") if c.strip()),
-                      temperature=a.temperature, top_p=a.top_p, sampling=a.sampling, seed=a.seed or 0,
+                      per_category=a.per_category, temperature=a.temperature, top_p=a.top_p, sampling=a.sampling,
+                      seed=a.seed or 0,
                       prompt_lookup=not a.no_prompt_lookup, plain=not a.no_plain,
                       prompt_lookup_num_tokens=a.prompt_lookup_num_tokens, warmup=not a.no_warmup,
                       model_id=f"{name}-{str(model.base_model.dtype).removeprefix('torch.')}")
