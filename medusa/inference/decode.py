@@ -16,6 +16,7 @@ from torch.profiler import record_function
 from medusa.inference.acceptance import SamplingOptions, accept, next_token
 from medusa.inference.cache import TreeCache
 from medusa.inference.tree import TreeBuffers, tree_buffers
+from medusa.inference.tree_attention import path_groups, step_index, uses_tree_attention
 
 
 class PromptTooLongError(ValueError):
@@ -70,9 +71,9 @@ def _additive(tree: TreeBuffers, dtype) -> torch.Tensor:
     return torch.where(tree.attn_mask, zero, torch.finfo(dtype).min)
 
 
-def _forward(model, ids, cache, positions, mask=None, logits_to_keep=0):
+def _forward(model, ids, cache, positions, mask=None, logits_to_keep=0, **extra):
     out = model(input_ids=ids, past_key_values=cache, position_ids=positions, attention_mask=mask,
-                use_cache=True, output_hidden_states=True, logits_to_keep=logits_to_keep)
+                use_cache=True, output_hidden_states=True, logits_to_keep=logits_to_keep, **extra)
     # logits and the heads' input come from the same forward (soft-capped models need out.logits)
     return out.logits[0], out.hidden_states[-1][0]
 
@@ -109,6 +110,8 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
     tree, root_only = tree.to(device), tree_buffers([]).to(device)
     blocks = {id(tree): _additive(tree, dtype), id(root_only): _additive(root_only, dtype)}
     mask = _MaskBuffer(tree.num_nodes, capacity, dtype, device)
+    # medusa_tree attention takes each node's path instead of a mask (see tree_attention.py)
+    groups = path_groups(tree) if uses_tree_attention(model) else None
     lm_head = model.get_output_embeddings()
     gen = torch.Generator(device=device).manual_seed(opts.seed) if opts.seed is not None else None
     eos = set(opts.eos_token_ids)
@@ -141,8 +144,13 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
             # verify: one forward over the whole tree
             with record_function("medusa.verify"):
                 # a lone root needs no mask: the model's own causal path then matches `generate` exactly
-                step_mask = mask.view(length, blocks[id(t)]) if t.num_nodes > 1 else None
-                logits, hidden = _forward(model, tokens[None], cache, (length + t.depth)[None], step_mask)
+                positions = (length + t.depth)[None]
+                if t.num_nodes == 1:
+                    logits, hidden = _forward(model, tokens[None], cache, positions)
+                elif groups is not None:
+                    logits, hidden = _forward(model, tokens[None], cache, positions, medusa_tree=step_index(groups, length))
+                else:
+                    logits, hidden = _forward(model, tokens[None], cache, positions, mask.view(length, blocks[id(t)]))
             with record_function("medusa.accept"):
                 best, n_acc, root = accept(logits, tokens, t, opts.sampling, gen)
                 path = t.retrieve[best, : n_acc + 1]                                  # accepted nodes

@@ -153,6 +153,10 @@ def load_base_model(
     quant = _quantization_config(load_in_8bit, load_in_4bit, torch_dtype)
     kwargs = {"dtype": torch_dtype if torch_dtype is not None else "auto"}
     if attn_implementation:
+        from medusa.inference import tree_attention
+
+        if attn_implementation == tree_attention.NAME:
+            tree_attention.register()
         kwargs["attn_implementation"] = attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant

@@ -17,10 +17,11 @@ class LoadOptions:
     dtype: str | None
     load_in_8bit: bool
     load_in_4bit: bool
+    attn: str | None = None
 
     @classmethod
     def from_args(cls, a) -> "LoadOptions":
-        return cls(a.model, a.base_model, a.tree, a.device, a.dtype, a.load_in_8bit, a.load_in_4bit)
+        return cls(a.model, a.base_model, a.tree, a.device, a.dtype, a.load_in_8bit, a.load_in_4bit, a.attn)
 
     def load(self):
         from medusa.model import MedusaModel
@@ -29,7 +30,7 @@ class LoadOptions:
         t0 = time.perf_counter()
         model = MedusaModel.from_pretrained(self.model, base_model=self.base_model, dtype=self.dtype,
                                             device=self.device, tree=self.tree, load_in_8bit=self.load_in_8bit,
-                                            load_in_4bit=self.load_in_4bit, log=log)
+                                            load_in_4bit=self.load_in_4bit, attn_implementation=self.attn, log=log)
         if model.tokenizer is None:
             raise ValueError(f"{self.base_model or self.model} has no tokenizer; the command line needs one "
                              f"(the Python API works on token ids without it)")
@@ -51,6 +52,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tree", help="tree preset name or JSON file of paths (default: the heads' own or mc_sim_7b_63)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
+    g.add_argument("--attn", help="attention implementation: sdpa, eager, or medusa_tree (each tree node "
+                                  "computed like a one-token step: bit-identical greedy output in bf16 on CPU)")
     g.add_argument("--load-in-8bit", action="store_true", help="8-bit base via bitsandbytes (CUDA only)")
     g.add_argument("--load-in-4bit", action="store_true", help="4-bit base via bitsandbytes (CUDA only)")
     s = p.add_argument_group("generation")

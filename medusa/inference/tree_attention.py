@@ -1,0 +1,89 @@
+"""Tree attention that gives every tree node the same arithmetic as decoding it alone: `medusa_tree`.
+
+With a 4D mask, a tree node attends to its ancestors at scattered cache positions (siblings masked out in
+between), so the attention sums run over the keys in another arrangement than `generate` uses when it
+decodes that path token by token. In bf16 that moves logits by a rounding step, and greedy near-ties then
+flip: the tree's output drifts from `generate`'s. This attention function (registered with transformers'
+`AttentionInterface`, so every model that routes attention through it can use it; no modeling code is
+copied) computes eager attention, and for a tree step gathers, for each node, the prefix followed by its own
+path in order, grouped by depth so each group is one batched product with exactly the shapes of a one-token
+step. On CPUs whose bf16 matrix products are row-consistent (measured: up to 32 rows), tree verification is
+then bit-identical to `generate` run with this same attention (its one-token steps are plain eager math).
+
+Use: load the base with `attn_implementation="medusa_tree"` (`--attn medusa_tree`); the decode loop then
+passes `medusa_tree=step_index(groups, cache_length)` on tree steps instead of a mask. Plain softmax attention only:
+soft-capped or sink-token attention is refused.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NAME = "medusa_tree"
+_UNSUPPORTED = ("softcap", "s_aux", "sinks")
+
+
+def register() -> None:
+    """Make `attn_implementation="medusa_tree"` known to transformers (idempotent). Its masks are eager's:
+    without one, transformers would build sdpa-style masks and drop them for causal prefill (sdpa then
+    relies on `is_causal`, which a custom function never sees)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(NAME, tree_attention)
+    AttentionMaskInterface.register(NAME, eager_mask)
+
+
+def uses_tree_attention(model) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == NAME
+
+
+def path_groups(tree) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """Per depth d: (node indices (n,), each node's ancestors from the root to itself (n, d + 1))."""
+    groups = []
+    for d in range(int(tree.depth.max()) + 1):
+        rows = (tree.depth == d).nonzero().flatten()
+        ancestors = torch.stack([tree.attn_mask[r].nonzero().flatten() for r in rows])  # depth order
+        groups.append((rows, ancestors))
+    return tuple(groups)
+
+
+def step_index(groups, prefix: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """For a tree step after `prefix` cached tokens: per depth group, (node indices, the cache positions each
+    node attends to: the prefix, then its path)."""
+    out = []
+    for rows, ancestors in groups:
+        before = torch.arange(prefix, device=ancestors.device).expand(rows.numel(), prefix)
+        out.append((rows, torch.cat([before, ancestors + prefix], dim=1)))
+    return tuple(out)
+
+
+def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, Hkv, ..., D) -> (B, Hkv * n, ..., D), each kv head repeated n times in place (as transformers does)."""
+    return x if n == 1 else x.repeat_interleave(n, dim=1)
+
+
+def tree_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, medusa_tree=None, **kwargs):
+    """query (B, H, q, D); key/value (B, Hkv, kv, D), the cache with this step's entries last."""
+    bad = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
+    if bad:
+        raise ValueError(f"attn_implementation='{NAME}' computes plain softmax attention, but this model's "
+                         f"attention uses {', '.join(bad)}: load it with attn_implementation='sdpa' or 'eager'")
+    if module.training and dropout:
+        raise ValueError(f"attn_implementation='{NAME}' is for inference (no attention dropout)")
+    groups = getattr(module, "num_key_value_groups", query.shape[1] // key.shape[1])
+    if medusa_tree is None:                      # eager attention, as the transformers models write it
+        k, v = _repeat_kv(key, groups), _repeat_kv(value, groups)
+        weights = torch.matmul(query, k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            weights = weights + attention_mask[..., : k.shape[-2]]
+        weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+        return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
+    out = torch.empty_like(query)
+    for rows, idx in medusa_tree:                                        # idx: (g, prefix + depth + 1)
+        k = _repeat_kv(key[:, :, idx], groups)                           # (B, H, g, L, D)
+        v = _repeat_kv(value[:, :, idx], groups)
+        weights = torch.matmul(query[:, :, rows].unsqueeze(-2), k.transpose(-1, -2)) * scaling  # (B, H, g, 1, L)
+        weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+        out[:, :, rows] = torch.matmul(weights, v).squeeze(-2)
+    return out.transpose(1, 2).contiguous(), None

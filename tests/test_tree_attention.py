@@ -1,0 +1,70 @@
+"""medusa_tree attention: each tree node computed like a one-token step along its own path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_heads, tiny_model
+from medusa import MedusaModel
+from medusa.inference import tree_attention
+from medusa.inference.cache import TreeCache
+from medusa.inference.tree import PRESETS, tree_buffers
+
+PLAIN = ["llama", "mistral", "qwen2", "phi3", "gpt2"]   # Gemma-2 soft-caps its attention: refused
+
+
+def _model(arch):
+    tree_attention.register()
+    return tiny_model(arch, attn=tree_attention.NAME)
+
+
+def _prompt(seed=0, n=12):
+    return torch.randint(3, 90, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", PLAIN)
+def test_tree_step_equals_each_path_decoded_alone(arch):
+    model = _model(arch)
+    prompt, tree = _prompt(1), tree_buffers(PRESETS["cpu_small"])
+    n, L = tree.num_nodes, prompt.shape[1]
+    tokens = torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(2))
+    groups = tree_attention.path_groups(tree)
+    with torch.no_grad():
+        cache = TreeCache.for_model(model, 64)
+        model(prompt, past_key_values=cache, use_cache=True)
+        tree_logits = model(tokens[None], past_key_values=cache, position_ids=(L + tree.depth)[None], use_cache=True,
+                            medusa_tree=tree_attention.step_index(groups, L)).logits[0]
+        for node in range(n):
+            path = [j for j in range(n) if tree.attn_mask[node, j]]
+            alone = TreeCache.for_model(model, 64)
+            model(prompt, past_key_values=alone, use_cache=True)
+            for d, j in enumerate(path):          # one token at a time, as generate decodes it
+                logits = model(tokens[j].view(1, 1), past_key_values=alone, position_ids=torch.tensor([[L + d]]),
+                               use_cache=True).logits[0, -1]
+            torch.testing.assert_close(tree_logits[node], logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", PLAIN)
+@pytest.mark.parametrize("tree", ["cpu_small", "mc_sim_7b_63"])
+def test_greedy_equals_generate_with_tree_attention(arch, tree):
+    model = _model(arch)
+    m = MedusaModel(model, random_heads(), tree=tree)
+    for seed in range(2):
+        ids = _prompt(seed)
+        ref = model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
+        assert torch.equal(m.generate(ids, max_new_tokens=40), ref), f"{arch}/{tree} seed {seed}"
+
+
+def test_plain_steps_are_eager_attention():
+    """Outside tree steps it is eager attention: same logits as the model loaded with `eager`."""
+    ids = _prompt(3, 20)
+    with torch.no_grad():
+        ours = _model("llama")(ids).logits
+        eager = tiny_model("llama", attn="eager")(ids).logits
+    torch.testing.assert_close(ours, eager, atol=1e-6, rtol=1e-6)
+
+
+def test_soft_capped_attention_is_refused():
+    model = _model("gemma2")
+    with pytest.raises(ValueError, match="softcap.*sdpa' or 'eager'"):
+        model(_prompt())
