@@ -63,3 +63,20 @@ def test_calibrate_saves_a_tree_the_loader_uses(tmp_path):
     tok.save_pretrained(tmp_path / "base")
     loaded = MedusaModel.from_pretrained(folder, base_model=str(tmp_path / "base"))
     assert loaded.tree == [tuple(p) for p in result["best"]["tree"]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_attention_budgets_stop_where_this_machine_loses_exactness(dtype):
+    from medusa.inference import tree_attention
+
+    tree_attention.register()
+    model = tiny_model("llama", attn=tree_attention.NAME).to(dtype)
+    prompt = torch.randint(3, 90, (1, 10), generator=torch.Generator().manual_seed(0))
+    ref = model.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)[0]
+    m = MedusaModel(model, OracleHeads(model, ref, max_rank=2, miss_every=4), tiny_tokenizer(), tree="chain")
+    mask = torch.zeros(ref.numel(), dtype=torch.bool)
+    mask[10:] = True
+    budgets = (1, 4, 16, 48, 96)
+    exact = [b for b in budgets if tree_attention.rows_independent(model, b)]
+    result = calibrate(m, [Example(ref, mask)], prompt, budgets=budgets, log=lambda s: None)
+    assert [r["budget"] for r in result["rows"]] == exact and exact[0] == 1

@@ -106,25 +106,14 @@ def test_plain_steps_match_generate_bit_for_bit_in_bf16():
             nxt = b[0, -1].argmax()
 
 
-def _rows_independent(model, rows: int) -> bool:
-    """Whether this CPU's bf16 matrix products give each row the bits it gets alone (oneDNN with AMX does, up to
-    32 rows); medusa_tree's bit-exactness rests on it, so elsewhere the exact test below does not apply."""
-    x = torch.randn(rows, model.config.hidden_size, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
-    layers = [model.get_output_embeddings(), model.model.layers[0].mlp.gate_proj, model.model.layers[0].mlp.down_proj]
-    with torch.no_grad():
-        for lin in layers:
-            xi = x if lin.in_features == x.shape[1] else torch.randn(rows, lin.in_features, dtype=torch.bfloat16)
-            if not torch.equal(lin(xi), torch.cat([lin(xi[r:r + 1]) for r in range(rows)])):
-                return False
-    return True
-
-
 def test_tree_attention_is_bit_identical_to_generate_in_bf16():
     """With attn_implementation="medusa_tree", bf16 tree decoding gives generate's tokens exactly (the same
     model and attention run generate); with the 4D mask instead, one (sdpa) or two (eager) of these three
     prompts drift within 48 tokens."""
+    from medusa.inference.tree_attention import rows_independent
+
     m = MedusaModel.from_pretrained(None, dtype="bfloat16", attn_implementation="medusa_tree")
-    if not _rows_independent(m.base_model, 16):
+    if not rows_independent(m.base_model, 16):
         pytest.skip("this CPU's bf16 matmuls are not row-independent")
     for prompt in PROMPTS:
         ids = encode_prompt(m.tokenizer, [{"role": "user", "content": prompt}])

@@ -56,6 +56,14 @@ def time_steps(model, ids: torch.Tensor, tree, *, steps: int = 12) -> float:
 
 def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budgets=DEFAULT_BUDGETS,
               max_rank: int = 10, log=print) -> dict:
+    from medusa.inference.tree_attention import rows_independent, uses_tree_attention
+
+    if uses_tree_attention(model.base_model):   # larger trees would lose bit-exactness with generate
+        exact = [b for b in budgets if rows_independent(model.base_model, b)]
+        if len(exact) < len(budgets):
+            log(f"medusa_tree attention is exact here up to {max(exact, default=1)} nodes: "
+                f"skipping budgets {sorted(set(budgets) - set(exact))}")
+        budgets = exact or [1]
     acc = rank_accuracy(model.base_model, model.heads, examples, max_rank=max_rank)
     log("rank accuracy (head x rank): " + json.dumps([[round(x, 3) for x in row[:5]] for row in acc.tolist()]))
     rows = []

@@ -38,6 +38,22 @@ def uses_tree_attention(model) -> bool:
     return getattr(model.config, "_attn_implementation", None) == NAME
 
 
+@torch.no_grad()
+def rows_independent(model, rows: int) -> bool:
+    """Whether this device's matrix products give each of `rows` rows the bits it gets alone, for the model's
+    own linear layers (oneDNN bf16 on AMX CPUs: up to 32 rows; fp32 MKL: no). medusa_tree is bit-identical
+    to `generate` only for trees of at most that many nodes."""
+    device = model.get_output_embeddings().weight.device
+    gen = torch.Generator(device=device).manual_seed(0)
+    linears = [model.get_output_embeddings()]
+    linears += [m for m in model.modules() if isinstance(m, nn.Linear) and m is not linears[0]][:4]
+    for lin in linears:
+        x = torch.randn(rows, lin.in_features, generator=gen, device=device).to(lin.weight.dtype)
+        if not torch.equal(lin(x), torch.cat([lin(x[r:r + 1]) for r in range(rows)])):
+            return False
+    return True
+
+
 def path_groups(tree) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """Per depth d: (node indices (n,), each node's ancestors from the root to itself (n, d + 1))."""
     groups = []
