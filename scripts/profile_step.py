@@ -21,13 +21,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model")
     p.add_argument("--dtype")
+    p.add_argument("--attn", help="attention implementation (sdpa, eager, medusa_tree)")
     p.add_argument("--trees", default="root,chain,cpu_small,mc_sim_7b_63")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--threads", type=int)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    m = MedusaModel.from_pretrained(a.model, dtype=a.dtype)
+    m = MedusaModel.from_pretrained(a.model, dtype=a.dtype, attn_implementation=a.attn)
     text = "Write a short story about a lighthouse keeper who finds a message in a bottle."
     ids = encode_prompt(m.tokenizer, [{"role": "user", "content": text}])
     list(m.stream(ids, max_new_tokens=8))                                   # warm-up

@@ -79,27 +79,39 @@ def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     return x if n == 1 else x.repeat_interleave(n, dim=1)
 
 
+def _attend(q, k, v, scaling, mask=None):
+    """softmax(q kᵀ * scaling + mask) v, with the softmax in fp32 as transformers' eager attention does."""
+    weights = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    if mask is not None:
+        weights = weights + mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v), weights
+
+
 def tree_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, medusa_tree=None, **kwargs):
-    """query (B, H, q, D); key/value (B, Hkv, kv, D), the cache with this step's entries last."""
+    """query (B, H, q, D); key/value (B, Hkv, kv, D), the cache with this step's entries last.
+
+    A one-token step and each tree node run the same products: per kv head, the `rep` query heads that share
+    it as `rep` rows against its keys (B, Hkv, rep, D) @ (B, Hkv, D, kv), so no kv head is copied."""
     bad = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
     if bad:
         raise ValueError(f"attn_implementation='{NAME}' computes plain softmax attention, but this model's "
                          f"attention uses {', '.join(bad)}: load it with attn_implementation='sdpa' or 'eager'")
     if module.training and dropout:
         raise ValueError(f"attn_implementation='{NAME}' is for inference (no attention dropout)")
-    groups = getattr(module, "num_key_value_groups", query.shape[1] // key.shape[1])
-    if medusa_tree is None:                      # eager attention, as the transformers models write it
-        k, v = _repeat_kv(key, groups), _repeat_kv(value, groups)
-        weights = torch.matmul(query, k.transpose(2, 3)) * scaling
-        if attention_mask is not None:
-            weights = weights + attention_mask[..., : k.shape[-2]]
-        weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-        return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
-    out = torch.empty_like(query)
-    for rows, idx in medusa_tree:                                        # idx: (g, prefix + depth + 1)
-        k = _repeat_kv(key[:, :, idx], groups)                           # (B, H, g, L, D)
-        v = _repeat_kv(value[:, :, idx], groups)
-        weights = torch.matmul(query[:, :, rows].unsqueeze(-2), k.transpose(-1, -2)) * scaling  # (B, H, g, 1, L)
-        weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-        out[:, :, rows] = torch.matmul(weights, v).squeeze(-2)
-    return out.transpose(1, 2).contiguous(), None
+    B, H, n, D = query.shape
+    hkv = key.shape[1]
+    rep = H // hkv
+    mask = None if attention_mask is None else attention_mask[..., : key.shape[-2]]
+    if medusa_tree is None and n > 1:             # prefill: eager attention, as the transformers models write it
+        out, weights = _attend(query, _repeat_kv(key, rep), _repeat_kv(value, rep), scaling, mask)
+        return out.transpose(1, 2).contiguous(), weights
+    if medusa_tree is None:                       # one-token step
+        out, weights = _attend(query.view(B, hkv, rep, D), key, value, scaling, mask)
+        return out.view(B, 1, H, D), weights
+    out = torch.empty_like(query).view(B, hkv, rep, n, D)
+    q = query.view(B, hkv, rep, n, D)
+    for rows, idx in medusa_tree:                 # idx: (g, prefix + depth + 1) cache positions per node
+        o, _ = _attend(q[:, :, :, rows].transpose(2, 3), key[:, :, idx], value[:, :, idx], scaling)
+        out[:, :, :, rows] = o.transpose(2, 3)    # o: (B, Hkv, g, rep, D)
+    return out.view(B, H, n, D).transpose(1, 2).contiguous(), None
