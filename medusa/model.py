@@ -13,7 +13,7 @@ from medusa.inference.acceptance import SamplingOptions
 from medusa.inference.checkpoint import (build_heads, fetch_heads_repo, is_heads_folder, load_heads_checkpoint,
                                          save_heads)
 from medusa.inference.decode import DecodeOptions, Step, medusa_decode
-from medusa.inference.heads import HeadsConfig, MedusaHeads
+from medusa.inference.heads import HeadsConfig, MedusaHeads, draft_projection
 from medusa.inference.tree import DEFAULT_TREE, fit_tree_to_heads, load_tree, tree_buffers
 
 EMBEDDED_DEFAULT = "embedded:" + loading.DEFAULT_MODEL_NAME
@@ -62,6 +62,7 @@ class MedusaModel(nn.Module):
         self.tree = load_tree(tree if tree is not None else fit_tree_to_heads(load_tree(DEFAULT_TREE), heads.num_heads),
                               heads.num_heads)
         self._check_compatible()
+        self.draft_head = draft_projection(base_model.get_output_embeddings(), heads)
 
     def _check_compatible(self) -> None:
         cfg = self.base_model.config.get_text_config(decoder=True)
@@ -155,7 +156,7 @@ class MedusaModel(nn.Module):
         paths = self.tree if tree is None else load_tree(tree, self.heads.num_heads)
         opts = self.decode_options(**options)
         return medusa_decode(self.base_model, self.heads, ids, tree_buffers(paths), opts,
-                             context_limit=self.context_limit, tokenizer=self.tokenizer)
+                             context_limit=self.context_limit, tokenizer=self.tokenizer, draft_head=self.draft_head)
 
     def generate_baseline(self, input_ids, generate_kwargs: dict | None = None, **options) -> torch.Tensor:
         """transformers' own `generate` on the base model with the same options: the reference medusa is

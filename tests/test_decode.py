@@ -186,3 +186,18 @@ def test_no_state_left_on_model_between_calls():
     assert torch.equal(m.generate(b, max_new_tokens=20), ref_b)   # ...does not disturb another
     assert set(vars(m)) | set(vars(model)) == before
 
+
+
+def test_fp32_cpu_guesses_come_from_a_bf16_copy_of_the_lm_head():
+    from medusa.inference.heads import draft_projection
+
+    model = tiny_model("llama")
+    lm_head = model.get_output_embeddings()
+    m = MedusaModel(model, random_heads())
+    assert m.draft_head is not lm_head and m.draft_head.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(m.draft_head.weight.float(), lm_head.weight, atol=1e-2, rtol=1e-2)
+    hidden = torch.randn(50, lm_head.in_features)
+    agree = (m.heads(hidden, m.draft_head).argmax(-1) == m.heads(hidden, lm_head).argmax(-1)).float().mean()
+    assert agree > 0.95
+    assert draft_projection(lm_head, random_heads(shared=False)) is lm_head      # own projections: untouched
+    assert MedusaModel(model.to(torch.bfloat16), random_heads()).draft_head is lm_head

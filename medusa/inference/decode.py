@@ -93,8 +93,9 @@ def _stop_index(tokenizer, generated: list[int], n_new: int, stop_strings) -> in
 
 @torch.inference_mode()
 def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts: DecodeOptions, *,
-                  context_limit: int, tokenizer=None) -> Iterator[Step]:
-    """Yield one Step per decoding step. input_ids: (1, T) on the model's device."""
+                  context_limit: int, tokenizer=None, draft_head=None) -> Iterator[Step]:
+    """Yield one Step per decoding step. input_ids: (1, T) on the model's device. `draft_head`: the projection
+    for the heads' guesses (default: the model's lm_head; see heads.draft_projection)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"medusa decodes one sequence at a time: input_ids must be (1, T), got {tuple(input_ids.shape)}")
     prompt_len = input_ids.shape[1]
@@ -112,7 +113,7 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
     mask = _MaskBuffer(tree.num_nodes, capacity, dtype, device)
     # medusa_tree attention takes each node's path instead of a mask (see tree_attention.py)
     groups = path_groups(tree) if uses_tree_attention(model) else None
-    lm_head = model.get_output_embeddings()
+    draft_head = draft_head if draft_head is not None else model.get_output_embeddings()
     gen = torch.Generator(device=device).manual_seed(opts.seed) if opts.seed is not None else None
     eos = set(opts.eos_token_ids)
 
@@ -139,7 +140,7 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
             with record_function("medusa.propose"):
                 tokens = root.view(1)
                 if t.num_nodes > 1:
-                    top = heads(last_hidden, lm_head).topk(t.topk, dim=-1).indices  # (K, topk)
+                    top = heads(last_hidden, draft_head).topk(t.topk, dim=-1).indices  # (K, topk)
                     tokens = torch.cat([tokens, top[t.head[1:], t.rank[1:]]])         # (N,)
             # verify: one forward over the whole tree
             with record_function("medusa.verify"):

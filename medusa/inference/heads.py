@@ -93,3 +93,20 @@ class MedusaHeads(nn.Module):
                 raise ValueError("these heads share the base model's lm_head: pass it as `lm_head`")
             return lm_head(feats.to(lm_head.weight.dtype))
         return torch.stack([h.proj(f) for h, f in zip(self.heads, feats)])
+
+
+def draft_projection(lm_head: nn.Module, heads: MedusaHeads) -> nn.Module:
+    """What turns shared-projection heads' features into guesses at decode time. Only each head's top-k
+    matters and the base model verifies every guess, so with an fp32 base on a CPU the lm_head is copied
+    once to bf16 (the 4-row product is several times faster there; guesses rarely change, outputs never).
+    Otherwise the base's own lm_head."""
+    w = getattr(lm_head, "weight", None)
+    if (not heads.config.shared_lm_head or not isinstance(lm_head, nn.Linear) or w is None
+            or w.dtype != torch.float32 or w.device.type != "cpu"):
+        return lm_head
+    copy = nn.Linear(w.shape[1], w.shape[0], bias=lm_head.bias is not None, dtype=torch.bfloat16)
+    with torch.no_grad():
+        copy.weight.copy_(w)
+        if lm_head.bias is not None:
+            copy.bias.copy_(lm_head.bias)
+    return copy.requires_grad_(False).eval()
