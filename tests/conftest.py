@@ -91,9 +91,9 @@ class OracleHeads(nn.Module):
         picks = [random.Random(t * 1000 + i) for i in range(self.num_heads)]
         return [None if p.randrange(self.miss_every) == 0 else p.randrange(self.max_rank) for p in picks]
 
-    def forward(self, hidden: torch.Tensor, lm_head=None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, lm_head=None, upto=None) -> torch.Tensor:
         if hidden.dim() > 1:     # a batch of positions (evaluation): (n, H) -> (K, n, V)
-            return torch.stack([self(h) for h in hidden], dim=1)
+            return torch.stack([self(h) for h in hidden], dim=1)[:upto]
         t = int((self.hidden - hidden.float()).norm(dim=-1).argmin())
         ranks = self._ranks(t)
         self.calls += 1

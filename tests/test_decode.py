@@ -201,3 +201,11 @@ def test_fp32_cpu_guesses_come_from_a_bf16_copy_of_the_lm_head():
     assert agree > 0.95
     assert draft_projection(lm_head, random_heads(shared=False)) is lm_head      # own projections: untouched
     assert MedusaModel(model.to(torch.bfloat16), random_heads()).draft_head is lm_head
+
+
+def test_only_the_heads_a_tree_reaches_are_run():
+    heads, lm_head = random_heads(), tiny_model("llama").get_output_embeddings()
+    hidden = torch.randn(3, lm_head.in_features)
+    full = heads(hidden, lm_head)
+    assert torch.equal(heads(hidden, lm_head, upto=2), full[:2])
+    assert tree_buffers(PRESETS["cpu_small"]).max_depth == 4 and tree_buffers([(0,), (1,)]).max_depth == 1

@@ -140,7 +140,7 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
             with record_function("medusa.propose"):
                 tokens = root.view(1)
                 if t.num_nodes > 1:
-                    top = heads(last_hidden, draft_head).topk(t.topk, dim=-1).indices  # (K, topk)
+                    top = heads(last_hidden, draft_head, upto=t.max_depth).topk(t.topk, dim=-1).indices  # (K, topk)
                     tokens = torch.cat([tokens, top[t.head[1:], t.rank[1:]]])         # (N,)
             # verify: one forward over the whole tree
             with record_function("medusa.verify"):

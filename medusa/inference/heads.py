@@ -80,14 +80,16 @@ class MedusaHeads(nn.Module):
                 if head.proj is not None:
                     head.proj.weight.copy_(lm_head.weight)
 
-    def features(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (K, ..., H): each head's residual blocks (before the projection), in the heads' dtype."""
+    def features(self, hidden: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        """(..., H) -> (K, ..., H): each head's residual blocks (before the projection), in the heads' dtype;
+        only the first `upto` heads when given."""
         param = next(self.parameters(), None)
         hidden = hidden if param is None else hidden.to(param.dtype)
-        return torch.stack([h.features(hidden) for h in self.heads])
+        return torch.stack([h.features(hidden) for h in self.heads[:upto]])
 
-    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
-        feats = self.features(hidden)
+    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None, upto: int | None = None) -> torch.Tensor:
+        """Logits (K, ..., V), or (upto, ..., V): a tree of depth d needs only the first d heads."""
+        feats = self.features(hidden, upto)
         if self.config.shared_lm_head:
             if lm_head is None:
                 raise ValueError("these heads share the base model's lm_head: pass it as `lm_head`")

@@ -96,6 +96,11 @@ class TreeBuffers:
     def num_nodes(self) -> int:
         return self.depth.numel()
 
+    @property
+    def max_depth(self) -> int:
+        """Depth of the deepest node: how many heads the tree uses."""
+        return self.retrieve.shape[1] - 1
+
     def to(self, device) -> "TreeBuffers":
         move = {k: getattr(self, k).to(device) for k in ("attn_mask", "depth", "head", "rank", "parent", "retrieve")}
         return TreeBuffers(paths=self.paths, topk=self.topk, children=self.children, **move)
