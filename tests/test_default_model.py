@@ -119,3 +119,31 @@ def test_tree_attention_is_bit_identical_to_generate_in_bf16():
         ids = encode_prompt(m.tokenizer, [{"role": "user", "content": prompt}])
         ref = m.base_model.generate(ids, max_new_tokens=48, do_sample=False)
         assert torch.equal(m.generate(ids, max_new_tokens=48, tree="cpu_small"), ref), prompt
+
+
+def test_shipped_heads_and_tree_are_used_and_predict(default_model):
+    """The packaged heads load by default with their calibrated tree, and they accept clearly more tokens
+    per step than untrained heads on the same tree (both must give generate's tokens)."""
+    from medusa.model import DEFAULT_HEADS_DIR
+
+    m = default_model
+    saved = json.loads((DEFAULT_HEADS_DIR / "tree.json").read_text())["paths"]
+    assert m.tree == [tuple(p) for p in saved]
+    assert m.heads.config.extra["result"]["finished"]
+    untrained = MedusaModel(m.base_model, _untrained_heads(m), m.tokenizer, tree=saved)
+    rates = {}
+    for name, model in (("trained", m), ("untrained", untrained)):
+        tokens = steps = 0
+        for prompt in PROMPTS[1:]:
+            ids = encode_prompt(m.tokenizer, [{"role": "user", "content": prompt}])
+            out = list(model.stream(ids, max_new_tokens=64))
+            tokens, steps = tokens + sum(s.accepted for s in out), steps + len(out)
+        rates[name] = tokens / steps
+    assert rates["trained"] > 1.3 and rates["trained"] > rates["untrained"] + 0.2, rates
+
+
+def _untrained_heads(m):
+    from medusa.inference.heads import HeadsConfig, MedusaHeads
+
+    cfg = m.heads.config
+    return MedusaHeads(HeadsConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, num_heads=cfg.num_heads))
