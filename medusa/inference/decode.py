@@ -109,10 +109,10 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
     capacity = min(context_limit, prompt_len + opts.max_new_tokens + tree.num_nodes)
     cache = TreeCache.for_model(model, capacity)
     tree, root_only = tree.to(device), tree_buffers([]).to(device)
-    blocks = {id(tree): _additive(tree, dtype), id(root_only): _additive(root_only, dtype)}
-    mask = _MaskBuffer(tree.num_nodes, capacity, dtype, device)
-    # medusa_tree attention takes each node's path instead of a mask (see tree_attention.py)
+    # medusa_tree attention takes each node's path instead of a mask (see tree_attention.py); lone roots need neither
     groups = path_groups(tree) if uses_tree_attention(model) else None
+    if groups is None:
+        tree_mask, mask = _additive(tree, dtype), _MaskBuffer(tree.num_nodes, capacity, dtype, device)
     draft_head = draft_head if draft_head is not None else model.get_output_embeddings()
     gen = torch.Generator(device=device).manual_seed(opts.seed) if opts.seed is not None else None
     eos = set(opts.eos_token_ids)
@@ -151,7 +151,7 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
                 elif groups is not None:
                     logits, hidden = _forward(model, tokens[None], cache, positions, medusa_tree=step_index(groups, length))
                 else:
-                    logits, hidden = _forward(model, tokens[None], cache, positions, mask.view(length, blocks[id(t)]))
+                    logits, hidden = _forward(model, tokens[None], cache, positions, mask.view(length, tree_mask))
             with record_function("medusa.accept"):
                 best, n_acc, root = accept(logits, tokens, t, opts.sampling, gen)
                 path = t.retrieve[best, : n_acc + 1]                                  # accepted nodes

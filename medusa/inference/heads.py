@@ -106,9 +106,8 @@ def draft_projection(lm_head: nn.Module, heads: MedusaHeads) -> nn.Module:
     if (not heads.config.shared_lm_head or not isinstance(lm_head, nn.Linear) or w is None
             or w.dtype != torch.float32 or w.device.type != "cpu"):
         return lm_head
-    copy = nn.Linear(w.shape[1], w.shape[0], bias=lm_head.bias is not None, dtype=torch.bfloat16)
-    with torch.no_grad():
-        copy.weight.copy_(w)
-        if lm_head.bias is not None:
-            copy.bias.copy_(lm_head.bias)
-    return copy.requires_grad_(False).eval()
+    copy = nn.Linear(w.shape[1], w.shape[0], bias=lm_head.bias is not None, device="meta")  # no random init
+    copy.weight = nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+    if lm_head.bias is not None:
+        copy.bias = nn.Parameter(lm_head.bias.detach().to(torch.bfloat16), requires_grad=False)
+    return copy.eval()

@@ -11,8 +11,8 @@ step. On CPUs whose bf16 matrix products are row-consistent (measured: up to 32 
 then bit-identical to `generate` run with this same attention (its one-token steps are plain eager math).
 
 Use: load the base with `attn_implementation="medusa_tree"` (`--attn medusa_tree`); the decode loop then
-passes `medusa_tree=step_index(groups, cache_length)` on tree steps instead of a mask. Plain softmax attention only:
-soft-capped or sink-token attention is refused.
+passes `medusa_tree=step_index(groups, cache_length)` on tree steps instead of a mask. Plain softmax
+attention only: soft-capped or sink-token attention is refused.
 """
 from __future__ import annotations
 
