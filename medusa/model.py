@@ -14,6 +14,7 @@ from medusa.inference.checkpoint import (build_heads, fetch_heads_repo, is_heads
                                          save_heads)
 from medusa.inference.decode import DecodeOptions, Step, medusa_decode
 from medusa.inference.heads import HeadsConfig, MedusaHeads, draft_projection
+from medusa.inference.lookup import DEFAULT as DEFAULT_LOOKUP, LookupOptions
 from medusa.inference.tree import DEFAULT_TREE, fit_tree_to_heads, load_tree, tree_buffers
 
 EMBEDDED_DEFAULT = "embedded:" + loading.DEFAULT_MODEL_NAME
@@ -53,14 +54,25 @@ def _heads_folder(name) -> Path | None:
     return fetch_heads_repo(str(name))
 
 
+def _lookup_options(lookup) -> LookupOptions:
+    """None: the default (10 tokens); an int: that many context-draft tokens per step (0 = off); or
+    LookupOptions as they are."""
+    if lookup is None:
+        return DEFAULT_LOOKUP
+    if isinstance(lookup, LookupOptions):
+        return lookup
+    return LookupOptions(max_tokens=int(lookup))
+
+
 class MedusaModel(nn.Module):
-    def __init__(self, base_model, heads: MedusaHeads, tokenizer=None, tree=None):
+    def __init__(self, base_model, heads: MedusaHeads, tokenizer=None, tree=None, lookup=None):
         super().__init__()
         self.base_model = base_model
         self.heads = heads
         self.tokenizer = tokenizer
         self.tree = load_tree(tree if tree is not None else fit_tree_to_heads(load_tree(DEFAULT_TREE), heads.num_heads),
                               heads.num_heads)
+        self.lookup = _lookup_options(lookup)
         self._check_compatible()
         self.draft_head = draft_projection(base_model.get_output_embeddings(), heads)
 
@@ -78,9 +90,10 @@ class MedusaModel(nn.Module):
     def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *, base_model=None, dtype=None,
                         device=None, tree=None, num_heads: int = 4, num_layers: int = 1,
                         shared_lm_head: bool = True, load_in_8bit: bool = False, load_in_4bit: bool = False,
-                        attn_implementation: str | None = None, log=None) -> "MedusaModel":
+                        attn_implementation: str | None = None, lookup=None, log=None) -> "MedusaModel":
         """Load heads + base. `name_or_path` is a heads folder (ours or the original Medusa format), a base
-        model (Hub id, folder or GGUF file; new untrained heads), or None for the embedded default."""
+        model (Hub id, folder or GGUF file; new untrained heads), or None for the embedded default.
+        `lookup`: tokens copied from the context per step as extra candidates (0 = off; see lookup.py)."""
         log = log or (lambda m: None)
         config, state, saved_tree = None, None, None
         if name_or_path is None:
@@ -126,7 +139,7 @@ class MedusaModel(nn.Module):
         heads.to(device=model.get_output_embeddings().weight.device, dtype=head_dtype).eval()
         if tree is None and saved_tree is not None:
             tree = saved_tree
-        return cls(model, heads, tokenizer, tree=tree)
+        return cls(model, heads, tokenizer, tree=tree, lookup=lookup)
 
     def save_pretrained(self, folder: str | os.PathLike, *, save_tree: bool = True) -> Path:
         """Write the heads (and the tree in use) in our format; the base model is referenced by name."""
@@ -150,13 +163,15 @@ class MedusaModel(nn.Module):
         return DecodeOptions(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos,
                              stop_strings=stop, seed=seed)
 
-    def stream(self, input_ids, *, tree=None, **options) -> Iterator[Step]:
-        """One Step per decoding step (Step.tokens: the ids it added). Options: see `decode_options`."""
+    def stream(self, input_ids, *, tree=None, lookup=None, **options) -> Iterator[Step]:
+        """One Step per decoding step (Step.tokens: the ids it added). `tree` and `lookup` override the model's
+        for this call. Options: see `decode_options`."""
         ids = _as_input_ids(input_ids, self.base_model.get_input_embeddings().weight.device)
         paths = self.tree if tree is None else load_tree(tree, self.heads.num_heads)
         opts = self.decode_options(**options)
         return medusa_decode(self.base_model, self.heads, ids, tree_buffers(paths), opts,
-                             context_limit=self.context_limit, tokenizer=self.tokenizer, draft_head=self.draft_head)
+                             context_limit=self.context_limit, tokenizer=self.tokenizer, draft_head=self.draft_head,
+                             lookup=_lookup_options(self.lookup if lookup is None else lookup))
 
     def generate_baseline(self, input_ids, generate_kwargs: dict | None = None, **options) -> torch.Tensor:
         """transformers' own `generate` on the base model with the same options: the reference medusa is

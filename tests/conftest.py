@@ -36,11 +36,13 @@ def _configs() -> dict:
 ARCHS = list(_configs())
 
 
-def tiny_model(arch: str, seed: int = 0, attn: str | None = None):
+def tiny_model(arch: str, seed: int = 0, attn: str | None = None, initializer_range: float | None = None):
     torch.manual_seed(seed)
     cfg = _configs()[arch]
     if attn:
         cfg._attn_implementation = attn
+    if initializer_range is not None:
+        cfg.initializer_range = initializer_range
     model = AutoModelForCausalLM.from_config(cfg).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0

@@ -8,7 +8,7 @@ from conftest import OracleHeads, random_heads, tiny_model
 from medusa import MedusaModel
 from medusa.inference.cache import TreeCache
 from medusa.inference.decode import PromptTooLongError
-from medusa.inference.tree import PRESETS, tree_buffers
+from medusa.inference.tree import PRESETS, tree_buffers, with_drafts
 
 
 def _prompt(seed=0, n=12):
@@ -20,12 +20,13 @@ def _hf_greedy(model, ids, n):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_tree_forward_equals_each_path_alone(arch, attn):
+@pytest.mark.parametrize("drafted", [0, 5])
+def test_tree_forward_equals_each_path_alone(arch, attn, drafted):
     if arch == "gemma2" and attn == "sdpa":
         pytest.skip("Gemma-2 has no sdpa attention (logit soft-capping)")
     model = tiny_model(arch, attn=attn)
     prompt = _prompt(1)
-    tree = tree_buffers(PRESETS["cpu_small"])
+    tree = with_drafts(tree_buffers(PRESETS["cpu_small"]), drafted)
     n = tree.num_nodes
     tokens = torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(2))
     cache = TreeCache.for_model(model, 64)
@@ -88,7 +89,7 @@ def test_greedy_equals_plain_greedy_oracle_heads(arch):
     n_new = 120
     ref = _hf_greedy(model, ids, n_new + 8)
     oracle = OracleHeads(model, ref[0], tree=PRESETS["cpu_small"])
-    m = MedusaModel(model, oracle, tree="cpu_small")
+    m = MedusaModel(model, oracle, tree="cpu_small", lookup=0)   # every node must come from the heads
     steps = list(m.stream(ids, max_new_tokens=n_new))
     out = torch.cat([ids[0], *[s.tokens for s in steps]])
     assert torch.equal(out, ref[0, : ids.shape[1] + n_new])

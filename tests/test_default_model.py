@@ -136,10 +136,26 @@ def test_shipped_heads_and_tree_are_used_and_predict(default_model):
         tokens = steps = 0
         for prompt in PROMPTS[1:]:
             ids = encode_prompt(m.tokenizer, [{"role": "user", "content": prompt}])
-            out = list(model.stream(ids, max_new_tokens=64))
+            out = list(model.stream(ids, max_new_tokens=64, lookup=0))     # the heads alone
             tokens, steps = tokens + sum(s.accepted for s in out), steps + len(out)
         rates[name] = tokens / steps
     assert rates["trained"] > 1.3 and rates["trained"] > rates["untrained"] + 0.2, rates
+
+
+def test_context_drafts_speed_up_copying_and_keep_generate_output(default_model):
+    """Asked to repeat a passage, the model copies it: drafts from the context are accepted many tokens at
+    a time, and the answer is still generate's."""
+    m = default_model
+    passage = ("The river rises in the northern hills, runs south past three old mill towns, and reaches the "
+               "sea at a wide estuary where herons and oystercatchers feed on the mud flats at low tide.")
+    ids = encode_prompt(m.tokenizer, [{"role": "user", "content": f"Repeat this sentence exactly:\n\n{passage}"}])
+    ref = m.base_model.generate(ids, max_new_tokens=48, do_sample=False)
+    rates = {}
+    for lookup in (0, 10):
+        steps = list(m.stream(ids, max_new_tokens=48, lookup=lookup))
+        assert torch.equal(torch.cat([ids[0], *[s.tokens for s in steps]]), ref[0]), lookup
+        rates[lookup] = sum(s.accepted for s in steps) / len(steps)
+    assert rates[10] > rates[0] + 1.0, rates
 
 
 def _untrained_heads(m):

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import OracleHeads, tiny_model
+from conftest import OracleHeads, random_heads, tiny_model
 from medusa import MedusaModel
 from medusa.inference.acceptance import SamplingOptions, sampling_probs
 
@@ -76,3 +76,16 @@ def test_typical_acceptance_is_not_lossless_and_the_test_notices():
     samples, _ = _sample(m, prompt, "typical", temperature=0.8)
     p, _ = _goodness_of_fit(model, prompt, samples, SamplingOptions(temperature=0.8))
     assert p < 1e-6
+
+
+def test_lossless_sampling_with_context_drafts_follows_plain_sampling():
+    """Drafts copied from the context are candidates like any other: a prompt ending in a loop the model
+    continues gets its drafts accepted often, and the samples still follow plain sampling."""
+    model = tiny_model("llama", seed=1)
+    prompt = torch.tensor([[52, 35, 15, 68, 64, 4, 20, 12, 79, 23, 54, 64, 64, 64]])
+    m = MedusaModel(model, random_heads(), tree="root", lookup=3)
+    samples, accept_rate = _sample(m, prompt, "lossless", temperature=0.8)
+    assert 0.3 < accept_rate < 0.95            # drafts were accepted and rejected
+    p, n_bins = _goodness_of_fit(model, prompt, samples, SamplingOptions(temperature=0.8))
+    assert n_bins >= 8
+    assert p > 1e-3, f"lossless samples with drafts deviate from plain sampling (p={p:.2e}, {n_bins} bins)"

@@ -8,7 +8,7 @@ from conftest import random_heads, tiny_model
 from medusa import MedusaModel
 from medusa.inference import tree_attention
 from medusa.inference.cache import TreeCache
-from medusa.inference.tree import PRESETS, tree_buffers
+from medusa.inference.tree import PRESETS, tree_buffers, with_drafts
 
 PLAIN = ["llama", "mistral", "qwen2", "phi3", "gpt2"]   # Gemma-2 soft-caps its attention: refused
 
@@ -23,9 +23,10 @@ def _prompt(seed=0, n=12):
 
 
 @pytest.mark.parametrize("arch", PLAIN)
-def test_tree_step_equals_each_path_decoded_alone(arch):
+@pytest.mark.parametrize("drafted", [0, 5])
+def test_tree_step_equals_each_path_decoded_alone(arch, drafted):
     model = _model(arch)
-    prompt, tree = _prompt(1), tree_buffers(PRESETS["cpu_small"])
+    prompt, tree = _prompt(1), with_drafts(tree_buffers(PRESETS["cpu_small"]), drafted)
     n, L = tree.num_nodes, prompt.shape[1]
     tokens = torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(2))
     groups = tree_attention.path_groups(tree)

@@ -2,10 +2,10 @@
 
 Every turn of every question is answered by each method, on the same model, dtype and device:
   baseline       transformers `generate` (greedy; sampling at `temperature` > 0)
-  medusa         `MedusaModel.stream` with the model's tree (at `temperature` > 0: typical acceptance, or
-                 lossless rejection sampling with `sampling="lossless"`)
+  medusa         `MedusaModel.stream` with the model's tree and context drafts (at `temperature` > 0: typical
+                 acceptance, or lossless rejection sampling with `sampling="lossless"`)
   prompt_lookup  transformers `generate(prompt_lookup_num_tokens=10)`: drafts copied from the context
-  plain          medusa's own engine with no candidates (tree "root"): one token per step, no heads
+  plain          medusa's own engine with no candidates (tree "root", no drafts): one token per step
 The order of the methods is reversed from one question to the next, so slow drift of the machine (heat,
 other jobs) falls on all of them alike; an untimed warm-up runs first.
 
@@ -103,12 +103,12 @@ def _hf_generate(model, ids, cfg: BenchConfig, seed: int, *, prompt_lookup: bool
     return Answer(tokens, seconds, lengths)
 
 
-def _medusa(model, ids, cfg: BenchConfig, seed: int, *, tree=None) -> Answer:
+def _medusa(model, ids, cfg: BenchConfig, seed: int, *, tree=None, lookup=None) -> Answer:
     options = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                "sampling": cfg.sampling, "seed": None if cfg.greedy else seed}
     _sync(ids.device)
     t0 = time.perf_counter()
-    steps = list(model.stream(ids, tree=tree, **options))
+    steps = list(model.stream(ids, tree=tree, lookup=lookup, **options))
     _sync(ids.device)
     seconds = time.perf_counter() - t0
     steps = [s for s in steps if s.accepted]  # a closing "context" step adds nothing and runs no forward
@@ -119,7 +119,7 @@ RUNNERS = {
     "baseline": lambda model, ids, cfg, seed: _hf_generate(model, ids, cfg, seed, prompt_lookup=False),
     "medusa": lambda model, ids, cfg, seed: _medusa(model, ids, cfg, seed),
     "prompt_lookup": lambda model, ids, cfg, seed: _hf_generate(model, ids, cfg, seed, prompt_lookup=True),
-    "plain": lambda model, ids, cfg, seed: _medusa(model, ids, cfg, seed, tree="root"),
+    "plain": lambda model, ids, cfg, seed: _medusa(model, ids, cfg, seed, tree="root", lookup=0),
 }
 
 
@@ -201,7 +201,8 @@ def _matches(answers: dict[str, list[Answer]], method: str, cfg: BenchConfig) ->
 def _check_settings(out: Path, settings: dict) -> None:
     """Answers already in `out` are reused only when they were made with the same settings."""
     path = out / "bench_config.json"
-    mine = {k: settings[k] for k in (*_RESULT_KEYS, "methods", "dtype", "device", "tree_nodes", "tree_digest")}
+    keys = (*_RESULT_KEYS, "methods", "dtype", "device", "tree_nodes", "tree_digest", "lookup")
+    mine = {k: settings[k] for k in keys}
     if path.is_file():
         theirs = json.loads(path.read_text())
         differ = sorted(k for k in mine if theirs.get(k) != mine[k])
@@ -228,7 +229,7 @@ def run_bench(model, cfg: BenchConfig, *, progress: bool = True, log=None) -> di
     base = model.base_model
     settings = {**{k: v for k, v in asdict(cfg).items() if k in _RESULT_KEYS}, "methods": list(cfg.methods),
                 "dtype": str(base.dtype).removeprefix("torch."), "device": str(base.device),
-                "tree_nodes": len(model.tree) + 1, "tree_digest": _digest(model.tree),
+                "tree_nodes": len(model.tree) + 1, "tree_digest": _digest(model.tree), "lookup": asdict(model.lookup),
                 "threads": torch.get_num_threads(),
                 "questions_file": str(cfg.questions), "questions": len(questions)}
     _check_settings(out, settings)

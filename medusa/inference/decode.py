@@ -15,7 +15,8 @@ from torch.profiler import record_function
 
 from medusa.inference.acceptance import SamplingOptions, accept, next_token
 from medusa.inference.cache import TreeCache
-from medusa.inference.tree import TreeBuffers, tree_buffers
+from medusa.inference.lookup import ContextIndex, LookupOptions
+from medusa.inference.tree import TreeBuffers, tree_buffers, with_drafts
 from medusa.inference.tree_attention import path_groups, step_index, uses_tree_attention
 
 
@@ -48,6 +49,21 @@ class Step:
     def accepted(self) -> int:
         """Tokens this step produced (the root plus accepted candidates, after any stop trimming)."""
         return self.tokens.numel()
+
+
+class _Trees:
+    """The step's tree with 0..max_tokens context drafts appended, and its mask or path groups, built once each."""
+
+    def __init__(self, tree: TreeBuffers, device, dtype, tree_attention: bool):
+        self.heads_tree, self.device, self.dtype, self.tree_attention = tree, device, dtype, tree_attention
+        self.cache: dict[int, tuple] = {}
+
+    def get(self, drafted: int) -> tuple[TreeBuffers, object]:
+        """-> (tree, its medusa_tree path groups or its additive (N, N) mask)."""
+        if drafted not in self.cache:
+            t = with_drafts(self.heads_tree, drafted).to(self.device)
+            self.cache[drafted] = (t, path_groups(t) if self.tree_attention else _additive(t, self.dtype))
+        return self.cache[drafted]
 
 
 class _MaskBuffer:
@@ -93,9 +109,11 @@ def _stop_index(tokenizer, generated: list[int], n_new: int, stop_strings) -> in
 
 @torch.inference_mode()
 def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts: DecodeOptions, *,
-                  context_limit: int, tokenizer=None, draft_head=None) -> Iterator[Step]:
+                  context_limit: int, tokenizer=None, draft_head=None,
+                  lookup: LookupOptions | None = None) -> Iterator[Step]:
     """Yield one Step per decoding step. input_ids: (1, T) on the model's device. `draft_head`: the projection
-    for the heads' guesses (default: the model's lm_head; see heads.draft_projection)."""
+    for the heads' guesses (default: the model's lm_head; see heads.draft_projection). `lookup`: also verify
+    tokens copied from the context each step (lookup.py)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"medusa decodes one sequence at a time: input_ids must be (1, T), got {tuple(input_ids.shape)}")
     prompt_len = input_ids.shape[1]
@@ -106,13 +124,15 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
     device, dtype = input_ids.device, next(model.parameters()).dtype
     if not dtype.is_floating_point:
         dtype = torch.float16
-    capacity = min(context_limit, prompt_len + opts.max_new_tokens + tree.num_nodes)
+    lookup = lookup if lookup is not None and lookup.enabled else None
+    most = tree.num_nodes + (lookup.max_tokens if lookup else 0)
+    capacity = min(context_limit, prompt_len + opts.max_new_tokens + most)
     cache = TreeCache.for_model(model, capacity)
-    tree, root_only = tree.to(device), tree_buffers([]).to(device)
     # medusa_tree attention takes each node's path instead of a mask (see tree_attention.py); lone roots need neither
-    groups = path_groups(tree) if uses_tree_attention(model) else None
-    if groups is None:
-        tree_mask, mask = _additive(tree, dtype), _MaskBuffer(tree.num_nodes, capacity, dtype, device)
+    tree_attention = uses_tree_attention(model)
+    trees, root_only = _Trees(tree, device, dtype, tree_attention), _Trees(tree_buffers([]), device, dtype, tree_attention)
+    mask = None if tree_attention else _MaskBuffer(most, capacity, dtype, device)
+    context = ContextIndex(input_ids[0].tolist(), lookup) if lookup else None
     draft_head = draft_head if draft_head is not None else model.get_output_embeddings()
     gen = torch.Generator(device=device).manual_seed(opts.seed) if opts.seed is not None else None
     eos = set(opts.eos_token_ids)
@@ -135,23 +155,28 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
             # the last token needs no forward pass: nothing will read its KV entry or its logits
             new, nodes, size = [int(root)], (0,), 0
         else:
-            t = tree if room >= tree.num_nodes else root_only
-            # propose: the root is the base's own next token; the heads fill the rest of the tree
+            source = trees if room >= tree.num_nodes else root_only
+            # propose: the root is the base's own next token; the heads fill the rest of the tree, and context
+            # drafts (if on) add a chain under the root
             with record_function("medusa.propose"):
+                drafts = context.draft(int(root), room - source.heads_tree.num_nodes) if context is not None else []
+                t, shape = source.get(len(drafts))
                 tokens = root.view(1)
-                if t.num_nodes > 1:
+                if t.head_nodes > 1:
                     top = heads(last_hidden, draft_head, upto=t.max_depth).topk(t.topk, dim=-1).indices  # (K, topk)
-                    tokens = torch.cat([tokens, top[t.head[1:], t.rank[1:]]])         # (N,)
+                    tokens = torch.cat([tokens, top[t.head[1:t.head_nodes], t.rank[1:t.head_nodes]]])
+                if drafts:
+                    tokens = torch.cat([tokens, torch.tensor(drafts, dtype=torch.long, device=device)])  # (N,)
             # verify: one forward over the whole tree
             with record_function("medusa.verify"):
                 # a lone root needs no mask: the model's own causal path then matches `generate` exactly
                 positions = (length + t.depth)[None]
                 if t.num_nodes == 1:
                     logits, hidden = _forward(model, tokens[None], cache, positions)
-                elif groups is not None:
-                    logits, hidden = _forward(model, tokens[None], cache, positions, medusa_tree=step_index(groups, length))
+                elif tree_attention:
+                    logits, hidden = _forward(model, tokens[None], cache, positions, medusa_tree=step_index(shape, length))
                 else:
-                    logits, hidden = _forward(model, tokens[None], cache, positions, mask.view(length, tree_mask))
+                    logits, hidden = _forward(model, tokens[None], cache, positions, mask.view(length, shape))
             with record_function("medusa.accept"):
                 best, n_acc, root = accept(logits, tokens, t, opts.sampling, gen)
                 path = t.retrieve[best, : n_acc + 1]                                  # accepted nodes
@@ -161,6 +186,8 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
             length += path.numel()
             last_logits, last_hidden = logits[path[-1]], hidden[path[-1]]
             new, nodes, size = tokens[path].tolist(), tuple(path.tolist()), t.num_nodes
+            if context is not None:
+                context.extend(new)
 
         finish = None
         cut = next((i + 1 for i, tok in enumerate(new) if tok in eos), None)

@@ -91,19 +91,25 @@ class TreeBuffers:
     retrieve: torch.Tensor       # (P, D + 1) node indices along each root-to-leaf path, -1 padded
     topk: int                    # largest rank used + 1
     children: tuple[tuple[int, ...], ...] = ()   # per node, its children in rank order
+    drafted: int = 0             # the last `drafted` nodes are a chain of context drafts under the root
 
     @property
     def num_nodes(self) -> int:
         return self.depth.numel()
 
     @property
+    def head_nodes(self) -> int:
+        """Nodes whose tokens come from the root and the heads (the rest are context drafts)."""
+        return self.num_nodes - self.drafted
+
+    @property
     def max_depth(self) -> int:
-        """Depth of the deepest node: how many heads the tree uses."""
-        return self.retrieve.shape[1] - 1
+        """Depth of the deepest heads' node: how many heads the tree uses."""
+        return max((len(p) for p in self.paths), default=0)
 
     def to(self, device) -> "TreeBuffers":
         move = {k: getattr(self, k).to(device) for k in ("attn_mask", "depth", "head", "rank", "parent", "retrieve")}
-        return TreeBuffers(paths=self.paths, topk=self.topk, children=self.children, **move)
+        return TreeBuffers(paths=self.paths, topk=self.topk, children=self.children, drafted=self.drafted, **move)
 
 
 def tree_buffers(paths: list[Path_]) -> TreeBuffers:
@@ -133,3 +139,30 @@ def tree_buffers(paths: list[Path_]) -> TreeBuffers:
     topk = max((r for p in paths for r in p), default=-1) + 1
     children = tuple(tuple(j for j in range(1, n) if parent[j] == i) for i in range(n))
     return TreeBuffers(tuple(paths), attn, depth, head, rank, parent, retrieve, topk, children)
+
+
+def with_drafts(tree: TreeBuffers, n: int) -> TreeBuffers:
+    """Pure function: the tree plus a chain of `n` nodes under the root, for tokens drafted from the context
+    (see lookup.py). The chain is one more root-to-leaf path; its nodes come after the heads' nodes and are
+    the root's last children, so rank-ordered schemes try the heads' guesses first."""
+    if n < 0 or tree.drafted:
+        raise ValueError(f"with_drafts takes a heads-only tree and n >= 0 (got n={n}, drafted={tree.drafted})")
+    if n == 0:
+        return tree
+    base, total = tree.num_nodes, tree.num_nodes + n
+    chain = torch.arange(base, total)
+    attn = torch.zeros(total, total, dtype=torch.bool)
+    attn[:base, :base] = tree.attn_mask
+    attn[base:, 0] = True
+    attn[base:, base:] = torch.ones(n, n, dtype=torch.bool).tril()
+    depth = torch.cat([tree.depth, torch.arange(1, n + 1)])
+    zeros = torch.zeros(n, dtype=torch.long)
+    parent = torch.cat([tree.parent, torch.cat([torch.zeros(1, dtype=torch.long), chain[:-1]])])
+    width = max(tree.retrieve.shape[1], n + 1)
+    retrieve = torch.full((tree.retrieve.shape[0] + 1, width), -1, dtype=torch.long)
+    retrieve[:-1, : tree.retrieve.shape[1]] = tree.retrieve
+    retrieve[-1, 0], retrieve[-1, 1:n + 1] = 0, chain
+    children = list(tree.children) + [(int(j) + 1,) for j in chain[:-1]] + [()]
+    children[0] = children[0] + (base,)
+    return TreeBuffers(tree.paths, attn, depth, torch.cat([tree.head, zeros]), torch.cat([tree.rank, zeros]),
+                       parent, retrieve, tree.topk, tuple(children), drafted=n)

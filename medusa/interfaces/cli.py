@@ -18,10 +18,12 @@ class LoadOptions:
     load_in_8bit: bool
     load_in_4bit: bool
     attn: str | None = None
+    lookup: int | None = None
 
     @classmethod
     def from_args(cls, a) -> "LoadOptions":
-        return cls(a.model, a.base_model, a.tree, a.device, a.dtype, a.load_in_8bit, a.load_in_4bit, a.attn)
+        return cls(a.model, a.base_model, a.tree, a.device, a.dtype, a.load_in_8bit, a.load_in_4bit, a.attn,
+                   a.lookup)
 
     def load(self):
         from medusa.model import MedusaModel
@@ -30,7 +32,8 @@ class LoadOptions:
         t0 = time.perf_counter()
         model = MedusaModel.from_pretrained(self.model, base_model=self.base_model, dtype=self.dtype,
                                             device=self.device, tree=self.tree, load_in_8bit=self.load_in_8bit,
-                                            load_in_4bit=self.load_in_4bit, attn_implementation=self.attn, log=log)
+                                            load_in_4bit=self.load_in_4bit, attn_implementation=self.attn,
+                                            lookup=self.lookup, log=log)
         if model.tokenizer is None:
             raise ValueError(f"{self.base_model or self.model} has no tokenizer; the command line needs one "
                              f"(the Python API works on token ids without it)")
@@ -54,6 +57,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
     g.add_argument("--attn", help="attention implementation: sdpa, eager, or medusa_tree (each tree node "
                                   "computed like a one-token step: bit-identical greedy output in bf16 on CPU)")
+    g.add_argument("--lookup", type=int, metavar="N",
+                   help="also verify up to N tokens copied from the context each step (prompt lookup as one more "
+                        "tree branch: helps summaries, translations, answers quoting a passage; 0 = off)")
     g.add_argument("--load-in-8bit", action="store_true", help="8-bit base via bitsandbytes (CUDA only)")
     g.add_argument("--load-in-4bit", action="store_true", help="4-bit base via bitsandbytes (CUDA only)")
     s = p.add_argument_group("generation")

@@ -104,6 +104,9 @@ def add_train_commands(sub) -> dict:
     e.add_argument("--limit", type=int, default=50)
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--tree")
+    e.add_argument("--lookup", type=int, default=10,
+                   help="tokens per step of the heads alone are always measured; with N > 0, also with up to N "
+                        "context-draft tokens per step (what decoding uses by default)")
     e.add_argument("--dtype")
     e.add_argument("--threads", type=int)
     return {"train": cmd_train, "evaluate": cmd_evaluate}
@@ -142,7 +145,10 @@ def cmd_evaluate(a) -> int:
         report["head_accuracy"] = head_accuracy(m.base_model, m.heads, examples)
     if a.prompts:
         log = lambda s: print(s, flush=True)
-        report["greedy"] = tokens_per_step(m, read_prompts(a.prompts)[: a.limit], max_new_tokens=a.max_new_tokens,
-                                           log=log)
+        prompts = read_prompts(a.prompts)[: a.limit]
+        report["greedy"] = tokens_per_step(m, prompts, max_new_tokens=a.max_new_tokens, lookup=0, log=log)
+        if a.lookup:
+            report["greedy_with_context_drafts"] = tokens_per_step(m, prompts, max_new_tokens=a.max_new_tokens,
+                                                                   lookup=a.lookup, log=log) | {"lookup": a.lookup}
     print(json.dumps(report, indent=2))
     return 0

@@ -54,15 +54,16 @@ def head_accuracy(base, heads, examples: list[Example], *, ks=(1, 5, 10), batch_
     return {f"top{k}": [round(x, 4) for x in cum[:, k - 1].tolist()] for k in ks} | {"tokens": tokens}
 
 
-def tokens_per_step(model, prompts, *, max_new_tokens: int = 256, tree=None, log=None) -> dict:
-    """Greedy decoding of each prompt's first turn with the model's chat template."""
+def tokens_per_step(model, prompts, *, max_new_tokens: int = 256, tree=None, lookup=None, log=None) -> dict:
+    """Greedy decoding of each prompt's first turn with the model's chat template. `lookup=0`: the heads alone,
+    no context drafts (None: the model's setting)."""
     from medusa.interfaces.chat import encode_prompt
 
     tokens = steps = 0
     t0 = time.perf_counter()
     for n, rec in enumerate(prompts, 1):
         ids = encode_prompt(model.tokenizer, [{"role": "user", "content": rec.turns[0]}])
-        for step in model.stream(ids, max_new_tokens=max_new_tokens, tree=tree):
+        for step in model.stream(ids, max_new_tokens=max_new_tokens, tree=tree, lookup=lookup):
             tokens += step.accepted
             steps += 1
         if log:
