@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from medusa.inference import loading
+from medusa.inference import loading, packed_linear
 from medusa.inference.acceptance import SamplingOptions
 from medusa.inference.checkpoint import (build_heads, fetch_heads_repo, is_heads_folder, load_heads_checkpoint,
                                          save_heads)
@@ -90,10 +90,13 @@ class MedusaModel(nn.Module):
     def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *, base_model=None, dtype=None,
                         device=None, tree=None, num_heads: int = 4, num_layers: int = 1,
                         shared_lm_head: bool = True, load_in_8bit: bool = False, load_in_4bit: bool = False,
-                        attn_implementation: str | None = None, lookup=None, log=None) -> "MedusaModel":
+                        attn_implementation: str | None = None, lookup=None, pack_weights: bool | None = None,
+                        log=None) -> "MedusaModel":
         """Load heads + base. `name_or_path` is a heads folder (ours or the original Medusa format), a base
         model (Hub id, folder or GGUF file; new untrained heads), or None for the embedded default.
-        `lookup`: tokens copied from the context per step as extra candidates (0 = off; see lookup.py)."""
+        `lookup`: tokens copied from the context per step as extra candidates (0 = off; see lookup.py).
+        `pack_weights`: MKL-packed copies of fp32 CPU weights for tree steps (packed_linear.py); None = when the
+        base is fp32 on a CPU with MKL and its linear weights take at most 2 GiB (the copy doubles them)."""
         log = log or (lambda m: None)
         config, state, saved_tree = None, None, None
         if name_or_path is None:
@@ -124,6 +127,9 @@ class MedusaModel(nn.Module):
 
             model = PeftModel.from_pretrained(model, str(Path(name_or_path).expanduser() / adapter)).merge_and_unload()
             model.eval()
+        if pack_weights or pack_weights is None and packed_linear.packed_bytes(model) <= 2 * 2**30:
+            if packed_linear.pack_linears(model):
+                log("Packed fp32 CPU weights for tree steps (MKL)")
         text_cfg = model.config.get_text_config(decoder=True)
         vocab = model.get_output_embeddings().weight.shape[0]
         if config is None:
