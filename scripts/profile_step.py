@@ -2,6 +2,9 @@
 work (propose = heads + top-k, accept, compact, and everything else between).
 
     python scripts/profile_step.py [--model HEADS] [--trees root,chain,cpu_small,mc_sim_7b_63] [--tokens 64]
+                                   [--lookup N] [--no-pack]
+
+"nodes" is the mean number of nodes verified per step (the tree, plus context drafts where there were some).
 """
 from __future__ import annotations
 
@@ -25,10 +28,13 @@ def main() -> None:
     p.add_argument("--trees", default="root,chain,cpu_small,mc_sim_7b_63")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--threads", type=int)
+    p.add_argument("--lookup", type=int, help="context-draft tokens per step (default: the model's, 10; 0 = off)")
+    p.add_argument("--no-pack", action="store_true", help="keep stock fp32 CPU products (no MKL-packed weights)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    m = MedusaModel.from_pretrained(a.model, dtype=a.dtype, attn_implementation=a.attn)
+    m = MedusaModel.from_pretrained(a.model, dtype=a.dtype, attn_implementation=a.attn, lookup=a.lookup,
+                                    pack_weights=False if a.no_pack else None)
     text = "Write a short story about a lighthouse keeper who finds a message in a bottle."
     ids = encode_prompt(m.tokenizer, [{"role": "user", "content": text}])
     list(m.stream(ids, max_new_tokens=8))                                   # warm-up
@@ -45,7 +51,8 @@ def main() -> None:
         step_ms = wall * 1e3 / n
         other = step_ms - sum(per.values())
         loop = step_ms - per["medusa.verify"]
-        print(f"{tree:>14} {max(s.tree_size for s in steps):>5} {n:>5} {a.tokens / n:>8.2f} {step_ms:>8.1f} "
+        nodes = sum(s.tree_size for s in steps) / n
+        print(f"{tree:>14} {nodes:>5.1f} {n:>5} {a.tokens / n:>8.2f} {step_ms:>8.1f} "
               f"{per['medusa.verify']:>7.1f} {per['medusa.propose']:>7.1f} {per['medusa.accept']:>7.1f} "
               f"{per['medusa.compact']:>7.1f} {other:>7.1f}  {loop / step_ms:>6.1%}")
 

@@ -1,6 +1,7 @@
 """The decode loop, in one place: prefill, then propose -> verify -> accept -> compact, one step at a time.
 
-Verification runs the stock transformers model over the whole candidate tree in ONE forward pass, with a
+Candidates: the heads' guesses laid out as the tree, plus (when on) a chain of tokens copied from the context
+(lookup.py). Verification runs the stock transformers model over all of them in ONE forward pass, with a
 4D additive float mask (0 = attend, dtype min = blocked) and explicit position ids over the KV cache.
 All per-request state lives in local variables; nothing is stored on the model.
 """
