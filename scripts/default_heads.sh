@@ -17,6 +17,7 @@ DATA=${MEDUSA_DATA:-$HOME/medusa-data}
 SHARED=${MEDUSA_SHARED:-../shared/data}
 THREADS=${THREADS:-1}
 TRAIN_LIMIT=${TRAIN_LIMIT:-3000}   # conversations after these are held out for calibration
+HEADS=${HEADS:-$DATA/heads}        # training output (a new folder for a new run; link an old features-* in to reuse it)
 mkdir -p "$DATA"
 export OMP_NUM_THREADS=$THREADS
 
@@ -29,11 +30,11 @@ case "${1:-}" in
         --max-new-tokens 256 --batch-size 16 --temperature 0 --dtype bfloat16 --threads "$THREADS" ;;
   train)
     # shipped heads: 2 epochs, lr 2e-3, 2 threads: 734 steps in 48 min
-    medusa train --data "$DATA/distill_smollm2.jsonl" --output "$DATA/heads" --mixed-precision bf16 \
+    medusa train --data "$DATA/distill_smollm2.jsonl" --output "$HEADS" --mixed-precision bf16 \
         --base-dtype bfloat16 --threads "$THREADS" --batch-size 8 --epochs "${EPOCHS:-2}" --max-length 768 \
         --val-examples 64 --limit "$TRAIN_LIMIT" --lr 2e-3 --checkpoint-every 50 ${TRAIN_ARGS:-} ;;
   ship)
-    python - "$DATA/heads" <<'PY'
+    python - "$HEADS" <<'PY'
 import sys, torch
 from pathlib import Path
 from medusa.inference.checkpoint import build_heads, load_heads_checkpoint, save_heads
