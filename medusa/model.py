@@ -177,7 +177,7 @@ class MedusaModel(nn.Module):
         opts = self.decode_options(**options)
         return medusa_decode(self.base_model, self.heads, ids, tree_buffers(paths), opts,
                              context_limit=self.context_limit, tokenizer=self.tokenizer, draft_head=self.draft_head,
-                             lookup=_lookup_options(self.lookup if lookup is None else lookup))
+                             lookup=self.lookup if lookup is None else _lookup_options(lookup))
 
     def generate_baseline(self, input_ids, generate_kwargs: dict | None = None, **options) -> torch.Tensor:
         """transformers' own `generate` on the base model with the same options: the reference medusa is

@@ -3,9 +3,9 @@
 Summaries, translations, answers about a pasted passage and edited code repeat long spans of their context,
 which no head predicts as well as a copy does; small models also fall into loops. Each step, the text so far
 plus the step's root token is matched against the context: the longest suffix n-gram (longest first, down to
-`min_ngram`) that occurred before, at its latest occurrence, proposes the tokens that followed it. The decode loop verifies them as one
-more branch of the candidate tree (tree.with_drafts), so greedy output stays identical to `generate` and
-lossless sampling stays lossless: drafts are only candidates.
+`min_ngram`) that occurred before, at its latest occurrence, proposes the tokens that followed it. The decode
+loop verifies them as one more branch of the candidate tree (tree.with_drafts), so greedy output stays
+identical to `generate` and lossless sampling stays lossless: drafts are only candidates.
 
 An index from n-gram to its latest position makes each lookup O(1); it grows with the accepted tokens.
 """

@@ -42,26 +42,24 @@ class PackedLinear(nn.Linear):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+def _packable(model: nn.Module) -> list[nn.Linear]:
+    """The plain (not yet packed, not quantized) fp32 CPU nn.Linears of `model`."""
+    return [m for m in model.modules()
+            if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+
+
 def pack_linears(model: nn.Module) -> int:
     """Pack every fp32 CPU nn.Linear of `model` in place; returns how many. No-op without MKL."""
     if not available():
         return 0
-    count = 0
-    for module in model.modules():
-        if type(module) is not nn.Linear:
-            continue
-        w = module.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32:
-            continue
+    linears = _packable(model)
+    for module in linears:
         module.__class__ = PackedLinear
-        module.register_buffer("packed", torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), PACK_ROWS),
+        module.register_buffer("packed", torch.ops.mkl._mkl_reorder_linear_weight(module.weight.detach(), PACK_ROWS),
                                persistent=False)
-        count += 1
-    return count
+    return len(linears)
 
 
 def packed_bytes(model: nn.Module) -> int:
-    """Memory the packing would take: the fp32 CPU linear weights of `model` (each counted once)."""
-    seen = {id(m.weight): m.weight for m in model.modules()
-            if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32}
-    return sum(w.numel() * 4 for w in seen.values())
+    """Memory the packing would take: the fp32 CPU linear weights of `model`."""
+    return sum(m.weight.numel() * 4 for m in _packable(model))

@@ -78,6 +78,8 @@ _HELP = {
 
 
 def add_train_commands(sub) -> dict:
+    from medusa.inference.lookup import DEFAULT as DEFAULT_LOOKUP
+
     t = sub.add_parser("train", help="train Medusa heads (Medusa-1: frozen base; Medusa-2: LoRA + heads)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     from medusa.training.trainer import TrainConfig
@@ -104,7 +106,7 @@ def add_train_commands(sub) -> dict:
     e.add_argument("--limit", type=int, default=50)
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--tree")
-    e.add_argument("--lookup", type=int, default=10,
+    e.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP.max_tokens,
                    help="tokens per step of the heads alone are always measured; with N > 0, also with up to N "
                         "context-draft tokens per step (what decoding uses by default)")
     e.add_argument("--dtype")
