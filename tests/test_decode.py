@@ -82,6 +82,21 @@ def test_greedy_equals_plain_greedy_random_heads(arch, tree):
         assert torch.equal(out, ref), f"{arch}/{tree} seed {seed}"
 
 
+def test_greedy_equals_plain_greedy_next_token_heads(arch):
+    """Heads that also take the root's embedding: still exactly greedy, and their guesses really use it."""
+    model = tiny_model(arch)
+    heads = random_heads(next_token=True)
+    m = MedusaModel(model, heads, tree="cpu_small", lookup=0)
+    ids = _prompt(3)
+    assert torch.equal(m.generate(ids, max_new_tokens=40), _hf_greedy(model, ids, 40))
+    nodes = lambda: [s.nodes for s in m.stream(ids, max_new_tokens=40)]
+    before = nodes()
+    with torch.no_grad():
+        for h in heads.heads:
+            h.token.weight.zero_()
+    assert nodes() != before        # with U = 0 the root is ignored: the same decode accepts other nodes
+
+
 def test_greedy_equals_plain_greedy_oracle_heads(arch):
     """Heads that predict well: long paths are accepted, every node of the tree is used at least once."""
     model = tiny_model(arch)

@@ -186,6 +186,12 @@ def test_refusals(tmp_path, monkeypatch):
         export(m, tmp_path / "a", "onnx", base_name="org/x")
     with pytest.raises(ValueError, match="share the base model's lm_head"):
         write_format(m.heads, tmp_path / "b", "vllm", base_name="org/x")
+    conditioned = MedusaHeads(HeadsConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=2, next_token_input=True))
+    for fmt in ("original", "vllm"):
+        with pytest.raises(ValueError, match="next token's embedding"):
+            write_format(conditioned, tmp_path / "n", fmt, base_name="org/x", lm_head_weight=torch.zeros(VOCAB, HIDDEN))
+    write_format(conditioned, tmp_path / "n", "ours", base_name="org/x")
+    assert load_heads_checkpoint(tmp_path / "n")[0].next_token_input
     stale = tmp_path / "stale"
     save_heads(stale, make_heads(2, 1, shared=False))               # our format: would win over config.json
     with pytest.raises(ValueError, match="not empty"):

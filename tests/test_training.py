@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -156,6 +157,28 @@ def test_medusa1_training_lowers_loss_and_round_trips(distilled, tmp_path):
                                   return_tensors="pt", return_dict=True)["input_ids"]
     ref = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
     assert torch.equal(m.generate(ids, max_new_tokens=20, eos_token_id=[]), ref)
+
+
+def _letter_pairs(path, n=64, seed=0):
+    """Answers of letter pairs "xX", x random: at an upper-case letter, token t+2 follows from token t+1 alone."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for k in range(n):
+            text = "".join(c + c.upper() for c in rng.choices("abcdefghijklmnopqrstuvwxyz", k=30))
+            conv = [{"from": "human", "value": "pairs"}, {"from": "gpt", "value": text}]
+            f.write(json.dumps({"id": str(k), "conversations": conv}) + "\n")
+    return path
+
+
+def test_next_token_heads_learn_what_only_the_next_token_tells(tmp_path):
+    """Head 0 at an upper-case letter must guess the next pair's upper-case letter: unknowable from the hidden
+    state (the next letter is random), certain from the next token. Half of head 0's targets are such."""
+    data = _letter_pairs(tmp_path / "pairs.jsonl")
+    acc = {}
+    for next_token in (False, True):
+        res = _train(data, tmp_path / str(next_token), epochs=6, shared_lm_head=False, next_token_input=next_token)
+        acc[next_token] = res["val_accuracy"]["top1"][0]
+    assert acc[True] > 0.4 and acc[False] < 0.2, acc
 
 
 def test_killed_training_resumes_to_the_same_end(distilled, tmp_path):

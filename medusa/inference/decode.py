@@ -16,6 +16,7 @@ from torch.profiler import record_function
 
 from medusa.inference.acceptance import SamplingOptions, accept, next_token
 from medusa.inference.cache import TreeCache
+from medusa.inference.heads import next_token_embeds
 from medusa.inference.lookup import ContextIndex, LookupOptions
 from medusa.inference.tree import TreeBuffers, tree_buffers, with_drafts
 from medusa.inference.tree_attention import path_groups, step_index, uses_tree_attention
@@ -135,6 +136,7 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
     mask = None if tree_attention else _MaskBuffer(most, capacity, dtype, device)
     context = ContextIndex(input_ids[0].tolist(), lookup) if lookup else None
     draft_head = draft_head if draft_head is not None else model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
     gen = torch.Generator(device=device).manual_seed(opts.seed) if opts.seed is not None else None
     eos = set(opts.eos_token_ids)
 
@@ -164,7 +166,8 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
                 t, shape = source.get(len(drafts))
                 tokens = root.view(1)
                 if t.head_nodes > 1:
-                    top = heads(last_hidden, draft_head, upto=t.max_depth).topk(t.topk, dim=-1).indices  # (K, topk)
+                    nxt = next_token_embeds(heads, embedding, root)       # heads that condition on the root
+                    top = heads(last_hidden, draft_head, upto=t.max_depth, next_embeds=nxt).topk(t.topk, dim=-1).indices
                     tokens = torch.cat([tokens, top[t.head[1:t.head_nodes], t.rank[1:t.head_nodes]]])
                 if drafts:
                     tokens = torch.cat([tokens, torch.tensor(drafts, dtype=torch.long, device=device)])  # (N,)

@@ -3,6 +3,12 @@
 Head i (from 0) at position t guesses token t + 2 + i (the base's own head guesses t + 1). Each head is
 L residual blocks `x + SiLU(W x + b)`, each with its own weights, then an output projection: the head's
 own (initialized from the base's `lm_head`), or the base's `lm_head` shared and frozen.
+
+With `next_token_input`, each head's first block also sees the input embedding of token t + 1 (at decode
+time the tree's root, the base's own next token, known before the heads run): `x + SiLU(W x + U e + b)`.
+A head that knows the word it continues guesses far better (the idea behind Hydra's and EAGLE's drafts),
+at the cost of one embedding lookup; the heads stay one forward each, so the tree is unchanged. Such heads
+are ours only: the serving engines' Medusa formats have no place for U.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ class HeadsConfig:
     num_heads: int = 4
     num_layers: int = 1
     shared_lm_head: bool = True          # reuse the base's lm_head (frozen) instead of one projection per head
+    next_token_input: bool = False       # first block also sees the embedding of token t + 1 (see above)
     base_model_name_or_path: str | None = None
     extra: dict = field(default_factory=dict)  # provenance, training notes; kept verbatim
 
@@ -32,12 +39,17 @@ class HeadsConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "HeadsConfig":
         known = {k: data[k] for k in ("hidden_size", "vocab_size", "num_heads", "num_layers", "shared_lm_head",
-                                      "base_model_name_or_path", "extra") if k in data}
+                                      "next_token_input", "base_model_name_or_path", "extra") if k in data}
         return cls(**known)
 
 
+    def __post_init__(self):
+        if self.next_token_input and self.num_layers < 1:
+            raise ValueError("next_token_input needs at least one residual block (num_layers >= 1)")
+
+
 class ResBlock(nn.Module):
-    """x + SiLU(W x + b); W and b start at zero, so an untrained block is the identity."""
+    """x + SiLU(W x + b [+ extra]); W and b start at zero, so an untrained block is the identity."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -45,8 +57,9 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + F.silu(self.linear(x))
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.linear(x)
+        return x + F.silu(z if extra is None else z + extra)
 
 
 class MedusaHead(nn.Module):
@@ -54,10 +67,14 @@ class MedusaHead(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([ResBlock(cfg.hidden_size) for _ in range(cfg.num_layers)])
         self.proj = None if cfg.shared_lm_head else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.token = None
+        if cfg.next_token_input:   # U, zero at first: untrained, the head ignores the next token
+            self.token = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+            nn.init.zeros_(self.token.weight)
 
-    def features(self, hidden: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            hidden = block(hidden)
+    def features(self, hidden: torch.Tensor, next_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        for j, block in enumerate(self.blocks):
+            hidden = block(hidden, self.token(next_embeds) if j == 0 and self.token is not None else None)
         return hidden
 
 
@@ -80,21 +97,41 @@ class MedusaHeads(nn.Module):
                 if head.proj is not None:
                     head.proj.weight.copy_(lm_head.weight)
 
-    def features(self, hidden: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+    def features(self, hidden: torch.Tensor, upto: int | None = None,
+                 next_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """(..., H) -> (K, ..., H): each head's residual blocks (before the projection), in the heads' dtype;
-        only the first `upto` heads when given."""
+        only the first `upto` heads when given. `next_embeds` (..., H): the input embeddings of the tokens
+        that follow (see `next_token_embeds`), required by and only by `next_token_input` heads."""
+        if self.config.next_token_input != (next_embeds is not None):
+            raise ValueError("these heads take the next token's embedding: pass `next_embeds`"
+                             if self.config.next_token_input else
+                             "`next_embeds` given but these heads do not take the next token (next_token_input=False)")
         param = next(self.parameters(), None)
-        hidden = hidden if param is None else hidden.to(param.dtype)
-        return torch.stack([h.features(hidden) for h in self.heads[:upto]])
+        if param is not None:
+            hidden = hidden.to(param.dtype)
+            next_embeds = None if next_embeds is None else next_embeds.to(param.dtype)
+        return torch.stack([h.features(hidden, next_embeds) for h in self.heads[:upto]])
 
-    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None, upto: int | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None, upto: int | None = None,
+                next_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (K, ..., V), or (upto, ..., V): a tree of depth d needs only the first d heads."""
-        feats = self.features(hidden, upto)
+        feats = self.features(hidden, upto, next_embeds)
         if self.config.shared_lm_head:
             if lm_head is None:
                 raise ValueError("these heads share the base model's lm_head: pass it as `lm_head`")
             return lm_head(feats.to(lm_head.weight.dtype))
         return torch.stack([h.proj(f) for h, f in zip(self.heads, feats)])
+
+
+def next_token_embeds(heads: MedusaHeads, embedding: nn.Module, next_ids: torch.Tensor) -> torch.Tensor | None:
+    """What `next_embeds` the heads take for these next tokens: their input embeddings, or None for heads
+    that do not use them."""
+    return embedding(next_ids) if heads.config.next_token_input else None
+
+
+def shifted(input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T): the token after each position (the last one repeats itself; no target reads it)."""
+    return torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
 
 
 def draft_projection(lm_head: nn.Module, heads: MedusaHeads) -> nn.Module:

@@ -113,6 +113,10 @@ def write_format(heads: MedusaHeads, out_dir: str | Path, fmt: str, *, base_name
     """Write `heads` to `out_dir` in `fmt` ("original", "vllm" or "ours"); returns the folder. `base_name` is the
     base model reference written (for the engines' formats the embedded default becomes its Hub id)."""
     out, dtype = Path(out_dir), resolve_dtype(dtype)
+    if fmt != "ours" and heads.config.next_token_input:
+        raise ValueError(f"these heads take the next token's embedding (next_token_input), which the {fmt!r} format "
+                         "and the engines reading it have no place for; export them as 'ours', or train heads "
+                         "without --next-token-input for vLLM, TGI or TensorRT-LLM")
     if fmt == "ours":
         config = replace(heads.config, base_model_name_or_path=base_name)
         state = {k: _tensor(v, dtype) for k, v in heads.state_dict().items()}

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from medusa.inference.heads import next_token_embeds, shifted
 from medusa.training.data import Example, collate
 from medusa.training.losses import targets
 
@@ -25,8 +26,10 @@ def head_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor, num_heads: in
 def rank_accuracy(base, heads, examples: list[Example], *, max_rank: int = 10, batch_size: int = 8,
                   chunk: int = 256) -> torch.Tensor:
     """(K, max_rank): the fraction of assistant tokens t+2+i that head i ranks exactly r-th (from 0).
-    Heads run through their public call, `heads(hidden (n, H), lm_head) -> (K, n, V)`, a chunk at a time."""
-    device = base.get_input_embeddings().weight.device
+    Heads run through their public call, `heads(hidden (n, H), lm_head) -> (K, n, V)`, a chunk at a time;
+    heads that take the next token get the true one (at decode time: the root, the base's own next token)."""
+    embedding = base.get_input_embeddings()
+    device = embedding.weight.device
     lm_head = base.get_output_embeddings()
     K = heads.num_heads
     hits, counts = torch.zeros(K, max_rank), torch.zeros(K)
@@ -37,8 +40,10 @@ def rank_accuracy(base, heads, examples: list[Example], *, max_rank: int = 10, b
         tgt = head_targets(batch["input_ids"], batch["loss_mask"], K)                  # (K, B, T)
         used = (tgt >= 0).any(0)                                                       # (B, T)
         h, tgt = hidden[used], tgt[:, used]                                            # (n, H), (K, n)
+        nxt = shifted(batch["input_ids"])[used]                                        # (n,)
         for c in range(0, h.shape[0], chunk):
-            top = heads(h[c:c + chunk], lm_head).topk(max_rank, dim=-1).indices        # (K, n, R)
+            e = next_token_embeds(heads, embedding, nxt[c:c + chunk])
+            top = heads(h[c:c + chunk], lm_head, next_embeds=e).topk(max_rank, dim=-1).indices  # (K, n, R)
             t = tgt[:, c:c + chunk]
             hits += ((top == t[..., None]) & (t[..., None] >= 0)).float().sum(1).cpu()
             counts += (t >= 0).sum(1).float().cpu()

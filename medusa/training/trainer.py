@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medusa.inference.heads import HeadsConfig, MedusaHeads
+from medusa.inference.heads import HeadsConfig, MedusaHeads, next_token_embeds, shifted
 from medusa.training.data import collate, read_conversations, tokenize_conversation
 from medusa.training.losses import medusa_loss
 
@@ -32,6 +32,7 @@ class TrainConfig:
     num_heads: int = 4
     num_layers: int = 1
     shared_lm_head: bool = True
+    next_token_input: bool = False     # heads also see the embedding of token t+1 (heads.py)
     max_length: int = 1024
     batch_size: int = 8
     grad_accum: int = 1
@@ -76,15 +77,17 @@ def _projector(heads: MedusaHeads, lm_head: nn.Module):
 class Medusa1Step(nn.Module):
     """Heads on cached features; the forward returns the loss so DDP/FSDP see every parameter in use."""
 
-    def __init__(self, heads: MedusaHeads, lm_head: nn.Module, cfg: TrainConfig):
+    def __init__(self, heads: MedusaHeads, lm_head: nn.Module, embedding: nn.Module, cfg: TrainConfig):
         super().__init__()
         self.heads, self.lm_head, self.cfg = heads, lm_head, cfg
+        self.embedding = [embedding]   # a list, not a submodule: frozen, and kept out of the checkpoints
 
     def forward(self, batch: dict):
-        hidden = batch["hidden"].to(self.lm_head.weight.dtype)
+        hidden, ids = batch["hidden"].to(self.lm_head.weight.dtype), batch["input_ids"]
         teacher = (batch["topk_logp"], batch["topk_idx"]) if self.cfg.loss == "kl" else None
-        return medusa_loss(self.heads.features(hidden), _projector(self.heads, self.lm_head), batch["input_ids"],
-                           batch["loss_mask"], decay=self.cfg.decay, teacher=teacher)
+        feats = self.heads.features(hidden, next_embeds=next_token_embeds(self.heads, self.embedding[0], shifted(ids)))
+        return medusa_loss(feats, _projector(self.heads, self.lm_head), ids, batch["loss_mask"], decay=self.cfg.decay,
+                           teacher=teacher)
 
 
 class Medusa2Step(nn.Module):
@@ -104,8 +107,9 @@ class Medusa2Step(nn.Module):
         new_logp = torch.log_softmax(out.logits[:, :-1][sel].float(), -1)
         keep = (ref_logp.exp() * (ref_logp - new_logp)).sum(-1).mean() if sel.any() else out.logits.sum() * 0
         lm_head = self.base.get_output_embeddings()
-        heads_loss, stats = medusa_loss(self.heads.features(out.hidden_states[-1]), _projector(self.heads, lm_head),
-                                        ids, mask, decay=self.cfg.decay)
+        nxt = next_token_embeds(self.heads, self.base.get_input_embeddings(), shifted(ids))
+        heads_loss, stats = medusa_loss(self.heads.features(out.hidden_states[-1], next_embeds=nxt),
+                                        _projector(self.heads, lm_head), ids, mask, decay=self.cfg.decay)
         stats.base_kl = keep.detach()
         return keep + self.cfg.heads_weight * heads_loss, stats
 
@@ -155,7 +159,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     text_cfg = base.config.get_text_config(decoder=True)
     hcfg = HeadsConfig(hidden_size=text_cfg.hidden_size, vocab_size=base.get_output_embeddings().weight.shape[0],
                        num_heads=cfg.num_heads, num_layers=cfg.num_layers, shared_lm_head=cfg.shared_lm_head,
-                       base_model_name_or_path=cfg.model or "embedded:SmolLM2-135M-Instruct")
+                       next_token_input=cfg.next_token_input, base_model_name_or_path=cfg.model or "embedded:SmolLM2-135M-Instruct")
     heads = MedusaHeads(hcfg)
     heads.init_projections_from(base.get_output_embeddings())
     heads.to(acc.device)
@@ -173,7 +177,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
                             num_processes=acc.num_processes, log=say)
         acc.wait_for_everyone()
         dataset, collate_fn = FeatureDataset(feat_dir, train_ex), collate_features
-        step_module = Medusa1Step(heads, base.get_output_embeddings(), cfg)
+        step_module = Medusa1Step(heads, base.get_output_embeddings(), base.get_input_embeddings(), cfg)
         groups = [{"params": [p for p in heads.parameters() if p.requires_grad], "lr": cfg.lr}]
     else:
         from peft import LoraConfig, get_peft_model
@@ -195,7 +199,8 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     ckpt_dir = out_dir / "checkpoints"
     latest, step = _latest_checkpoint(ckpt_dir)
     run = {"train_examples": len(dataset), "total_steps": total, "mode": cfg.mode, "num_heads": cfg.num_heads,
-           "num_layers": cfg.num_layers, "shared_lm_head": cfg.shared_lm_head, "batch_size": cfg.batch_size,
+           "num_layers": cfg.num_layers, "shared_lm_head": cfg.shared_lm_head,
+           **({"next_token_input": True} if cfg.next_token_input else {}), "batch_size": cfg.batch_size,
            "epochs": cfg.epochs, "seed": cfg.seed}
     run_file = out_dir / "run.json"
     if latest is not None:
