@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import OracleHeads, random_heads, tiny_model
+from conftest import HIDDEN, VOCAB, OracleHeads, random_heads, tiny_model
 from medusa import MedusaModel
 from medusa.inference.cache import TreeCache
 from medusa.inference.decode import PromptTooLongError
@@ -217,6 +217,57 @@ def test_fp32_cpu_guesses_come_from_a_bf16_copy_of_the_lm_head():
     assert agree > 0.95
     assert draft_projection(lm_head, random_heads(shared=False)) is lm_head      # own projections: untouched
     assert MedusaModel(model.to(torch.bfloat16), random_heads()).draft_head is lm_head
+
+
+def _draft_vocab_heads(seen):
+    from medusa.inference.heads import set_draft_vocab
+
+    heads = random_heads()
+    counts = torch.zeros(VOCAB, dtype=torch.long)
+    counts[seen] = 5
+    set_draft_vocab(heads, counts)
+    return heads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_draft_vocabulary_guesses_are_the_best_seen_tokens(dtype):
+    """Heads trained on some tokens guess only among them: the same top-k as the full product with the other
+    tokens masked out, read from only their rows (a bf16 copy of them for an fp32 CPU base)."""
+    from medusa.inference.heads import DraftProjection, guess
+
+    seen = torch.arange(3, VOCAB, 2)                  # odd tokens: a guess left unmapped would show as even
+    heads = _draft_vocab_heads(seen)
+    model = tiny_model("llama").to(dtype)
+    m = MedusaModel(model, heads)
+    assert m.draft_head.weight.shape[0] == seen.numel() == heads.config.draft_vocab_size
+    hidden = torch.randn(50, HIDDEN, dtype=dtype)
+    got = guess(heads, hidden, m.draft_head, 5)                                       # (K, 50, 5)
+    full = heads(hidden, DraftProjection(model.get_output_embeddings(), None, m.draft_head.weight.dtype))
+    masked = torch.full_like(full, float("-inf"))
+    masked[..., seen] = full[..., seen]
+    best = masked.topk(5, dim=-1)
+    assert torch.isin(got, seen).all()
+    assert (got == best.indices).float().mean() > 0.95          # bf16 rounding may swap near-ties
+    torch.testing.assert_close(full.gather(-1, got).float(), best.values.float(), atol=0.05, rtol=0)
+
+
+def test_greedy_equals_plain_greedy_with_a_draft_vocabulary(arch):
+    model = tiny_model(arch)
+    m = MedusaModel(model, _draft_vocab_heads(torch.arange(3, 40)), tree="cpu_small", lookup=0)
+    for seed in range(2):
+        ids = _prompt(seed)
+        assert torch.equal(m.generate(ids, max_new_tokens=40), _hf_greedy(model, ids, 40))
+
+
+def test_a_small_draft_vocabulary_is_filled_up_to_any_trees_ranks():
+    from medusa.inference.heads import MIN_DRAFT_VOCAB
+
+    heads = _draft_vocab_heads(torch.tensor([5, 9]))
+    assert heads.config.draft_vocab_size == MIN_DRAFT_VOCAB and {5, 9} <= set(heads.draft_vocab.tolist())
+    everything = random_heads()
+    from medusa.inference.heads import set_draft_vocab
+    set_draft_vocab(everything, torch.ones(VOCAB))    # every token seen: nothing to restrict
+    assert everything.config.draft_vocab_size == 0 and not hasattr(everything, "draft_vocab")
 
 
 def test_only_the_heads_a_tree_reaches_are_run():

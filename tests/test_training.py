@@ -153,6 +153,13 @@ def test_medusa1_training_lowers_loss_and_round_trips(distilled, tmp_path):
     saved = load_file(str(tmp_path / "h" / "heads.safetensors"))
     for k, v in m.heads.state_dict().items():
         torch.testing.assert_close(v, saved[k])
+    targets = torch.cat([e.input_ids[e.loss_mask] for e in (tokenize_conversation(tok, c, 1024)
+                                                              for c in read_conversations(distilled))])
+    vocab = m.heads.draft_vocab
+    assert res["draft_vocab_size"] == m.heads.config.draft_vocab_size == vocab.numel() < VOCAB
+    assert set(vocab.tolist()) <= set(targets.tolist())        # guesses among the trained-on tokens (not val's)
+    assert torch.isin(targets, vocab).float().mean() > 0.95
+    assert torch.equal(m.draft_head.token_ids, m.heads.draft_vocab)
     ids = tok.apply_chat_template([{"role": "user", "content": "say 3 and 21"}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
     ref = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)

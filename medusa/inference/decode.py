@@ -16,7 +16,7 @@ from torch.profiler import record_function
 
 from medusa.inference.acceptance import SamplingOptions, accept, next_token
 from medusa.inference.cache import TreeCache
-from medusa.inference.heads import next_token_embeds
+from medusa.inference.heads import guess, next_token_embeds
 from medusa.inference.lookup import ContextIndex, LookupOptions
 from medusa.inference.tree import TreeBuffers, tree_buffers, with_drafts
 from medusa.inference.tree_attention import path_groups, step_index, uses_tree_attention
@@ -167,7 +167,7 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
                 tokens = root.view(1)
                 if t.head_nodes > 1:
                     nxt = next_token_embeds(heads, embedding, root)       # heads that condition on the root
-                    top = heads(last_hidden, draft_head, upto=t.max_depth, next_embeds=nxt).topk(t.topk, dim=-1).indices
+                    top = guess(heads, last_hidden, draft_head, t.topk, upto=t.max_depth, next_embeds=nxt)
                     tokens = torch.cat([tokens, top[t.head[1:t.head_nodes], t.rank[1:t.head_nodes]]])
                 if drafts:
                     tokens = torch.cat([tokens, torch.tensor(drafts, dtype=torch.long, device=device)])  # (N,)

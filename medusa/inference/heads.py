@@ -29,6 +29,7 @@ class HeadsConfig:
     num_layers: int = 1
     shared_lm_head: bool = True          # reuse the base's lm_head (frozen) instead of one projection per head
     next_token_input: bool = False       # first block also sees the embedding of token t + 1 (see above)
+    draft_vocab_size: int = 0            # > 0: guesses at decode time only among these tokens (draft_projection)
     base_model_name_or_path: str | None = None
     extra: dict = field(default_factory=dict)  # provenance, training notes; kept verbatim
 
@@ -39,7 +40,8 @@ class HeadsConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "HeadsConfig":
         known = {k: data[k] for k in ("hidden_size", "vocab_size", "num_heads", "num_layers", "shared_lm_head",
-                                      "next_token_input", "base_model_name_or_path", "extra") if k in data}
+                                      "next_token_input", "draft_vocab_size", "base_model_name_or_path",
+                                      "extra") if k in data}
         return cls(**known)
 
 
@@ -85,6 +87,8 @@ class MedusaHeads(nn.Module):
         super().__init__()
         self.config = cfg
         self.heads = nn.ModuleList([MedusaHead(cfg) for _ in range(cfg.num_heads)])
+        if cfg.draft_vocab_size:
+            self.register_buffer("draft_vocab", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
 
     @property
     def num_heads(self) -> int:
@@ -134,17 +138,58 @@ def shifted(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
 
 
+MIN_DRAFT_VOCAB = 32
+
+
+def set_draft_vocab(heads: MedusaHeads, counts: torch.Tensor) -> None:
+    """Restrict the heads' guesses at decode time to the tokens they were trained on: `counts` (V,) how often
+    each token was a target. A head never learned to guess the others, and an unseen token costs its row of
+    the output projection every step (the guesses read all V rows: ~5 ms for SmolLM2 on a CPU, a tenth of a
+    step). Kept in the heads' state (buffer `draft_vocab`); no-op when every token was seen. At least
+    MIN_DRAFT_VOCAB tokens (unseen ones fill up), so that any tree's top-k ranks exist."""
+    seen = counts > 0
+    if int(seen.sum()) in (0, heads.config.vocab_size):
+        return
+    for tok in (~seen).nonzero().flatten()[: max(0, MIN_DRAFT_VOCAB - int(seen.sum()))]:
+        seen[tok] = True
+    ids = seen.nonzero().flatten()
+    heads.config.draft_vocab_size = ids.numel()
+    heads.register_buffer("draft_vocab", ids.to(torch.long))
+
+
+class DraftProjection(nn.Linear):
+    """The heads' guesses: some rows of the base's lm_head (`token_ids[i]` is output i's token)."""
+
+    def __init__(self, lm_head: nn.Linear, token_ids: torch.Tensor | None, dtype: torch.dtype):
+        w, b = lm_head.weight.detach(), None if lm_head.bias is None else lm_head.bias.detach()
+        ids = torch.arange(w.shape[0], device=w.device) if token_ids is None else token_ids.to(w.device)
+        super().__init__(w.shape[1], ids.numel(), bias=b is not None, device="meta")  # no random init
+        self.weight = nn.Parameter(w[ids].to(dtype), requires_grad=False)
+        if b is not None:
+            self.bias = nn.Parameter(b[ids].to(dtype), requires_grad=False)
+        self.register_buffer("token_ids", ids, persistent=False)
+        self.eval()
+
+
+def guess(heads: MedusaHeads, hidden: torch.Tensor, draft_head: nn.Module, k: int, *, upto: int | None = None,
+          next_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """(upto or K, k) token ids: each head's k best guesses at decode time, through `draft_head`."""
+    top = heads(hidden, draft_head, upto=upto, next_embeds=next_embeds).topk(k, dim=-1).indices
+    ids = getattr(draft_head, "token_ids", None)
+    return top if ids is None else ids[top]   # a draft vocabulary's rows -> their tokens
+
+
 def draft_projection(lm_head: nn.Module, heads: MedusaHeads) -> nn.Module:
     """What turns shared-projection heads' features into guesses at decode time. Only each head's top-k
-    matters and the base model verifies every guess, so with an fp32 base on a CPU the lm_head is copied
-    once to bf16 (the 4-row product is several times faster there; guesses rarely change, outputs never).
-    Otherwise the base's own lm_head."""
+    matters and the base model verifies every guess, so (outputs never change, guesses rarely):
+    - heads with a draft vocabulary guess among those tokens only (the product reads only their rows);
+    - with an fp32 base on a CPU the rows are copied once to bf16 (several times faster there).
+    Otherwise the base's own lm_head. `guess` maps output i to `token_ids[i]` when there is one."""
     w = getattr(lm_head, "weight", None)
-    if (not heads.config.shared_lm_head or not isinstance(lm_head, nn.Linear) or w is None
-            or w.dtype != torch.float32 or w.device.type != "cpu"):
+    if not heads.config.shared_lm_head or not isinstance(lm_head, nn.Linear) or w is None:
         return lm_head
-    copy = nn.Linear(w.shape[1], w.shape[0], bias=lm_head.bias is not None, device="meta")  # no random init
-    copy.weight = nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
-    if lm_head.bias is not None:
-        copy.bias = nn.Parameter(lm_head.bias.detach().to(torch.bfloat16), requires_grad=False)
-    return copy.eval()
+    vocab = getattr(heads, "draft_vocab", None)
+    fp32_cpu = w.dtype == torch.float32 and w.device.type == "cpu"
+    if vocab is None and not fp32_cpu:
+        return lm_head
+    return DraftProjection(lm_head, vocab, torch.bfloat16 if fp32_cpu else w.dtype)

@@ -60,7 +60,8 @@ def _check_base_name(name: str | None) -> str:
 
 def _tensor(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     # a clone per entry: safetensors refuses tensors that share memory (the expanded lm_head copies would)
-    return t.detach().to("cpu", dtype or t.dtype).contiguous().clone()
+    dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype   # token ids stay integers
+    return t.detach().to("cpu", dtype).contiguous().clone()
 
 
 def projections(heads: MedusaHeads, lm_head_weight: torch.Tensor | None) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medusa.inference.heads import HeadsConfig, MedusaHeads, next_token_embeds, shifted
+from medusa.inference.heads import HeadsConfig, MedusaHeads, next_token_embeds, set_draft_vocab, shifted
 from medusa.training.data import collate, read_conversations, tokenize_conversation
 from medusa.training.losses import medusa_loss
 
@@ -33,6 +33,7 @@ class TrainConfig:
     num_layers: int = 1
     shared_lm_head: bool = True
     next_token_input: bool = False     # heads also see the embedding of token t+1 (heads.py)
+    draft_vocab: bool = True           # decode-time guesses only among tokens seen as targets (heads.py)
     max_length: int = 1024
     batch_size: int = 8
     grad_accum: int = 1
@@ -262,6 +263,12 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     accuracy = head_accuracy(step_module.base if cfg.mode == "medusa2" else base, step_module.heads, val)
     result = {"step": step, "total": total, "finished": True, "train_examples": len(train_ex),
               "seconds": round(time.time() - t_start), "val_accuracy": accuracy}
+    if cfg.draft_vocab:
+        counts = torch.zeros(hcfg.vocab_size, dtype=torch.long)
+        for e in train_ex:
+            counts += torch.bincount(e.input_ids[e.loss_mask], minlength=hcfg.vocab_size)[: hcfg.vocab_size]
+        set_draft_vocab(step_module.heads, counts)
+        result["draft_vocab_size"] = hcfg.draft_vocab_size or hcfg.vocab_size
     if acc.is_main_process:
         hcfg.extra = {"training": {**asdict(cfg), "extra": None}, "result": result, **cfg.extra}
         if cfg.mode == "medusa2":
