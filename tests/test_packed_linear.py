@@ -9,23 +9,27 @@ from torch import nn
 from conftest import random_heads, tiny_model
 from medusa import MedusaModel
 from medusa.inference import packed_linear
-from medusa.inference.packed_linear import MIN_ROWS, PACK_ROWS, PackedLinear, pack_linears
+from medusa.inference.packed_linear import MIN_ROWS, PACK_SIZES, PackedLinear, pack_linears
+
+PACK_ROWS = PACK_SIZES[-1]
 
 pytestmark = pytest.mark.skipif(not packed_linear.available(), reason="torch built without MKL")
 
 
 @torch.inference_mode()
-def test_packed_products_match_the_stock_ones():
+@pytest.mark.parametrize("sizes,min_rows", [(PACK_SIZES, MIN_ROWS), ((4, 8, 16), 3)])
+def test_packed_products_match_the_stock_ones(sizes, min_rows):
     torch.manual_seed(0)
     lin = nn.Linear(96, 200)
     ref = nn.Linear(96, 200)
     ref.load_state_dict(lin.state_dict())
-    assert pack_linears(lin) == 1 and isinstance(lin, PackedLinear)
-    for rows in range(1, PACK_ROWS + 5):
+    assert pack_linears(lin, sizes, min_rows) == 1 and isinstance(lin, PackedLinear)
+    assert {n for n, _ in lin.named_buffers()} == {f"packed_{n}" for n in sizes}
+    for rows in range(1, max(sizes) + 5):
         x = torch.randn(2, rows, 96)[:1]                     # a (1, rows, in) slice, as tree steps pass
         out, want = lin(x), ref(x)
         assert out.shape == want.shape == (1, rows, 200)
-        if MIN_ROWS <= rows <= PACK_ROWS:
+        if min_rows <= rows <= max(sizes):
             torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
         else:
             assert torch.equal(out, want), rows                 # the stock product, bit for bit

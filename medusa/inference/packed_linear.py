@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PACK_ROWS = 16   # the row count the weights are packed for; 8..16 rows are padded to it
-MIN_ROWS = 8     # fewer rows: the stock product (as fast or faster there)
+PACK_SIZES = (16,)   # the row counts the weights are packed for (one copy each); rows pad up to the next
+MIN_ROWS = 8         # fewer rows: the stock product (as fast or faster there)
 
 
 def available() -> bool:
@@ -27,18 +27,21 @@ def available() -> bool:
 
 
 class PackedLinear(nn.Linear):
-    """An nn.Linear whose products of MIN_ROWS..PACK_ROWS rows use a packed copy of its weight."""
+    """An nn.Linear whose products of `min_rows` to `sizes[-1]` rows use a packed copy of its weight, the one
+    for the smallest packed row count that holds them (buffers `packed_{size}`)."""
 
-    packed: torch.Tensor
+    sizes: tuple[int, ...]
+    min_rows: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if not MIN_ROWS <= rows <= PACK_ROWS or torch.is_grad_enabled() and self.weight.requires_grad:
+        if not self.min_rows <= rows <= self.sizes[-1] or torch.is_grad_enabled() and self.weight.requires_grad:
             return F.linear(x, self.weight, self.bias)
+        size = next(n for n in self.sizes if n >= rows)
         flat = x.reshape(rows, self.in_features)
-        if rows < PACK_ROWS:
-            flat = torch.cat([flat, flat.new_zeros(PACK_ROWS - rows, self.in_features)])
-        out = torch.ops.mkl._mkl_linear(flat, self.packed, self.weight, self.bias, PACK_ROWS)[:rows]
+        if rows < size:
+            flat = torch.cat([flat, flat.new_zeros(size - rows, self.in_features)])
+        out = torch.ops.mkl._mkl_linear(flat, getattr(self, f"packed_{size}"), self.weight, self.bias, size)[:rows]
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -48,18 +51,24 @@ def _packable(model: nn.Module) -> list[nn.Linear]:
             if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Pack every fp32 CPU nn.Linear of `model` in place; returns how many. No-op without MKL."""
+def pack_linears(model: nn.Module, sizes: tuple[int, ...] = PACK_SIZES, min_rows: int = MIN_ROWS) -> int:
+    """Pack every fp32 CPU nn.Linear of `model` in place, once per row count in `sizes`; returns how many
+    linears. No-op without MKL."""
     if not available():
         return 0
+    sizes = tuple(sorted(sizes))
+    if not sizes or min_rows < 1:
+        raise ValueError(f"pack sizes must be given and min_rows >= 1, got {sizes}, {min_rows}")
     linears = _packable(model)
     for module in linears:
         module.__class__ = PackedLinear
-        module.register_buffer("packed", torch.ops.mkl._mkl_reorder_linear_weight(module.weight.detach(), PACK_ROWS),
-                               persistent=False)
+        module.sizes, module.min_rows = sizes, min_rows
+        for size in sizes:
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(module.weight.detach(), size)
+            module.register_buffer(f"packed_{size}", packed, persistent=False)
     return len(linears)
 
 
-def packed_bytes(model: nn.Module) -> int:
-    """Memory the packing would take: the fp32 CPU linear weights of `model`."""
-    return sum(m.weight.numel() * 4 for m in _packable(model))
+def packed_bytes(model: nn.Module, sizes: tuple[int, ...] = PACK_SIZES) -> int:
+    """Memory the packing would take: the fp32 CPU linear weights of `model`, once per packed row count."""
+    return sum(m.weight.numel() * 4 for m in _packable(model)) * len(sizes)

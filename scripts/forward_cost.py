@@ -1,0 +1,67 @@
+"""What one forward of N new tokens costs the base model over a cache of C tokens, per weight packing: the
+figure a tree of N nodes pays per step (packed_linear.py). Medians of --repeat runs, in ms.
+
+    python scripts/forward_cost.py [--model HEADS] [--cached 300] [--nodes 1,2,3,4,6,8,12,16]
+                                   [--packs none,16,4+8+16] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from medusa import MedusaModel
+from medusa.inference import packed_linear
+from medusa.inference.cache import TreeCache
+
+
+@torch.inference_mode()
+def cost_ms(model, cached: int, n: int, repeat: int) -> float:
+    cache = TreeCache.for_model(model, cached + n)
+    ids = torch.randint(100, 20000, (1, cached + n), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids[:, :cached], past_key_values=cache, use_cache=True)
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(1, 1, n, cached + n, dtype=dtype)
+    mask[..., cached:] = torch.triu(torch.full((n, n), torch.finfo(dtype).min, dtype=dtype), 1)
+    positions = torch.arange(cached, cached + n)[None]
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        model(input_ids=ids[:, cached:], past_key_values=cache, position_ids=positions, attention_mask=mask,
+              use_cache=True, logits_to_keep=0)
+        times.append(time.perf_counter() - t0)
+        cache.truncate(cached)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model")
+    p.add_argument("--cached", type=int, default=300)
+    p.add_argument("--nodes", default="1,2,3,4,5,6,8,10,12,16")
+    p.add_argument("--packs", default="none,16,4+8+16", help="packings to compare: none, or sizes joined by +")
+    p.add_argument("--min-rows", type=int, default=3, help="fewest rows that use a packed copy (sizes != 16)")
+    p.add_argument("--repeat", type=int, default=9)
+    p.add_argument("--threads", type=int)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    nodes = [int(x) for x in a.nodes.split(",")]
+    rows = {}
+    for packing in a.packs.split(","):
+        m = MedusaModel.from_pretrained(a.model, pack_weights=False)
+        if packing != "none":
+            sizes = tuple(int(x) for x in packing.split("+"))
+            packed_linear.pack_linears(m.base_model, sizes, packed_linear.MIN_ROWS if sizes == (16,) else a.min_rows)
+        cost_ms(m.base_model, a.cached, 4, 2)                                   # warm-up
+        rows[packing] = [cost_ms(m.base_model, a.cached, n, a.repeat) for n in nodes]
+        del m
+    print(f"{'N':>4} " + " ".join(f"{k:>10}" for k in rows))
+    for i, n in enumerate(nodes):
+        print(f"{n:>4} " + " ".join(f"{rows[k][i]:>10.1f}" for k in rows))
+
+
+if __name__ == "__main__":
+    main()
