@@ -192,8 +192,11 @@ def test_killed_training_resumes_to_the_same_end(distilled, tmp_path):
     straight = _train(distilled, tmp_path / "a")
     part = _train(distilled, tmp_path / "b", stop_after=3)
     assert not part["finished"] and part["step"] == 3
+    clock = tmp_path / "b" / "checkpoints" / "step-3" / "elapsed.json"
+    clock.write_text(json.dumps({"seconds": 1000.0}))               # as if the killed run had taken 1000 s
     resumed = _train(distilled, tmp_path / "b")
     assert resumed["finished"] and resumed["step"] == straight["step"]
+    assert resumed["seconds"] >= 1000                               # the total, not this run's share
     from safetensors.torch import load_file
     a, b = load_file(str(tmp_path / "a" / "heads.safetensors")), load_file(str(tmp_path / "b" / "heads.safetensors"))
     for k in a:

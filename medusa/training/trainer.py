@@ -211,6 +211,9 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
             raise ValueError(f"{out_dir} holds checkpoints of a different run (changed: {', '.join(changed)}); "
                              f"resume only with the same data and settings, or use a new --output folder")
         acc.load_state(str(latest))
+        clock = latest / "elapsed.json"        # time spent before the kill counts: logs and result are totals
+        if clock.is_file():
+            t_start -= json.loads(clock.read_text())["seconds"]
         say(f"resumed from {latest} (step {step} of {total})")
     elif acc.is_main_process:
         run_file.write_text(json.dumps(run, indent=1) + "\n")
@@ -247,6 +250,9 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
             stop_now = cfg.stop_after is not None and run_steps >= cfg.stop_after
             if step % cfg.checkpoint_every == 0 or step == total or stop_now:
                 acc.save_state(str(ckpt_dir / f"step-{step}"))
+                if acc.is_main_process:
+                    (ckpt_dir / f"step-{step}" / "elapsed.json").write_text(
+                        json.dumps({"seconds": time.time() - t_start}) + "\n")
                 if acc.is_main_process:
                     for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
                         shutil.rmtree(old, ignore_errors=True)
