@@ -96,7 +96,7 @@ class MedusaModel(nn.Module):
         model (Hub id, folder or GGUF file; new untrained heads), or None for the embedded default.
         `lookup`: tokens copied from the context per step as extra candidates (0 = off; see lookup.py).
         `pack_weights`: MKL-packed copies of fp32 CPU weights for tree steps (packed_linear.py); None = when the
-        base is fp32 on a CPU with MKL and its linear weights take at most 2 GiB (the copy doubles them)."""
+        base is fp32 on a CPU with MKL and the copies take at most 2 GiB (three copies, or else one)."""
         log = log or (lambda m: None)
         config, state, saved_tree = None, None, None
         if name_or_path is None:
@@ -127,9 +127,13 @@ class MedusaModel(nn.Module):
 
             model = PeftModel.from_pretrained(model, str(Path(name_or_path).expanduser() / adapter)).merge_and_unload()
             model.eval()
-        if pack_weights or pack_weights is None and packed_linear.packed_bytes(model) <= 2 * 2**30:
-            if packed_linear.pack_linears(model):
-                log("Packed fp32 CPU weights for tree steps (MKL)")
+        if pack_weights is not False:   # None: as many copies as fit in 2 GiB (three, or else one)
+            sizes, min_rows = packed_linear.PACK_SIZES, packed_linear.MIN_ROWS
+            if not pack_weights and packed_linear.packed_bytes(model, sizes) > 2 * 2**30:
+                sizes, min_rows = packed_linear.LEAN
+            if (pack_weights or packed_linear.packed_bytes(model, sizes) <= 2 * 2**30) and \
+                    packed_linear.pack_linears(model, sizes, min_rows):
+                log(f"Packed fp32 CPU weights for tree steps of {'/'.join(map(str, sizes))} rows (MKL)")
         text_cfg = model.config.get_text_config(decoder=True)
         vocab = model.get_output_embeddings().weight.shape[0]
         if config is None:

@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--cached", type=int, default=300)
     p.add_argument("--nodes", default="1,2,3,4,5,6,8,10,12,16")
     p.add_argument("--packs", default="none,16,4+8+16", help="packings to compare: none, or sizes joined by +")
-    p.add_argument("--min-rows", type=int, default=3, help="fewest rows that use a packed copy (sizes != 16)")
+    p.add_argument("--min-rows", type=int, default=4, help="fewest rows that use a packed copy (sizes != 16)")
     p.add_argument("--repeat", type=int, default=9)
     p.add_argument("--threads", type=int)
     a = p.parse_args()
@@ -54,7 +54,7 @@ def main() -> None:
         m = MedusaModel.from_pretrained(a.model, pack_weights=False)
         if packing != "none":
             sizes = tuple(int(x) for x in packing.split("+"))
-            packed_linear.pack_linears(m.base_model, sizes, packed_linear.MIN_ROWS if sizes == (16,) else a.min_rows)
+            packed_linear.pack_linears(m.base_model, sizes, 8 if sizes == (16,) else a.min_rows)
         cost_ms(m.base_model, a.cached, 4, 2)                                   # warm-up
         rows[packing] = [cost_ms(m.base_model, a.cached, n, a.repeat) for n in nodes]
         del m

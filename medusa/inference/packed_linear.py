@@ -4,13 +4,16 @@ MKL's fp32 product of a few rows by a weight matrix is far below the machine's s
 count (SmolLM2-135M's output projection, 2 threads: 8 rows 14.6 ms, 13 rows 19.3 ms, 16 rows 10.7 ms). With
 the weight packed in advance for 16 rows (`cblas_sgemm_pack`, exposed by torch as
 `torch.ops.mkl._mkl_reorder_linear_weight` / `_mkl_linear`), 16 rows take 8.0 ms; torch's packed product runs
-only for the exact row count it was packed for, so 8 to 16 rows are zero-padded to 16. Measured on the whole
-model (300 cached tokens): a forward of 13 new tokens 104 -> 74-81 ms, of 11 tokens 86-104 -> 71-74 ms;
-below 8 rows the stock product is as fast or faster and is kept, so one-token steps are untouched.
+only for the exact row count it was packed for, so rows are zero-padded up to the next packed count: copies
+for 4, 8 and 16 rows. Measured on the whole model (300 cached tokens, 2 threads; `scripts/forward_cost.py`),
+stock / packed 16 only / packed 4+8+16: N=3 47 / 47 / 53 ms (so below 4 rows the stock product stays, and
+one-token steps are untouched), N=4 62 / 62 / 52, N=6 66 / 67 / 62, N=8 76 / 73 / 61, N=12 90 / 75 / 74,
+N=14 100 / 76 / 76.
 
 `pack_linears(model)` turns the model's fp32 CPU `nn.Linear`s into `PackedLinear` in place (same parameters,
-same module tree, tied weights stay tied) and keeps the packed copy as a non-persistent buffer: inference
-only (the copy does not follow later weight updates), and it costs as much memory again as those weights.
+same module tree, tied weights stay tied) and keeps the packed copies as non-persistent buffers: inference
+only (the copies do not follow later weight updates), and each costs as much memory again as those weights
+(`LEAN`: one copy, for 8-16 rows, where memory is short).
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PACK_SIZES = (16,)   # the row counts the weights are packed for (one copy each); rows pad up to the next
-MIN_ROWS = 8         # fewer rows: the stock product (as fast or faster there)
+PACK_SIZES = (4, 8, 16)   # the row counts the weights are packed for (one copy each); rows pad up to the next
+MIN_ROWS = 4              # fewer rows: the stock product (as fast or faster there)
+LEAN = ((16,), 8)         # one copy only, for 8-16 rows: where memory allows no more
 
 
 def available() -> bool:
