@@ -128,12 +128,10 @@ class MedusaModel(nn.Module):
             model = PeftModel.from_pretrained(model, str(Path(name_or_path).expanduser() / adapter)).merge_and_unload()
             model.eval()
         if pack_weights is not False:   # None: as many copies as fit in 2 GiB (three, or else one)
-            sizes, min_rows = packed_linear.PACK_SIZES, packed_linear.MIN_ROWS
-            if not pack_weights and packed_linear.packed_bytes(model, sizes) > 2 * 2**30:
-                sizes, min_rows = packed_linear.LEAN
-            if (pack_weights or packed_linear.packed_bytes(model, sizes) <= 2 * 2**30) and \
-                    packed_linear.pack_linears(model, sizes, min_rows):
-                log(f"Packed fp32 CPU weights for tree steps of {'/'.join(map(str, sizes))} rows (MKL)")
+            choice = ((packed_linear.PACK_SIZES, packed_linear.MIN_ROWS) if pack_weights
+                      else packed_linear.fitting(model, 2 * 2**30))
+            if choice and packed_linear.pack_linears(model, *choice):
+                log(f"Packed fp32 CPU weights for tree steps of {'/'.join(map(str, choice[0]))} rows (MKL)")
         text_cfg = model.config.get_text_config(decoder=True)
         vocab = model.get_output_embeddings().weight.shape[0]
         if config is None:

@@ -54,7 +54,8 @@ def main() -> None:
         m = MedusaModel.from_pretrained(a.model, pack_weights=False)
         if packing != "none":
             sizes = tuple(int(x) for x in packing.split("+"))
-            packed_linear.pack_linears(m.base_model, sizes, 8 if sizes == (16,) else a.min_rows)
+            lean_sizes, lean_min = packed_linear.LEAN
+            packed_linear.pack_linears(m.base_model, sizes, lean_min if sizes == lean_sizes else a.min_rows)
         cost_ms(m.base_model, a.cached, 4, 2)                                   # warm-up
         rows[packing] = [cost_ms(m.base_model, a.cached, n, a.repeat) for n in nodes]
         del m

@@ -65,3 +65,11 @@ def test_training_bypasses_the_packed_copy():
     assert lin.weight.grad is not None
     torch.testing.assert_close(lin.weight.grad, x.sum(0).expand(4, 8))
     assert torch.equal(lin(x).detach(), F.linear(x, lin.weight, lin.bias).detach())
+
+
+def test_fitting_takes_as_many_copies_as_the_budget_holds():
+    lin = nn.Linear(8, 4)                                        # 128 bytes of fp32 weight
+    one = 8 * 4 * 4
+    assert packed_linear.fitting(lin, one * len(PACK_SIZES)) == (PACK_SIZES, MIN_ROWS)
+    assert packed_linear.fitting(lin, one * len(PACK_SIZES) - 1) == packed_linear.LEAN
+    assert packed_linear.fitting(lin, one - 1) is None

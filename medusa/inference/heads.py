@@ -13,7 +13,7 @@ are ours only: the serving engines' Medusa formats have no place for U.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -33,21 +33,18 @@ class HeadsConfig:
     base_model_name_or_path: str | None = None
     extra: dict = field(default_factory=dict)  # provenance, training notes; kept verbatim
 
+    def __post_init__(self):
+        if self.next_token_input and self.num_layers < 1:
+            raise ValueError("next_token_input needs at least one residual block (num_layers >= 1)")
+
     def save(self, folder: str | Path) -> None:
         data = {"medusa_heads": True, **asdict(self)}
         (Path(folder) / "medusa_config.json").write_text(json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def from_dict(cls, data: dict) -> "HeadsConfig":
-        known = {k: data[k] for k in ("hidden_size", "vocab_size", "num_heads", "num_layers", "shared_lm_head",
-                                      "next_token_input", "draft_vocab_size", "base_model_name_or_path",
-                                      "extra") if k in data}
-        return cls(**known)
-
-
-    def __post_init__(self):
-        if self.next_token_input and self.num_layers < 1:
-            raise ValueError("next_token_input needs at least one residual block (num_layers >= 1)")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 class ResBlock(nn.Module):
@@ -150,8 +147,7 @@ def set_draft_vocab(heads: MedusaHeads, counts: torch.Tensor) -> None:
     seen = counts > 0
     if int(seen.sum()) in (0, heads.config.vocab_size):
         return
-    for tok in (~seen).nonzero().flatten()[: max(0, MIN_DRAFT_VOCAB - int(seen.sum()))]:
-        seen[tok] = True
+    seen[(~seen).nonzero().flatten()[: max(0, MIN_DRAFT_VOCAB - int(seen.sum()))]] = True
     ids = seen.nonzero().flatten()
     heads.config.draft_vocab_size = ids.numel()
     heads.register_buffer("draft_vocab", ids.to(torch.long))

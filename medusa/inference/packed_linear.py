@@ -73,6 +73,12 @@ def pack_linears(model: nn.Module, sizes: tuple[int, ...] = PACK_SIZES, min_rows
     return len(linears)
 
 
+def fitting(model: nn.Module, budget: int) -> tuple[tuple[int, ...], int] | None:
+    """(sizes, min_rows) of the most packed copies whose memory fits in `budget` bytes: all of PACK_SIZES,
+    else LEAN, else None."""
+    return next((c for c in ((PACK_SIZES, MIN_ROWS), LEAN) if packed_bytes(model, c[0]) <= budget), None)
+
+
 def packed_bytes(model: nn.Module, sizes: tuple[int, ...] = PACK_SIZES) -> int:
     """Memory the packing would take: the fp32 CPU linear weights of `model`, once per packed row count."""
     return sum(m.weight.numel() * 4 for m in _packable(model)) * len(sizes)

@@ -253,7 +253,6 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
                 if acc.is_main_process:
                     (ckpt_dir / f"step-{step}" / "elapsed.json").write_text(
                         json.dumps({"seconds": time.time() - t_start}) + "\n")
-                if acc.is_main_process:
                     for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
                         shutil.rmtree(old, ignore_errors=True)
             if step >= total:
@@ -270,10 +269,8 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     result = {"step": step, "total": total, "finished": True, "train_examples": len(train_ex),
               "seconds": round(time.time() - t_start), "val_accuracy": accuracy}
     if cfg.draft_vocab:
-        counts = torch.zeros(hcfg.vocab_size, dtype=torch.long)
-        for e in train_ex:
-            counts += torch.bincount(e.input_ids[e.loss_mask], minlength=hcfg.vocab_size)[: hcfg.vocab_size]
-        set_draft_vocab(step_module.heads, counts)
+        seen = torch.cat([e.input_ids[e.loss_mask] for e in train_ex])
+        set_draft_vocab(step_module.heads, torch.bincount(seen, minlength=hcfg.vocab_size)[: hcfg.vocab_size])
         result["draft_vocab_size"] = hcfg.draft_vocab_size or hcfg.vocab_size
     if acc.is_main_process:
         hcfg.extra = {"training": {**asdict(cfg), "extra": None}, "result": result, **cfg.extra}
