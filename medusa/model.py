@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from medusa.inference import loading, packed_linear
+from medusa.inference import compiled, loading, packed_linear
 from medusa.inference.acceptance import SamplingOptions
 from medusa.inference.checkpoint import (build_heads, fetch_heads_repo, is_heads_folder, load_heads_checkpoint,
                                          save_heads)
@@ -65,7 +65,7 @@ def _lookup_options(lookup) -> LookupOptions:
 
 
 class MedusaModel(nn.Module):
-    def __init__(self, base_model, heads: MedusaHeads, tokenizer=None, tree=None, lookup=None):
+    def __init__(self, base_model, heads: MedusaHeads, tokenizer=None, tree=None, lookup=None, compile: bool = False):
         super().__init__()
         self.base_model = base_model
         self.heads = heads
@@ -75,6 +75,17 @@ class MedusaModel(nn.Module):
         self.lookup = _lookup_options(lookup)
         self._check_compatible()
         self.draft_head = draft_projection(base_model.get_output_embeddings(), heads)
+        # held in a tuple, not as a submodule: the compiled wrapper shares base_model's parameters
+        self._compiled = (compiled.compile_forward(base_model),) if compile else ()
+
+    @property
+    def is_compiled(self) -> bool:
+        return bool(self._compiled)
+
+    def warm_up(self) -> int:
+        """Run each kind of forward pass decoding meets once (compiling them if `compile=True`); returns the
+        number of steps run. Call it before timing anything."""
+        return compiled.warm_up(self.stream, self.base_model.get_input_embeddings().weight.shape[0])
 
     def _check_compatible(self) -> None:
         cfg = self.base_model.config.get_text_config(decoder=True)
@@ -91,12 +102,14 @@ class MedusaModel(nn.Module):
                         device=None, tree=None, num_heads: int = 4, num_layers: int = 1,
                         shared_lm_head: bool = True, load_in_8bit: bool = False, load_in_4bit: bool = False,
                         attn_implementation: str | None = None, lookup=None, pack_weights: bool | None = None,
-                        log=None) -> "MedusaModel":
+                        compile: bool = False, log=None) -> "MedusaModel":
         """Load heads + base. `name_or_path` is a heads folder (ours or the original Medusa format), a base
         model (Hub id, folder or GGUF file; new untrained heads), or None for the embedded default.
         `lookup`: tokens copied from the context per step as extra candidates (0 = off; see lookup.py).
         `pack_weights`: MKL-packed copies of fp32 CPU weights for tree steps (packed_linear.py); None = when the
-        base is fp32 on a CPU with MKL and the copies take at most 2 GiB (three copies, or else one)."""
+        base is fp32 on a CPU with MKL and the copies take at most 2 GiB (three copies, or else one).
+        `compile`: run decoding's forward passes under torch.compile (compiled.py; call `warm_up()` to compile
+        before first use: minutes on a small CPU)."""
         log = log or (lambda m: None)
         config, state, saved_tree = None, None, None
         if name_or_path is None:
@@ -147,7 +160,7 @@ class MedusaModel(nn.Module):
         heads.to(device=model.get_output_embeddings().weight.device, dtype=head_dtype).eval()
         if tree is None and saved_tree is not None:
             tree = saved_tree
-        return cls(model, heads, tokenizer, tree=tree, lookup=lookup)
+        return cls(model, heads, tokenizer, tree=tree, lookup=lookup, compile=compile)
 
     def save_pretrained(self, folder: str | os.PathLike, *, save_tree: bool = True) -> Path:
         """Write the heads (and the tree in use) in our format; the base model is referenced by name."""
@@ -179,7 +192,8 @@ class MedusaModel(nn.Module):
         opts = self.decode_options(**options)
         return medusa_decode(self.base_model, self.heads, ids, tree_buffers(paths), opts,
                              context_limit=self.context_limit, tokenizer=self.tokenizer, draft_head=self.draft_head,
-                             lookup=self.lookup if lookup is None else _lookup_options(lookup))
+                             lookup=self.lookup if lookup is None else _lookup_options(lookup),
+                             forward=self._compiled[0] if self._compiled else None)
 
     def generate_baseline(self, input_ids, generate_kwargs: dict | None = None, **options) -> torch.Tensor:
         """transformers' own `generate` on the base model with the same options: the reference medusa is

@@ -2,7 +2,10 @@
 figure a tree of N nodes pays per step (packed_linear.py). Medians of --repeat runs, in ms.
 
     python scripts/forward_cost.py [--model HEADS] [--cached 300] [--nodes 1,2,3,4,6,8,12,16]
-                                   [--packs none,16,4+8+16] [--threads 2]
+                                   [--packs none,16,4+8+16] [--threads 2] [--compile]
+
+--compile adds, for each packing, the same model as `compile=True` runs it (compiled.py: dynamic shapes, frozen
+weights; PackedLinear steps aside there); compiling happens in an untimed first call per N.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 from medusa import MedusaModel
 from medusa.inference import packed_linear
 from medusa.inference.cache import TreeCache
+from medusa.inference.compiled import compile_forward
 
 
 @torch.inference_mode()
@@ -27,13 +31,13 @@ def cost_ms(model, cached: int, n: int, repeat: int) -> float:
     mask[..., cached:] = torch.triu(torch.full((n, n), torch.finfo(dtype).min, dtype=dtype), 1)
     positions = torch.arange(cached, cached + n)[None]
     times = []
-    for _ in range(repeat):
+    for _ in range(repeat + 1):      # the first, untimed: allocation, kernel choice, compilation
         t0 = time.perf_counter()
         model(input_ids=ids[:, cached:], past_key_values=cache, position_ids=positions, attention_mask=mask,
               use_cache=True, logits_to_keep=0)
         times.append(time.perf_counter() - t0)
         cache.truncate(cached)
-    return statistics.median(times) * 1e3
+    return statistics.median(times[1:]) * 1e3
 
 
 def main() -> None:
@@ -45,6 +49,7 @@ def main() -> None:
     p.add_argument("--min-rows", type=int, default=4, help="fewest rows that use a packed copy (sizes != 16)")
     p.add_argument("--repeat", type=int, default=9)
     p.add_argument("--threads", type=int)
+    p.add_argument("--compile", action="store_true", help="also time each packing under torch.compile")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -56,8 +61,9 @@ def main() -> None:
             sizes = tuple(int(x) for x in packing.split("+"))
             lean_sizes, lean_min = packed_linear.LEAN
             packed_linear.pack_linears(m.base_model, sizes, lean_min if sizes == lean_sizes else a.min_rows)
-        cost_ms(m.base_model, a.cached, 4, 2)                                   # warm-up
         rows[packing] = [cost_ms(m.base_model, a.cached, n, a.repeat) for n in nodes]
+        if a.compile:
+            rows[packing + " c"] = [cost_ms(compile_forward(m.base_model), a.cached, n, a.repeat) for n in nodes]
         del m
     print(f"{'N':>4} " + " ".join(f"{k:>10}" for k in rows))
     for i, n in enumerate(nodes):

@@ -201,7 +201,7 @@ def _matches(answers: dict[str, list[Answer]], method: str, cfg: BenchConfig) ->
 def _check_settings(out: Path, settings: dict) -> None:
     """Answers already in `out` are reused only when they were made with the same settings."""
     path = out / "bench_config.json"
-    keys = (*_RESULT_KEYS, "methods", "dtype", "device", "tree_nodes", "tree_digest", "lookup")
+    keys = (*_RESULT_KEYS, "methods", "dtype", "device", "tree_nodes", "tree_digest", "lookup", "compiled")
     mine = {k: settings[k] for k in keys}
     if path.is_file():
         theirs = json.loads(path.read_text())
@@ -230,6 +230,7 @@ def run_bench(model, cfg: BenchConfig, *, progress: bool = True, log=None) -> di
     settings = {**{k: v for k, v in asdict(cfg).items() if k in _RESULT_KEYS}, "methods": list(cfg.methods),
                 "dtype": str(base.dtype).removeprefix("torch."), "device": str(base.device),
                 "tree_nodes": len(model.tree) + 1, "tree_digest": _digest(model.tree), "lookup": asdict(model.lookup),
+                "compiled": model.is_compiled,
                 "threads": torch.get_num_threads(),
                 "questions_file": str(cfg.questions), "questions": len(questions)}
     _check_settings(out, settings)

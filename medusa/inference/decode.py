@@ -112,10 +112,11 @@ def _stop_index(tokenizer, generated: list[int], n_new: int, stop_strings) -> in
 @torch.inference_mode()
 def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts: DecodeOptions, *,
                   context_limit: int, tokenizer=None, draft_head=None,
-                  lookup: LookupOptions | None = None) -> Iterator[Step]:
+                  lookup: LookupOptions | None = None, forward=None) -> Iterator[Step]:
     """Yield one Step per decoding step. input_ids: (1, T) on the model's device. `draft_head`: the projection
     for the heads' guesses (default: the model's lm_head; see heads.draft_projection). `lookup`: also verify
-    tokens copied from the context each step (lookup.py)."""
+    tokens copied from the context each step (lookup.py). `forward`: what runs the model's forward passes,
+    e.g. `compiled(model)` (default: the model itself)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"medusa decodes one sequence at a time: input_ids must be (1, T), got {tuple(input_ids.shape)}")
     prompt_len = input_ids.shape[1]
@@ -139,10 +140,12 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
     embedding = model.get_input_embeddings()
     gen = torch.Generator(device=device).manual_seed(opts.seed) if opts.seed is not None else None
     eos = set(opts.eos_token_ids)
+    run = forward if forward is not None else model
 
     t0 = time.perf_counter()
+    input_ids = input_ids.clone()   # an inference tensor like every later input: one compiled graph serves both
     positions = torch.arange(prompt_len, device=device)[None]
-    logits, hidden = _forward(model, input_ids, cache, positions, logits_to_keep=1)
+    logits, hidden = _forward(run, input_ids, cache, positions, logits_to_keep=1)
     last_logits, last_hidden = logits[-1], hidden[-1]
     length, generated, root = prompt_len, [], None
     prefill_seconds = time.perf_counter() - t0
@@ -176,11 +179,11 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
                 # a lone root needs no mask: the model's own causal path then matches `generate` exactly
                 positions = (length + t.depth)[None]
                 if t.num_nodes == 1:
-                    logits, hidden = _forward(model, tokens[None], cache, positions)
+                    logits, hidden = _forward(run, tokens[None], cache, positions)
                 elif tree_attention:
-                    logits, hidden = _forward(model, tokens[None], cache, positions, medusa_tree=step_index(shape, length))
+                    logits, hidden = _forward(run, tokens[None], cache, positions, medusa_tree=step_index(shape, length))
                 else:
-                    logits, hidden = _forward(model, tokens[None], cache, positions, mask.view(length, shape))
+                    logits, hidden = _forward(run, tokens[None], cache, positions, mask.view(length, shape))
             with record_function("medusa.accept"):
                 best, n_acc, root = accept(logits, tokens, t, opts.sampling, gen)
                 path = t.retrieve[best, : n_acc + 1]                                  # accepted nodes

@@ -38,6 +38,10 @@ class PackedLinear(nn.Linear):
     min_rows: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # under torch.compile the stock product, decided before the row count is read (no guard on it): with
+        # freezing, inductor packs the weights itself for oneDNN, which is fast for any row count (compiled.py)
+        if torch.compiler.is_compiling():
+            return F.linear(x, self.weight, self.bias)
         rows = x.numel() // self.in_features
         if not self.min_rows <= rows <= self.sizes[-1] or torch.is_grad_enabled() and self.weight.requires_grad:
             return F.linear(x, self.weight, self.bias)

@@ -19,11 +19,12 @@ class LoadOptions:
     load_in_4bit: bool
     attn: str | None = None
     lookup: int | None = None
+    compile: bool = False
 
     @classmethod
     def from_args(cls, a) -> "LoadOptions":
         return cls(a.model, a.base_model, a.tree, a.device, a.dtype, a.load_in_8bit, a.load_in_4bit, a.attn,
-                   a.lookup)
+                   a.lookup, a.compile)
 
     def load(self):
         from medusa.model import MedusaModel
@@ -33,10 +34,15 @@ class LoadOptions:
         model = MedusaModel.from_pretrained(self.model, base_model=self.base_model, dtype=self.dtype,
                                             device=self.device, tree=self.tree, load_in_8bit=self.load_in_8bit,
                                             load_in_4bit=self.load_in_4bit, attn_implementation=self.attn,
-                                            lookup=self.lookup, log=log)
+                                            lookup=self.lookup, compile=self.compile, log=log)
         if model.tokenizer is None:
             raise ValueError(f"{self.base_model or self.model} has no tokenizer; the command line needs one "
                              f"(the Python API works on token ids without it)")
+        if self.compile:
+            log("Compiling the model's forward passes (torch.compile; minutes on a small CPU, cached on disk) ...")
+            t1 = time.perf_counter()
+            model.warm_up()
+            log(f"Compiled in {time.perf_counter() - t1:.0f} s")
         log(f"Ready in {time.perf_counter() - t0:.1f} s: {model.heads.num_heads} heads, "
             f"tree of {len(model.tree) + 1} nodes, {model.base_model.dtype}, {model.base_model.device}")
         return model
@@ -60,6 +66,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lookup", type=int, metavar="N",
                    help="also verify up to N tokens copied from the context each step (prompt lookup as one more "
                         "tree branch: helps summaries, translations, answers quoting a passage; 0 = off)")
+    g.add_argument("--compile", action="store_true",
+                   help="run decoding's forward passes under torch.compile: faster steps (tree steps most) after a "
+                        "compilation of minutes on a small CPU at start-up")
     g.add_argument("--load-in-8bit", action="store_true", help="8-bit base via bitsandbytes (CUDA only)")
     g.add_argument("--load-in-4bit", action="store_true", help="4-bit base via bitsandbytes (CUDA only)")
     s = p.add_argument_group("generation")
