@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -63,6 +64,9 @@ def test_calibrate_saves_a_tree_the_loader_uses(tmp_path):
     tok.save_pretrained(tmp_path / "base")
     loaded = MedusaModel.from_pretrained(folder, base_model=str(tmp_path / "base"))
     assert loaded.tree == [tuple(p) for p in result["best"]["tree"]]
+    # a folder that does not exist yet (--save-to NEW) is made, not an error after the whole run
+    saved = save_tree(tmp_path / "new" / "trees", result)
+    assert json.loads(saved.read_text())["paths"] == [list(p) for p in result["best"]["tree"]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -85,6 +85,7 @@ def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budge
 def save_tree(folder: str | Path, result: dict) -> Path:
     """tree.json beside the heads (read by the loader) with the calibration figures for reference."""
     path = Path(folder) / "tree.json"
+    path.parent.mkdir(parents=True, exist_ok=True)   # a new --save-to folder: never lose the run at its end
     best = result["best"]
     path.write_text(json.dumps({"paths": [list(p) for p in best["tree"]],
                                 "calibration": {k: v for k, v in best.items() if k != "tree"} |
