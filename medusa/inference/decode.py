@@ -116,7 +116,7 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
     """Yield one Step per decoding step. input_ids: (1, T) on the model's device. `draft_head`: the projection
     for the heads' guesses (default: the model's lm_head; see heads.draft_projection). `lookup`: also verify
     tokens copied from the context each step (lookup.py). `forward`: what runs the model's forward passes,
-    e.g. `compiled(model)` (default: the model itself)."""
+    e.g. `compiled.compile_forward(model)` (default: the model itself)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"medusa decodes one sequence at a time: input_ids must be (1, T), got {tuple(input_ids.shape)}")
     prompt_len = input_ids.shape[1]

@@ -39,7 +39,7 @@ class LoadOptions:
             raise ValueError(f"{self.base_model or self.model} has no tokenizer; the command line needs one "
                              f"(the Python API works on token ids without it)")
         if self.compile:
-            log("Compiling the model's forward passes (torch.compile; minutes on a small CPU, cached on disk) ...")
+            log("Compiling the model's forward passes (torch.compile; minutes on a small CPU) ...")
             t1 = time.perf_counter()
             model.warm_up()
             log(f"Compiled in {time.perf_counter() - t1:.0f} s")
