@@ -65,6 +65,47 @@ def test_kl_loss_is_zero_when_head_matches_teacher():
     assert loss2.item() > 0.1
 
 
+def test_a_draft_vocabulary_loss_is_the_softmax_over_those_tokens_and_skips_targets_outside():
+    torch.manual_seed(3)
+    ids = torch.randint(3, VOCAB, (2, 14))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    vocab = torch.unique(ids[:, 2:])[:-3]                       # three targets' tokens left out
+    vocab_map = torch.full((VOCAB,), -1, dtype=torch.long)
+    vocab_map[vocab] = torch.arange(vocab.numel())
+    feats = torch.randn(3, 2, 14, VOCAB, requires_grad=True)
+    loss, stats = medusa_loss(feats, lambda i, x: x[:, vocab], ids, mask, vocab_map=vocab_map)
+    manual = []
+    for i in range(3):
+        logits, target = feats[i, :, : 12 - i].reshape(-1, VOCAB), ids[:, 2 + i:].reshape(-1)
+        inside = torch.isin(target, vocab)
+        logp = torch.log_softmax(logits[inside][:, vocab], -1)
+        manual.append(-logp[torch.arange(int(inside.sum())), vocab_map[target[inside]]].mean())
+        assert stats.count[i] == inside.sum() < target.numel()
+    assert loss.item() == pytest.approx(sum(0.8 ** i * m for i, m in enumerate(manual)).item(), rel=1e-5)
+    # soft targets: teacher mass outside the vocabulary is dropped and the rest renormalised; a position whose
+    # teacher tokens all lie outside adds nothing, and no NaN reaches the gradient
+    teacher_logp = torch.log_softmax(torch.randn(2, 14, 4), -1)
+    teacher_idx = vocab[torch.randint(0, vocab.numel(), (2, 14, 4))]
+    outside = torch.tensor([t for t in range(VOCAB) if t not in set(vocab.tolist())])
+    teacher_idx[0, 5, :2] = outside[:2]                          # half outside: renormalised over the rest
+    teacher_idx[1, 3] = outside[:4]                              # all outside
+    kl, _ = medusa_loss(feats, lambda i, x: x[:, vocab], ids, mask, vocab_map=vocab_map,
+                        teacher=(teacher_logp, teacher_idx))
+    kl.backward()
+    assert torch.isfinite(kl) and torch.isfinite(feats.grad).all()
+    keep = torch.isin(ids[:, 2:], vocab)                         # head 0: positions t with target t+2 inside
+    t_lp, t_ix = teacher_logp[:, 1:-1][keep], teacher_idx[:, 1:-1][keep]
+    lp = torch.log_softmax(feats[0, :, :12][keep][:, vocab], -1)
+    valid = torch.isin(t_ix, vocab)
+    q = torch.where(valid, t_lp, float("-inf"))
+    q = torch.log_softmax(q, -1)
+    rows = valid.any(-1)
+    term = torch.where(valid, q.exp() * (q - lp.gather(-1, vocab_map[t_ix].clamp(min=0))), 0.0)
+    kl0, _ = medusa_loss(feats[:1], lambda i, x: x[:, vocab], ids, mask, vocab_map=vocab_map,
+                         teacher=(teacher_logp, teacher_idx))
+    assert (~rows).sum() >= 1 and kl0.item() == pytest.approx((term[rows].sum(-1).sum() / keep.sum()).item(), rel=1e-5)
+
+
 def test_assistant_mask_covers_every_assistant_turn_and_nothing_else():
     tok = tiny_tokenizer()
     msgs = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "AB"},

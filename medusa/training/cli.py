@@ -66,8 +66,8 @@ _HELP = {
     "shared_lm_head": "heads reuse the base's frozen lm_head (small heads) instead of one projection each",
     "next_token_input": "heads also see the embedding of the token the base predicts next (more accurate; "
                         "our format only, not exportable to vLLM/TGI/TensorRT-LLM)",
-    "draft_vocab": "at decode time the heads guess only among the tokens seen as training targets (faster, "
-                   "lossless: the base verifies every guess)",
+    "draft_vocab": "the heads learn and guess only among the tokens seen as training targets (faster to train "
+                   "and to decode, lossless: the base verifies every guess)",
     "loss": "ce (true next tokens) or kl (the base's own distributions: soft self-distillation targets)",
     "decay": "head i's loss weight is decay**i",
     "mixed_precision": "no, bf16 or fp16 (bf16 is fast on GPUs and on CPUs with AMX)",

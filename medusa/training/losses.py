@@ -27,9 +27,12 @@ def targets(i: int, input_ids: torch.Tensor, loss_mask: torch.Tensor):
 
 def medusa_loss(features: torch.Tensor, project: Callable[[int, torch.Tensor], torch.Tensor],
                 input_ids: torch.Tensor, loss_mask: torch.Tensor, *, decay: float = 0.8,
-                teacher: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, HeadStats]:
+                teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+                vocab_map: torch.Tensor | None = None) -> tuple[torch.Tensor, HeadStats]:
     """features (K, B, T, H): each head's output before its projection; project(i, x (n, H)) -> logits (n, V),
     applied only at trained positions (a full (K, B, T, V) tensor would not fit for large vocabularies).
+    `vocab_map` (V,): when `project` scores only some tokens (a draft vocabulary), token id -> its output
+    index, -1 for the others; targets outside are skipped and the teacher's mass is renormalised over the rest.
 
     Loss = sum_i decay**i * loss_i; loss_i is CE to the true token t+2+i, or with `teacher` = (top-k
     logprobs (B, T, k), their ids (B, T, k)) of the base model, KL from the base's own distribution for
@@ -38,6 +41,10 @@ def medusa_loss(features: torch.Tensor, project: Callable[[int, torch.Tensor], t
     losses, top1, top5, counts = [], [], [], []
     for i in range(K):
         keep, target = targets(i, input_ids, loss_mask)
+        if vocab_map is not None:
+            mapped = vocab_map[target]
+            keep = keep.masked_scatter(keep, mapped >= 0)
+            target = mapped[mapped >= 0]
         n = target.numel()
         if n == 0:
             zero = features[i].sum() * 0.0
@@ -49,8 +56,11 @@ def medusa_loss(features: torch.Tensor, project: Callable[[int, torch.Tensor], t
             loss = F.nll_loss(logp, target)
         else:
             t_logp, t_idx = (x[:, 1 + i:-1][keep] for x in teacher)
-            t_logp = t_logp.float() - torch.logsumexp(t_logp.float(), dim=-1, keepdim=True)  # renormalise top-k
-            loss = (t_logp.exp() * (t_logp - logp.gather(-1, t_idx.long()))).sum(-1).mean()
+            t_idx = t_idx.long() if vocab_map is None else vocab_map[t_idx.long()]
+            valid = t_idx >= 0
+            t_logp = t_logp.float().masked_fill(~valid, float("-inf"))                 # renormalise top-k
+            t_logp = (t_logp - torch.logsumexp(t_logp, dim=-1, keepdim=True).clamp(min=-1e4)).masked_fill(~valid, 0)
+            loss = (t_logp.exp() * valid * (t_logp - logp.gather(-1, t_idx.clamp(min=0)))).sum(-1).mean()
         with torch.no_grad():
             best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             top1.append((best[:, 0] == target).float().mean())

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medusa.inference.heads import HeadsConfig, MedusaHeads, next_token_embeds, set_draft_vocab, shifted
@@ -33,7 +34,7 @@ class TrainConfig:
     num_layers: int = 1
     shared_lm_head: bool = True
     next_token_input: bool = False     # heads also see the embedding of token t+1 (heads.py)
-    draft_vocab: bool = True           # decode-time guesses only among tokens seen as targets (heads.py)
+    draft_vocab: bool = True           # heads learn and guess among the tokens seen as targets only (heads.py)
     max_length: int = 1024
     batch_size: int = 8
     grad_accum: int = 1
@@ -69,10 +70,20 @@ class TrainConfig:
             raise ValueError(f"loss must be ce or kl, got {self.loss!r}")
 
 
-def _projector(heads: MedusaHeads, lm_head: nn.Module):
-    if heads.config.shared_lm_head:
-        return lambda i, x: lm_head(x)
-    return lambda i, x: heads.heads[i].proj(x)
+def _projector(heads: MedusaHeads, lm_head: nn.Module) -> dict:
+    """medusa_loss's `project` (and `vocab_map`): what decoding scores the heads' guesses over. Shared-head
+    heads with a draft vocabulary are trained over those tokens only, the softmax decoding picks from
+    (draft_projection); for SmolLM2 that is a third of the vocabulary and about a third of the work."""
+    if not heads.config.shared_lm_head:
+        return {"project": lambda i, x: heads.heads[i].proj(x)}
+    vocab = getattr(heads, "draft_vocab", None)
+    if vocab is None:
+        return {"project": lambda i, x: lm_head(x)}
+    w = lm_head.weight[vocab]
+    b = None if lm_head.bias is None else lm_head.bias[vocab]
+    vocab_map = torch.full((heads.config.vocab_size,), -1, dtype=torch.long, device=vocab.device)
+    vocab_map[vocab] = torch.arange(vocab.numel(), device=vocab.device)
+    return {"project": lambda i, x: F.linear(x, w, b), "vocab_map": vocab_map}
 
 
 class Medusa1Step(nn.Module):
@@ -87,8 +98,8 @@ class Medusa1Step(nn.Module):
         hidden, ids = batch["hidden"].to(self.lm_head.weight.dtype), batch["input_ids"]
         teacher = (batch["topk_logp"], batch["topk_idx"]) if self.cfg.loss == "kl" else None
         feats = self.heads.features(hidden, next_embeds=next_token_embeds(self.heads, self.embedding[0], shifted(ids)))
-        return medusa_loss(feats, _projector(self.heads, self.lm_head), ids, batch["loss_mask"], decay=self.cfg.decay,
-                           teacher=teacher)
+        return medusa_loss(feats, input_ids=ids, loss_mask=batch["loss_mask"], decay=self.cfg.decay, teacher=teacher,
+                           **_projector(self.heads, self.lm_head))
 
 
 class Medusa2Step(nn.Module):
@@ -109,8 +120,8 @@ class Medusa2Step(nn.Module):
         keep = (ref_logp.exp() * (ref_logp - new_logp)).sum(-1).mean() if sel.any() else out.logits.sum() * 0
         lm_head = self.base.get_output_embeddings()
         nxt = next_token_embeds(self.heads, self.base.get_input_embeddings(), shifted(ids))
-        heads_loss, stats = medusa_loss(self.heads.features(out.hidden_states[-1], next_embeds=nxt),
-                                        _projector(self.heads, lm_head), ids, mask, decay=self.cfg.decay)
+        heads_loss, stats = medusa_loss(self.heads.features(out.hidden_states[-1], next_embeds=nxt), input_ids=ids,
+                                        loss_mask=mask, decay=self.cfg.decay, **_projector(self.heads, lm_head))
         stats.base_kl = keep.detach()
         return keep + self.cfg.heads_weight * heads_loss, stats
 
@@ -163,6 +174,9 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
                        next_token_input=cfg.next_token_input, base_model_name_or_path=cfg.model or "embedded:SmolLM2-135M-Instruct")
     heads = MedusaHeads(hcfg)
     heads.init_projections_from(base.get_output_embeddings())
+    if cfg.draft_vocab:      # before training: the heads learn to choose among the tokens they will guess from
+        seen = torch.cat([e.input_ids[e.loss_mask] for e in train_ex])
+        set_draft_vocab(heads, torch.bincount(seen, minlength=hcfg.vocab_size)[: hcfg.vocab_size])
     heads.to(acc.device)
     for p in base.parameters():
         p.requires_grad_(False)
@@ -202,7 +216,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     run = {"train_examples": len(dataset), "total_steps": total, "mode": cfg.mode, "num_heads": cfg.num_heads,
            "num_layers": cfg.num_layers, "shared_lm_head": cfg.shared_lm_head,
            **({"next_token_input": True} if cfg.next_token_input else {}), "batch_size": cfg.batch_size,
-           "epochs": cfg.epochs, "seed": cfg.seed}
+           "epochs": cfg.epochs, "seed": cfg.seed, "draft_vocab": cfg.draft_vocab}
     run_file = out_dir / "run.json"
     if latest is not None:
         before = json.loads(run_file.read_text()) if run_file.exists() else None
@@ -269,8 +283,6 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     result = {"step": step, "total": total, "finished": True, "train_examples": len(train_ex),
               "seconds": round(time.time() - t_start), "val_accuracy": accuracy}
     if cfg.draft_vocab:
-        seen = torch.cat([e.input_ids[e.loss_mask] for e in train_ex])
-        set_draft_vocab(step_module.heads, torch.bincount(seen, minlength=hcfg.vocab_size)[: hcfg.vocab_size])
         result["draft_vocab_size"] = hcfg.draft_vocab_size or hcfg.vocab_size
     if acc.is_main_process:
         hcfg.extra = {"training": {**asdict(cfg), "extra": None}, "result": result, **cfg.extra}
