@@ -239,6 +239,8 @@ def test_killed_training_resumes_to_the_same_end(distilled, tmp_path):
     assert resumed["finished"] and resumed["step"] == straight["step"]
     assert resumed["seconds"] >= 1000                               # the total, not this run's share
     from safetensors.torch import load_file
+    saved = load_file(str(next((tmp_path / "b" / "checkpoints").glob("step-*/model.safetensors"))))
+    assert saved and all(k.startswith("heads.") for k in saved)    # the frozen base is not copied into them
     a, b = load_file(str(tmp_path / "a" / "heads.safetensors")), load_file(str(tmp_path / "b" / "heads.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)

@@ -91,15 +91,16 @@ class Medusa1Step(nn.Module):
 
     def __init__(self, heads: MedusaHeads, lm_head: nn.Module, embedding: nn.Module, cfg: TrainConfig):
         super().__init__()
-        self.heads, self.lm_head, self.cfg = heads, lm_head, cfg
-        self.embedding = [embedding]   # a list, not a submodule: frozen, and kept out of the checkpoints
+        self.heads, self.cfg = heads, cfg
+        self.base_parts = [lm_head, embedding]   # a list, not submodules: frozen, kept out of the checkpoints
 
     def forward(self, batch: dict):
-        hidden, ids = batch["hidden"].to(self.lm_head.weight.dtype), batch["input_ids"]
+        lm_head, embedding = self.base_parts
+        hidden, ids = batch["hidden"].to(lm_head.weight.dtype), batch["input_ids"]
         teacher = (batch["topk_logp"], batch["topk_idx"]) if self.cfg.loss == "kl" else None
-        feats = self.heads.features(hidden, next_embeds=next_token_embeds(self.heads, self.embedding[0], shifted(ids)))
+        feats = self.heads.features(hidden, next_embeds=next_token_embeds(self.heads, embedding, shifted(ids)))
         return medusa_loss(feats, input_ids=ids, loss_mask=batch["loss_mask"], decay=self.cfg.decay, teacher=teacher,
-                           **_projector(self.heads, self.lm_head))
+                           **_projector(self.heads, lm_head))
 
 
 class Medusa2Step(nn.Module):
