@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from medusa.inference.heads import draft_projection, next_token_embeds, shifted
+from medusa.inference.heads import draft_projection, guess, next_token_embeds, shifted
 from medusa.training.data import Example, collate
 from medusa.training.losses import targets
 
@@ -26,13 +26,12 @@ def head_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor, num_heads: in
 def rank_accuracy(base, heads, examples: list[Example], *, max_rank: int = 10, batch_size: int = 8,
                   chunk: int = 256) -> torch.Tensor:
     """(K, max_rank): the fraction of assistant tokens t+2+i that head i ranks exactly r-th (from 0).
-    Heads run through their public call with the projection decoding uses (`draft_projection`: a draft
-    vocabulary's tokens only), a chunk at a time; heads that take the next token get the true one (at decode
+    Heads guess as at decode time (`guess` through `draft_projection`: a draft vocabulary's tokens only), a
+    chunk at a time; heads that take the next token get the true one (at decode
     time: the root, the base's own next token)."""
     embedding = base.get_input_embeddings()
     device = embedding.weight.device
     lm_head = draft_projection(base.get_output_embeddings(), heads)
-    token_ids = getattr(lm_head, "token_ids", None)
     K = heads.num_heads
     hits, counts = torch.zeros(K, max_rank), torch.zeros(K)
     for s in range(0, len(examples), batch_size):
@@ -45,8 +44,7 @@ def rank_accuracy(base, heads, examples: list[Example], *, max_rank: int = 10, b
         nxt = shifted(batch["input_ids"])[used]                                        # (n,)
         for c in range(0, h.shape[0], chunk):
             e = next_token_embeds(heads, embedding, nxt[c:c + chunk])
-            top = heads(h[c:c + chunk], lm_head, next_embeds=e).topk(max_rank, dim=-1).indices  # (K, n, R)
-            top = top if token_ids is None else token_ids[top]
+            top = guess(heads, h[c:c + chunk], lm_head, max_rank, next_embeds=e)                  # (K, n, R)
             t = tgt[:, c:c + chunk]
             hits += ((top == t[..., None]) & (t[..., None] >= 0)).float().sum(1).cpu()
             counts += (t >= 0).sum(1).float().cpu()

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from medusa.inference.heads import HeadsConfig, MedusaHeads, next_token_embeds, set_draft_vocab, shifted
+from medusa.inference.heads import (DraftProjection, HeadsConfig, MedusaHeads, next_token_embeds, set_draft_vocab,
+                                   shifted)
 from medusa.training.data import collate, read_conversations, tokenize_conversation
 from medusa.training.losses import medusa_loss
 
@@ -72,18 +72,18 @@ class TrainConfig:
 
 def _projector(heads: MedusaHeads, lm_head: nn.Module) -> dict:
     """medusa_loss's `project` (and `vocab_map`): what decoding scores the heads' guesses over. Shared-head
-    heads with a draft vocabulary are trained over those tokens only, the softmax decoding picks from
-    (draft_projection); for SmolLM2 that is a third of the vocabulary and about a third of the work."""
+    heads with a draft vocabulary are trained over those tokens only, the softmax decoding picks from (the
+    same DraftProjection, in the lm_head's dtype); for SmolLM2 that is a third of the vocabulary and about a
+    third of the work. Built once per run: the lm_head is frozen in both modes."""
     if not heads.config.shared_lm_head:
         return {"project": lambda i, x: heads.heads[i].proj(x)}
     vocab = getattr(heads, "draft_vocab", None)
     if vocab is None:
         return {"project": lambda i, x: lm_head(x)}
-    w = lm_head.weight[vocab]
-    b = None if lm_head.bias is None else lm_head.bias[vocab]
+    rows = DraftProjection(lm_head, vocab, lm_head.weight.dtype)
     vocab_map = torch.full((heads.config.vocab_size,), -1, dtype=torch.long, device=vocab.device)
     vocab_map[vocab] = torch.arange(vocab.numel(), device=vocab.device)
-    return {"project": lambda i, x: F.linear(x, w, b), "vocab_map": vocab_map}
+    return {"project": lambda i, x: rows(x), "vocab_map": vocab_map}
 
 
 class Medusa1Step(nn.Module):
@@ -93,6 +93,7 @@ class Medusa1Step(nn.Module):
         super().__init__()
         self.heads, self.cfg = heads, cfg
         self.base_parts = [lm_head, embedding]   # a list, not submodules: frozen, kept out of the checkpoints
+        self.projection = _projector(heads, lm_head)
 
     def forward(self, batch: dict):
         lm_head, embedding = self.base_parts
@@ -100,7 +101,7 @@ class Medusa1Step(nn.Module):
         teacher = (batch["topk_logp"], batch["topk_idx"]) if self.cfg.loss == "kl" else None
         feats = self.heads.features(hidden, next_embeds=next_token_embeds(self.heads, embedding, shifted(ids)))
         return medusa_loss(feats, input_ids=ids, loss_mask=batch["loss_mask"], decay=self.cfg.decay, teacher=teacher,
-                           **_projector(self.heads, lm_head))
+                           **self.projection)
 
 
 class Medusa2Step(nn.Module):
@@ -109,6 +110,7 @@ class Medusa2Step(nn.Module):
     def __init__(self, base, heads: MedusaHeads, cfg: TrainConfig):
         super().__init__()
         self.base, self.heads, self.cfg = base, heads, cfg
+        self.projection = _projector(heads, base.get_output_embeddings())
 
     def forward(self, batch: dict):
         ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
@@ -119,10 +121,9 @@ class Medusa2Step(nn.Module):
         ref_logp = torch.log_softmax(ref[:, :-1][sel].float(), -1)
         new_logp = torch.log_softmax(out.logits[:, :-1][sel].float(), -1)
         keep = (ref_logp.exp() * (ref_logp - new_logp)).sum(-1).mean() if sel.any() else out.logits.sum() * 0
-        lm_head = self.base.get_output_embeddings()
         nxt = next_token_embeds(self.heads, self.base.get_input_embeddings(), shifted(ids))
         heads_loss, stats = medusa_loss(self.heads.features(out.hidden_states[-1], next_embeds=nxt), input_ids=ids,
-                                        loss_mask=mask, decay=self.cfg.decay, **_projector(self.heads, lm_head))
+                                        loss_mask=mask, decay=self.cfg.decay, **self.projection)
         stats.base_kl = keep.detach()
         return keep + self.cfg.heads_weight * heads_loss, stats
 
