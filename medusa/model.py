@@ -14,7 +14,7 @@ from medusa.inference.checkpoint import (build_heads, fetch_heads_repo, is_heads
                                          save_heads)
 from medusa.inference.decode import DecodeOptions, Step, medusa_decode
 from medusa.inference.heads import HeadsConfig, MedusaHeads, draft_projection
-from medusa.inference.lookup import DEFAULT as DEFAULT_LOOKUP, LookupOptions
+from medusa.inference.lookup import DEFAULT as DEFAULT_LOOKUP, LookupOptions, with_max_tokens
 from medusa.inference.tree import DEFAULT_TREE, fit_tree_to_heads, load_tree, tree_buffers
 
 EMBEDDED_DEFAULT = "embedded:" + loading.DEFAULT_MODEL_NAME
@@ -55,13 +55,13 @@ def _heads_folder(name) -> Path | None:
 
 
 def _lookup_options(lookup) -> LookupOptions:
-    """None: the default (10 tokens); an int: that many context-draft tokens per step (0 = off); or
-    LookupOptions as they are."""
+    """None: the default (up to 10 tokens, 2 after a weak match); an int: at most that many context-draft
+    tokens per step (0 = off); or LookupOptions as they are."""
     if lookup is None:
         return DEFAULT_LOOKUP
     if isinstance(lookup, LookupOptions):
         return lookup
-    return LookupOptions(max_tokens=int(lookup))
+    return with_max_tokens(int(lookup))
 
 
 class MedusaModel(nn.Module):

@@ -7,7 +7,8 @@ import torch
 
 from conftest import ARCHS, random_heads, tiny_model
 from medusa import MedusaModel
-from medusa.inference.lookup import ContextIndex, LookupOptions
+from medusa.inference.lookup import DEFAULT, ContextIndex, LookupOptions, with_max_tokens
+from medusa.inference.packed_linear import pack_linears, padded_rows
 from medusa.inference.tree import PRESETS, tree_buffers, with_drafts
 
 
@@ -47,8 +48,40 @@ def test_growing_the_index_equals_building_it_at_once():
     assert all(grown.draft(r) == whole.draft(r) for r in range(6))
 
 
+def test_draft_length_follows_the_strength_of_the_match():
+    """max_tokens after a match of long_match+ tokens, short_tokens after a shorter one; `fill` lengthens the
+    draft (rows the step pays for anyway) and `limit` (room in the cache) caps it."""
+    opts = LookupOptions(max_tokens=6, short_tokens=2, long_match=4, max_ngram=3, min_ngram=2)
+    #        "1 2 3" agrees 3 tokens back only ("0" vs "5" before it), so the draft is short
+    weak = ContextIndex([0, 1, 2, 3, 7, 8, 9, 4, 6, 5, 1, 2], opts)
+    assert weak.draft(3) == [7, 8]
+    #        "0 1 2 3" agrees 4 tokens back: the long draft
+    strong = ContextIndex([0, 1, 2, 3, 7, 8, 9, 4, 6, 5, 0, 1, 2], opts)
+    assert strong.draft(3) == [7, 8, 9, 4, 6, 5]
+    assert weak.draft(3, fill=lambda n: n + 3) == [7, 8, 9, 4, 6]
+    assert strong.draft(3, limit=4, fill=lambda n: n + 3) == [7, 8, 9, 4]
+    assert ContextIndex([0, 1, 2, 3, 7, 8, 5, 1, 2], opts).draft(3, fill=lambda n: 16) == [7, 8, 5, 1, 2, 3, 7, 8, 5, 1, 2, 3, 7, 8, 5, 1]
+    plain = LookupOptions(max_tokens=6)             # no short_tokens: every match drafts max_tokens
+    assert ContextIndex([0, 1, 2, 3, 7, 8, 9, 4, 6, 5, 1, 2], plain).draft(3) == [7, 8, 9, 4, 6, 5]
+
+
+def test_an_int_lookup_keeps_the_default_policy():
+    assert with_max_tokens(10) == DEFAULT and DEFAULT.short_tokens < DEFAULT.max_tokens
+    assert with_max_tokens(1).short_tokens == 1 and not with_max_tokens(0).enabled
+    assert MedusaModel(tiny_model("llama"), random_heads(), lookup=7).lookup == with_max_tokens(7)
+
+
+def test_padded_rows_rounds_up_to_the_packed_row_counts():
+    model = tiny_model("llama")
+    assert padded_rows(model) is None                              # nothing packed: a row costs a row
+    if not pack_linears(model, (4, 8, 16), 4):
+        pytest.skip("no MKL packed products in this torch build")
+    pad = padded_rows(model)
+    assert [pad(n) for n in (1, 3, 4, 5, 8, 9, 16, 17, 40)] == [1, 3, 4, 8, 8, 16, 16, 17, 40]
+
+
 @pytest.mark.parametrize("options, message", [
-    (dict(max_tokens=-1), "draft length"), (dict(min_ngram=0), "n-gram"), (dict(min_ngram=4, max_ngram=3), "n-gram"),
+    (dict(max_tokens=-1), "draft length"), (dict(max_tokens=3, short_tokens=4), "short draft"), (dict(min_ngram=0), "n-gram"), (dict(min_ngram=4, max_ngram=3), "n-gram"),
 ])
 def test_bad_lookup_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
@@ -92,6 +125,20 @@ def test_greedy_with_drafts_equals_generate_and_accepts_drafts(arch):
     assert drafted and any(max(s.nodes) >= head_nodes and s.accepted >= 5 for s in drafted)
     off = list(MedusaModel(model, random_heads(), tree="cpu_small", lookup=0).stream(ids, max_new_tokens=60))
     assert len(steps) < len(off) and all(s.tree_size == head_nodes for s in off[:-1])
+
+
+def test_drafts_fill_the_packed_rows_and_greedy_stays_exact():
+    """With packed weights a step's rows are padded up to 4, 8 or 16 anyway: drafts take those rows."""
+    model = _looping("llama")
+    if not pack_linears(model, (4, 8, 16), 4):
+        pytest.skip("no MKL packed products in this torch build")
+    ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(3))
+    ref = model.generate(ids, max_new_tokens=60, min_new_tokens=60, do_sample=False, pad_token_id=0)
+    m = MedusaModel(model, random_heads(), tree=[(0,), (0, 0)], lookup=LookupOptions(4, short_tokens=1))
+    steps = list(m.stream(ids, max_new_tokens=60))
+    assert torch.equal(torch.cat([ids[0], *[s.tokens for s in steps]]), ref[0])
+    sizes = {s.tree_size for s in steps[:-1]}
+    assert sizes <= {3, 4, 8} and 8 in sizes                      # 3 + 4 drafts -> 8 rows; 3 + 1 -> 4
 
 
 def test_drafts_alone_on_a_root_only_tree():

@@ -18,6 +18,7 @@ from medusa.inference.acceptance import SamplingOptions, accept, next_token
 from medusa.inference.cache import TreeCache
 from medusa.inference.heads import guess, next_token_embeds
 from medusa.inference.lookup import ContextIndex, LookupOptions
+from medusa.inference.packed_linear import padded_rows
 from medusa.inference.tree import TreeBuffers, tree_buffers, with_drafts
 from medusa.inference.tree_attention import path_groups, step_index, uses_tree_attention
 
@@ -128,7 +129,10 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
     if not dtype.is_floating_point:
         dtype = torch.float16
     lookup = lookup if lookup is not None and lookup.enabled else None
+    # rows a step pays for anyway (packed products pad up to their row count): context drafts may fill them
+    pad = padded_rows(model) if lookup and forward is None else None
     most = tree.num_nodes + (lookup.max_tokens if lookup else 0)
+    most = pad(most) if pad is not None else most
     capacity = min(context_limit, prompt_len + opts.max_new_tokens + most)
     cache = TreeCache.for_model(model, capacity)
     # medusa_tree attention takes each node's path instead of a mask (see tree_attention.py); lone roots need neither
@@ -165,7 +169,9 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
             # propose: the root is the base's own next token; the heads fill the rest of the tree, and context
             # drafts (if on) add a chain under the root
             with record_function("medusa.propose"):
-                drafts = context.draft(int(root), room - source.heads_tree.num_nodes) if context is not None else []
+                n_tree = source.heads_tree.num_nodes
+                fill = (lambda n: pad(n_tree + n) - n_tree) if pad is not None else None
+                drafts = context.draft(int(root), room - n_tree, fill) if context is not None else []
                 t, shape = source.get(len(drafts))
                 tokens = root.view(1)
                 if t.head_nodes > 1:

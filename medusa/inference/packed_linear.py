@@ -53,6 +53,16 @@ class PackedLinear(nn.Linear):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+def padded_rows(model: nn.Module):
+    """n -> the rows a forward of n tokens pays for in `model`'s packed products (the next packed row count),
+    or None when the model has no packed linears."""
+    packed = next((m for m in model.modules() if isinstance(m, PackedLinear)), None)
+    if packed is None:
+        return None
+    sizes, lo = packed.sizes, packed.min_rows
+    return lambda n: next(s for s in sizes if s >= n) if lo <= n <= sizes[-1] else n
+
+
 def _packable(model: nn.Module) -> list[nn.Linear]:
     """The plain (not yet packed, not quantized) fp32 CPU nn.Linears of `model`."""
     return [m for m in model.modules()

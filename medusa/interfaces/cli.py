@@ -65,7 +65,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                                   "computed like a one-token step: bit-identical greedy output in bf16 on CPU)")
     g.add_argument("--lookup", type=int, metavar="N",
                    help="also verify up to N tokens copied from the context each step (prompt lookup as one more "
-                        "tree branch: helps summaries, translations, answers quoting a passage; 0 = off)")
+                        "tree branch: helps summaries, translations, answers quoting a passage; 2 after a weak "
+                        "match, more where packed products pad the step's rows anyway; 0 = off)")
     g.add_argument("--compile", action="store_true",
                    help="run decoding's forward passes under torch.compile: faster steps (tree steps most) after a "
                         "compilation of minutes on a small CPU at start-up")
