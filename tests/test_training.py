@@ -246,6 +246,11 @@ def test_killed_training_resumes_to_the_same_end(distilled, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
     assert [r["loss"] for r in _log(tmp_path / "a")] == pytest.approx([r["loss"] for r in _log(tmp_path / "b")],
                                                                       abs=1e-4)
+    heads_file = tmp_path / "b" / "heads.safetensors"
+    before = heads_file.stat().st_mtime_ns
+    again = _train(distilled, tmp_path / "b")                      # a finished run: nothing redone
+    assert again == json.loads((tmp_path / "b" / "medusa_config.json").read_text())["extra"]["result"]
+    assert again["step"] == straight["step"] and heads_file.stat().st_mtime_ns == before
     _train(distilled, tmp_path / "c", stop_after=2)
     with pytest.raises(ValueError, match="different run .*batch_size"):   # not a resume of that run
         _train(distilled, tmp_path / "c", batch_size=2)

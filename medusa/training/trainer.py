@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medusa.inference.checkpoint import OUR_CONFIG, OUR_WEIGHTS
 from medusa.inference.heads import (DraftProjection, HeadsConfig, MedusaHeads, next_token_embeds, set_draft_vocab,
                                    shifted)
 from medusa.training.data import collate, read_conversations, tokenize_conversation
@@ -230,6 +231,12 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
         clock = latest / "elapsed.json"        # time spent before the kill counts: logs and result are totals
         if clock.is_file():
             t_start -= json.loads(clock.read_text())["seconds"]
+        saved = out_dir / OUR_CONFIG
+        if step >= total and saved.is_file() and (out_dir / OUR_WEIGHTS).is_file():
+            result = json.loads(saved.read_text()).get("extra", {}).get("result")
+            if result and result.get("finished") and result.get("step") == step:
+                say(f"{out_dir} holds the finished run (step {step} of {total}): nothing to do")
+                return result
         say(f"resumed from {latest} (step {step} of {total})")
     elif acc.is_main_process:
         run_file.write_text(json.dumps(run, indent=1) + "\n")
