@@ -83,6 +83,12 @@ def test_cli_reports_missing_model_path():
     assert "/no/such/heads" in r.stderr and "does not exist" in r.stderr
 
 
+def test_cli_refuses_bad_draft_lengths_before_loading():
+    r = _medusa("generate", "--prompt", "x", "--lookup", "3", "--lookup-short", "5")
+    assert r.returncode == 2
+    assert "short draft length" in r.stderr and "5" in r.stderr and "Ready" not in r.stderr
+
+
 def test_plain_steps_match_generate_bit_for_bit_in_bf16():
     """One-token steps over our cache take the model's own mask-free attention path, as `generate` does
     with a DynamicCache, so even bf16 logits agree exactly (an explicit all-zero mask picks another kernel

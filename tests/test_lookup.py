@@ -71,6 +71,18 @@ def test_an_int_lookup_keeps_the_default_policy():
     assert MedusaModel(tiny_model("llama"), random_heads(), lookup=7).lookup == with_max_tokens(7)
 
 
+def test_cli_lookup_options():
+    from medusa.interfaces.cli import LoadOptions
+
+    opts = lambda **kw: LoadOptions(None, None, None, None, None, False, False, **kw).lookup_options()
+    assert opts() is None and opts(lookup=5) == 5                   # the model's default policy
+    assert opts(lookup=10, lookup_short=10) == LookupOptions(max_tokens=10, short_tokens=10)
+    assert opts(lookup_short=0) == LookupOptions(max_tokens=DEFAULT.max_tokens, short_tokens=0,
+                                                 long_match=DEFAULT.long_match)
+    with pytest.raises(ValueError, match="short draft"):
+        opts(lookup=3, lookup_short=5)
+
+
 def test_padded_rows_rounds_up_to_the_packed_row_counts():
     model = tiny_model("llama")
     assert padded_rows(model) is None                              # nothing packed: a row costs a row

@@ -20,21 +20,33 @@ class LoadOptions:
     attn: str | None = None
     lookup: int | None = None
     compile: bool = False
+    lookup_short: int | None = None
 
     @classmethod
     def from_args(cls, a) -> "LoadOptions":
         return cls(a.model, a.base_model, a.tree, a.device, a.dtype, a.load_in_8bit, a.load_in_4bit, a.attn,
-                   a.lookup, a.compile)
+                   a.lookup, a.compile, a.lookup_short)
+
+    def lookup_options(self):
+        """What MedusaModel takes as `lookup`: None (the default), an int, or LookupOptions when the draft
+        length after a weak match is given too."""
+        if self.lookup_short is None:
+            return self.lookup
+        from medusa.inference.lookup import DEFAULT, LookupOptions
+
+        return LookupOptions(max_tokens=DEFAULT.max_tokens if self.lookup is None else self.lookup,
+                             short_tokens=self.lookup_short, long_match=DEFAULT.long_match)
 
     def load(self):
         from medusa.model import MedusaModel
 
         log = lambda m: print(m, file=sys.stderr, flush=True)
+        lookup = self.lookup_options()        # bad draft lengths are refused before any loading
         t0 = time.perf_counter()
         model = MedusaModel.from_pretrained(self.model, base_model=self.base_model, dtype=self.dtype,
                                             device=self.device, tree=self.tree, load_in_8bit=self.load_in_8bit,
                                             load_in_4bit=self.load_in_4bit, attn_implementation=self.attn,
-                                            lookup=self.lookup, compile=self.compile, log=log)
+                                            lookup=lookup, compile=self.compile, log=log)
         if model.tokenizer is None:
             raise ValueError(f"{self.base_model or self.model} has no tokenizer; the command line needs one "
                              f"(the Python API works on token ids without it)")
@@ -67,6 +79,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="also verify up to N tokens copied from the context each step (prompt lookup as one more "
                         "tree branch: helps summaries, translations, answers quoting a passage; 2 after a weak "
                         "match, more where packed products pad the step's rows anyway; 0 = off)")
+    g.add_argument("--lookup-short", type=int, metavar="M",
+                   help="context-draft tokens after a weak match (default 2; M = N drafts N on every match: "
+                        "better where rows are cheap, as on GPUs with large trees)")
     g.add_argument("--compile", action="store_true",
                    help="run decoding's forward passes under torch.compile: faster steps (tree steps most) after a "
                         "compilation of minutes on a small CPU at start-up")
