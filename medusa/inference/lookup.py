@@ -48,9 +48,10 @@ class LookupOptions:
 DEFAULT = LookupOptions(max_tokens=10, short_tokens=2)   # transformers' prompt lookup drafts 10 tokens
 
 
-def with_max_tokens(n: int) -> LookupOptions:
-    """The default policy with drafts of at most n tokens (0 = off)."""
-    return replace(DEFAULT, max_tokens=n, short_tokens=min(DEFAULT.short_tokens, n))
+def with_max_tokens(n: int, short: int | None = None) -> LookupOptions:
+    """The default policy with drafts of at most n tokens (0 = off), and `short` after a weak match (default:
+    the default's, at most n)."""
+    return replace(DEFAULT, max_tokens=n, short_tokens=min(DEFAULT.short_tokens, n) if short is None else short)
 
 
 class ContextIndex:

@@ -32,10 +32,9 @@ class LoadOptions:
         length after a weak match is given too."""
         if self.lookup_short is None:
             return self.lookup
-        from medusa.inference.lookup import DEFAULT, LookupOptions
+        from medusa.inference.lookup import DEFAULT, with_max_tokens
 
-        return LookupOptions(max_tokens=DEFAULT.max_tokens if self.lookup is None else self.lookup,
-                             short_tokens=self.lookup_short, long_match=DEFAULT.long_match)
+        return with_max_tokens(DEFAULT.max_tokens if self.lookup is None else self.lookup, self.lookup_short)
 
     def load(self):
         from medusa.model import MedusaModel

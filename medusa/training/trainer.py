@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medusa.inference.checkpoint import OUR_CONFIG, OUR_WEIGHTS
+from medusa.inference.checkpoint import OUR_CONFIG, OUR_WEIGHTS, save_heads
 from medusa.inference.heads import (DraftProjection, HeadsConfig, MedusaHeads, next_token_embeds, set_draft_vocab,
                                    shifted)
 from medusa.training.data import collate, read_conversations, tokenize_conversation
@@ -150,7 +150,6 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from medusa.inference.checkpoint import save_heads
     from medusa.inference.loading import load_base_model
 
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
