@@ -54,10 +54,11 @@ def arch(request):
     return request.param
 
 
-def random_heads(num_heads: int = 4, seed: int = 1, shared: bool = True, next_token: bool = False) -> MedusaHeads:
+def random_heads(num_heads: int = 4, seed: int = 1, shared: bool = True, next_token: bool = False,
+                 parent_token: bool = False) -> MedusaHeads:
     torch.manual_seed(seed)
     heads = MedusaHeads(HeadsConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=num_heads, shared_lm_head=shared,
-                                    next_token_input=next_token))
+                                    next_token_input=next_token or parent_token, parent_token_input=parent_token))
     with torch.no_grad():
         for p in heads.parameters():
             p.normal_(0, 0.2)
@@ -94,7 +95,7 @@ class OracleHeads(nn.Module):
         picks = [random.Random(t * 1000 + i) for i in range(self.num_heads)]
         return [None if p.randrange(self.miss_every) == 0 else p.randrange(self.max_rank) for p in picks]
 
-    def forward(self, hidden: torch.Tensor, lm_head=None, upto=None, next_embeds=None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, lm_head=None, upto=None, next_embeds=None, parent_embeds=None) -> torch.Tensor:
         if hidden.dim() > 1:     # a batch of positions (evaluation): (n, H) -> (K, n, V)
             return torch.stack([self(h) for h in hidden], dim=1)[:upto]
         t = int((self.hidden - hidden.float()).norm(dim=-1).argmin())

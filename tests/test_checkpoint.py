@@ -189,11 +189,13 @@ def test_pt_holding_something_other_than_a_state_dict_is_refused(tmp_path):
 # ---------------------------------------------------------------- our format
 
 
-@pytest.mark.parametrize("shared,next_token", [(True, False), (False, False), (True, True)])
-def test_save_then_load_gives_the_same_heads_and_the_same_decode(tmp_path, shared, next_token):
+@pytest.mark.parametrize("shared,next_token,parent", [(True, False, False), (False, False, False),
+                                                      (True, True, False), (False, True, True)])
+def test_save_then_load_gives_the_same_heads_and_the_same_decode(tmp_path, shared, next_token, parent):
     base = tiny_model("llama")
     paths = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
-    m = MedusaModel(base, random_heads(num_heads=3, shared=shared, next_token=next_token), tree=paths)
+    m = MedusaModel(base, random_heads(num_heads=3, shared=shared, next_token=next_token, parent_token=parent),
+                    tree=paths)
     m.save_pretrained(tmp_path / "heads")
     config, state, tree = load_heads_checkpoint(tmp_path / "heads")
     assert config == m.heads.config
@@ -204,10 +206,12 @@ def test_save_then_load_gives_the_same_heads_and_the_same_decode(tmp_path, share
         assert torch.equal(state[k], want[k]), k
     loaded = MedusaModel(base, build_heads(config, state).eval(), tree=tree)
     hidden = _hidden(3)
-    nxt = torch.randn(hidden.shape) if next_token else None
+    inputs = {"next_embeds": torch.randn(hidden.shape)} if next_token else {}
+    if parent:
+        inputs["parent_embeds"] = torch.randn(2, *hidden.shape)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.heads(hidden, base.lm_head, next_embeds=nxt),
-                                   m.heads(hidden, base.lm_head, next_embeds=nxt), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.heads(hidden, base.lm_head, **inputs), m.heads(hidden, base.lm_head, **inputs),
+                                   rtol=0, atol=0)
     ids = _prompt(1)
     assert _steps(loaded, ids) == _steps(m, ids)
     assert torch.equal(loaded.generate(ids, max_new_tokens=30), m.generate(ids, max_new_tokens=30))

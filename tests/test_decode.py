@@ -97,6 +97,39 @@ def test_greedy_equals_plain_greedy_next_token_heads(arch):
     assert nodes() != before        # with U = 0 the root is ignored: the same decode accepts other nodes
 
 
+def test_greedy_equals_plain_greedy_parent_token_heads(arch):
+    """Heads whose guesses follow their parent node's token (proposed level by level; see the next test):
+    still exactly greedy, with and without context drafts."""
+    model = tiny_model(arch)
+    ids = _prompt(4)
+    for lookup in (0, 6):
+        m = MedusaModel(model, random_heads(parent_token=True), tree="cpu_small", lookup=lookup)
+        assert torch.equal(m.generate(ids, max_new_tokens=40), _hf_greedy(model, ids, 40))
+        assert any(len(s.nodes) > 1 for s in m.stream(ids, max_new_tokens=40))
+
+
+def test_parent_token_heads_propose_each_node_after_its_own_parent():
+    """Every node's token is its head's rank-th guess given the hidden state, the root, and that node's parent
+    token, computed here one node at a time; a draft vocabulary maps output rows to tokens."""
+    from medusa.inference.heads import DraftProjection, propose
+
+    model = tiny_model("llama")
+    heads = random_heads(parent_token=True)
+    tree = tree_buffers([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 3), (0, 0, 0), (1, 0, 2)])
+    hidden, root, emb = torch.randn(HIDDEN), torch.tensor(7), model.get_input_embeddings()
+    for draft in (model.lm_head, DraftProjection(model.lm_head, torch.arange(5, VOCAB, 2), torch.float32)):
+        ids = getattr(draft, "token_ids", torch.arange(VOCAB))
+        with torch.no_grad():
+            tokens = propose(heads, tree, hidden, root, draft, emb)
+            assert tokens.shape == (tree.num_nodes,) and int(tokens[0]) == 7
+            for i in range(1, tree.num_nodes):
+                d, parent = int(tree.depth[i]), int(tree.parent[i])
+                par = emb(tokens[parent]) if d > 1 else None
+                logits = heads.head_logits(d - 1, hidden, draft, emb(root), par)
+                assert int(tokens[i]) == int(ids[logits.topk(int(tree.rank[i]) + 1).indices[-1]]), tree.paths[i - 1]
+        assert len(set(tokens[tree.depth == 2].tolist())) > 2     # different parents, different guesses
+
+
 def test_greedy_equals_plain_greedy_oracle_heads(arch):
     """Heads that predict well: long paths are accepted, every node of the tree is used at least once."""
     model = tiny_model(arch)

@@ -229,6 +229,23 @@ def test_next_token_heads_learn_what_only_the_next_token_tells(tmp_path):
     assert acc[True] > 0.4 and acc[False] < 0.2, acc
 
 
+def test_parent_token_heads_learn_what_only_the_parent_tells(tmp_path):
+    """Head 1 at a lower-case letter must guess the next pair's upper-case letter (token t+3): unknowable from
+    the hidden state and the next token, certain from token t+2, the random letter its guess follows."""
+    data = _letter_pairs(tmp_path / "pairs.jsonl")
+    acc = {}
+    for parent in (False, True):
+        res = _train(data, tmp_path / str(parent), epochs=6, shared_lm_head=False, next_token_input=True,
+                     parent_token_input=parent)
+        acc[parent] = res["val_accuracy"]["top1"][1]
+    assert acc[True] > 0.4 and acc[False] < 0.2, acc
+
+
+def test_parent_token_input_needs_next_token_input():
+    with pytest.raises(ValueError, match="--parent-token-input needs --next-token-input"):
+        TrainConfig(data="x", output="y", parent_token_input=True)
+
+
 def test_killed_training_resumes_to_the_same_end(distilled, tmp_path):
     straight = _train(distilled, tmp_path / "a")
     part = _train(distilled, tmp_path / "b", stop_after=3)

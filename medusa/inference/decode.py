@@ -16,7 +16,7 @@ from torch.profiler import record_function
 
 from medusa.inference.acceptance import SamplingOptions, accept, next_token
 from medusa.inference.cache import TreeCache
-from medusa.inference.heads import guess, next_token_embeds
+from medusa.inference.heads import propose
 from medusa.inference.lookup import ContextIndex, LookupOptions
 from medusa.inference.packed_linear import padded_rows
 from medusa.inference.tree import TreeBuffers, tree_buffers, with_drafts
@@ -173,11 +173,7 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
                 fill = (lambda n: pad(n_tree + n) - n_tree) if pad is not None else None
                 drafts = context.draft(int(root), room - n_tree, fill) if context is not None else []
                 t, shape = source.get(len(drafts))
-                tokens = root.view(1)
-                if t.head_nodes > 1:
-                    nxt = next_token_embeds(heads, embedding, root)       # heads that condition on the root
-                    top = guess(heads, last_hidden, draft_head, t.topk, upto=t.max_depth, next_embeds=nxt)
-                    tokens = torch.cat([tokens, top[t.head[1:t.head_nodes], t.rank[1:t.head_nodes]]])
+                tokens = propose(heads, t, last_hidden, root, draft_head, embedding)
                 if drafts:
                     tokens = torch.cat([tokens, torch.tensor(drafts, dtype=torch.long, device=device)])  # (N,)
             # verify: one forward over the whole tree

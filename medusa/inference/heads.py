@@ -9,6 +9,13 @@ time the tree's root, the base's own next token, known before the heads run): `x
 A head that knows the word it continues guesses far better (the idea behind Hydra's and EAGLE's drafts),
 at the cost of one embedding lookup; the heads stay one forward each, so the tree is unchanged. Such heads
 are ours only: the serving engines' Medusa formats have no place for U.
+
+With `parent_token_input` as well, head i >= 1's first block also sees the embedding of token t + 1 + i,
+the token its guess follows: `x + SiLU(W x + U e + V p + b)`. At decode time that is the tree node's parent,
+head i-1's guess, so each head's guesses depend on the path they extend (Hydra's sequential heads): the
+tree is then proposed level by level, head i once per node of depth i that has children (`propose`).
+In training and evaluation the heads see the true tokens (`true_inputs`): what a path that is still being
+accepted holds.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ class HeadsConfig:
     num_layers: int = 1
     shared_lm_head: bool = True          # reuse the base's lm_head (frozen) instead of one projection per head
     next_token_input: bool = False       # first block also sees the embedding of token t + 1 (see above)
+    parent_token_input: bool = False     # head i >= 1's first block also sees token t + 1 + i (its parent's)
     draft_vocab_size: int = 0            # > 0: guesses at decode time only among these tokens (draft_projection)
     base_model_name_or_path: str | None = None
     extra: dict = field(default_factory=dict)  # provenance, training notes; kept verbatim
@@ -36,6 +44,10 @@ class HeadsConfig:
     def __post_init__(self):
         if self.next_token_input and self.num_layers < 1:
             raise ValueError("next_token_input needs at least one residual block (num_layers >= 1)")
+        if self.parent_token_input and not self.next_token_input:
+            raise ValueError("parent_token_input needs next_token_input (head 0's parent is the next token)")
+        if self.parent_token_input and self.num_heads < 2:
+            raise ValueError("parent_token_input needs at least 2 heads (head 0 has no parent but the next token)")
 
     def save(self, folder: str | Path) -> None:
         data = {"medusa_heads": True, **asdict(self)}
@@ -61,19 +73,28 @@ class ResBlock(nn.Module):
         return x + F.silu(z if extra is None else z + extra)
 
 
+def _zero_linear(size: int) -> nn.Linear:
+    layer = nn.Linear(size, size, bias=False)
+    nn.init.zeros_(layer.weight)
+    return layer
+
+
 class MedusaHead(nn.Module):
-    def __init__(self, cfg: HeadsConfig):
+    def __init__(self, cfg: HeadsConfig, index: int = 0):
         super().__init__()
         self.blocks = nn.ModuleList([ResBlock(cfg.hidden_size) for _ in range(cfg.num_layers)])
         self.proj = None if cfg.shared_lm_head else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.token = None
-        if cfg.next_token_input:   # U, zero at first: untrained, the head ignores the next token
-            self.token = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
-            nn.init.zeros_(self.token.weight)
+        # U and V start at zero: untrained, the head ignores the tokens
+        self.token = _zero_linear(cfg.hidden_size) if cfg.next_token_input else None
+        self.parent = _zero_linear(cfg.hidden_size) if cfg.parent_token_input and index > 0 else None
 
-    def features(self, hidden: torch.Tensor, next_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def features(self, hidden: torch.Tensor, next_embeds: torch.Tensor | None = None,
+                 parent_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        extra = None if self.token is None else self.token(next_embeds)
+        if self.parent is not None:
+            extra = extra + self.parent(parent_embeds)
         for j, block in enumerate(self.blocks):
-            hidden = block(hidden, self.token(next_embeds) if j == 0 and self.token is not None else None)
+            hidden = block(hidden, extra if j == 0 else None)
         return hidden
 
 
@@ -83,7 +104,7 @@ class MedusaHeads(nn.Module):
     def __init__(self, cfg: HeadsConfig):
         super().__init__()
         self.config = cfg
-        self.heads = nn.ModuleList([MedusaHead(cfg) for _ in range(cfg.num_heads)])
+        self.heads = nn.ModuleList([MedusaHead(cfg, i) for i in range(cfg.num_heads)])
         if cfg.draft_vocab_size:
             self.register_buffer("draft_vocab", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
 
@@ -98,30 +119,52 @@ class MedusaHeads(nn.Module):
                 if head.proj is not None:
                     head.proj.weight.copy_(lm_head.weight)
 
-    def features(self, hidden: torch.Tensor, upto: int | None = None,
-                 next_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def _check_inputs(self, next_embeds, parent_embeds, first_only: bool = False) -> None:
+        """`first_only`: for head 0 alone, which takes no parent."""
+        for name, flag, given in (("next", self.config.next_token_input, next_embeds),
+                                  ("parent", self.config.parent_token_input and not first_only, parent_embeds)):
+            if flag != (given is not None):
+                raise ValueError(f"these heads take the {name} token's embedding: pass `{name}_embeds`" if flag else
+                                 f"`{name}_embeds` given but these heads do not take it ({name}_token_input=False)")
+
+    def _cast(self, *xs):
+        param = next(self.parameters(), None)
+        return [x if x is None or param is None else x.to(param.dtype) for x in xs]
+
+    def features(self, hidden: torch.Tensor, upto: int | None = None, next_embeds: torch.Tensor | None = None,
+                 parent_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """(..., H) -> (K, ..., H): each head's residual blocks (before the projection), in the heads' dtype;
         only the first `upto` heads when given. `next_embeds` (..., H): the input embeddings of the tokens
-        that follow (see `next_token_embeds`), required by and only by `next_token_input` heads."""
-        if self.config.next_token_input != (next_embeds is not None):
-            raise ValueError("these heads take the next token's embedding: pass `next_embeds`"
-                             if self.config.next_token_input else
-                             "`next_embeds` given but these heads do not take the next token (next_token_input=False)")
-        param = next(self.parameters(), None)
-        if param is not None:
-            hidden = hidden.to(param.dtype)
-            next_embeds = None if next_embeds is None else next_embeds.to(param.dtype)
-        return torch.stack([h.features(hidden, next_embeds) for h in self.heads[:upto]])
+        that follow (see `next_token_embeds`), required by and only by `next_token_input` heads;
+        `parent_embeds` (K - 1, ..., H): entry i - 1 for head i, required by and only by `parent_token_input`
+        heads (see `true_inputs`)."""
+        self._check_inputs(next_embeds, parent_embeds)
+        hidden, next_embeds, parent_embeds = self._cast(hidden, next_embeds, parent_embeds)
+        return torch.stack([h.features(hidden, next_embeds, None if i == 0 or parent_embeds is None else parent_embeds[i - 1])
+                            for i, h in enumerate(self.heads[:upto])])
+
+    def project(self, i: int, feats: torch.Tensor, lm_head: nn.Module | None) -> torch.Tensor:
+        """Head i's features -> its logits: through its own projection, or the shared `lm_head`."""
+        if not self.config.shared_lm_head:
+            return self.heads[i].proj(feats)
+        if lm_head is None:
+            raise ValueError("these heads share the base model's lm_head: pass it as `lm_head`")
+        return lm_head(feats.to(lm_head.weight.dtype))
 
     def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None, upto: int | None = None,
-                next_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                next_embeds: torch.Tensor | None = None, parent_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (K, ..., V), or (upto, ..., V): a tree of depth d needs only the first d heads."""
-        feats = self.features(hidden, upto, next_embeds)
+        feats = self.features(hidden, upto, next_embeds, parent_embeds)
         if self.config.shared_lm_head:
-            if lm_head is None:
-                raise ValueError("these heads share the base model's lm_head: pass it as `lm_head`")
-            return lm_head(feats.to(lm_head.weight.dtype))
-        return torch.stack([h.proj(f) for h, f in zip(self.heads, feats)])
+            return self.project(0, feats, lm_head)
+        return torch.stack([self.project(i, f, lm_head) for i, f in enumerate(feats)])
+
+    def head_logits(self, i: int, hidden: torch.Tensor, lm_head: nn.Module | None, next_embeds=None,
+                    parent_embeds=None) -> torch.Tensor:
+        """Head i alone: (..., H) -> (..., V); `parent_embeds` (..., H) the tokens its guesses follow."""
+        self._check_inputs(next_embeds, parent_embeds, first_only=i == 0)
+        hidden, next_embeds, parent_embeds = self._cast(hidden, next_embeds, parent_embeds)
+        return self.project(i, self.heads[i].features(hidden, next_embeds, parent_embeds), lm_head)
 
 
 def next_token_embeds(heads: MedusaHeads, embedding: nn.Module, next_ids: torch.Tensor) -> torch.Tensor | None:
@@ -130,9 +173,25 @@ def next_token_embeds(heads: MedusaHeads, embedding: nn.Module, next_ids: torch.
     return embedding(next_ids) if heads.config.next_token_input else None
 
 
-def shifted(input_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) -> (B, T): the token after each position (the last one repeats itself; no target reads it)."""
-    return torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
+def shifted(input_ids: torch.Tensor, by: int = 1) -> torch.Tensor:
+    """(B, T) -> (B, T): the token `by` places after each position (the last one repeats past the end; no
+    target reads those)."""
+    return torch.cat([input_ids[:, by:], input_ids[:, -1:].expand(-1, min(by, input_ids.shape[1]))], dim=1)
+
+
+def true_inputs(heads: MedusaHeads, embedding: nn.Module, input_ids: torch.Tensor,
+                used: torch.Tensor | None = None) -> dict:
+    """The token embeddings the heads take at each position of `input_ids` (B, T), from the true tokens (as in
+    training and evaluation): `next_embeds` (token t+1) and `parent_embeds` (token t+1+i for head i >= 1), for
+    the positions `used` (a (B, T) bool) only when given. Empty for heads that take none."""
+    pick = (lambda x: x) if used is None else (lambda x: x[used])
+    out = {}
+    if heads.config.next_token_input:
+        out["next_embeds"] = embedding(pick(shifted(input_ids)))
+    if heads.config.parent_token_input:
+        out["parent_embeds"] = torch.stack([embedding(pick(shifted(input_ids, 1 + i)))
+                                            for i in range(1, heads.num_heads)])
+    return out
 
 
 MIN_DRAFT_VOCAB = 32
@@ -168,11 +227,35 @@ class DraftProjection(nn.Linear):
 
 
 def guess(heads: MedusaHeads, hidden: torch.Tensor, draft_head: nn.Module, k: int, *, upto: int | None = None,
-          next_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """(upto or K, k) token ids: each head's k best guesses at decode time, through `draft_head`."""
-    top = heads(hidden, draft_head, upto=upto, next_embeds=next_embeds).topk(k, dim=-1).indices
+          next_embeds: torch.Tensor | None = None, parent_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """(upto or K, ..., k) token ids: each head's k best guesses, through `draft_head` (as at decode time)."""
+    top = heads(hidden, draft_head, upto=upto, next_embeds=next_embeds, parent_embeds=parent_embeds).topk(k, dim=-1).indices
     ids = getattr(draft_head, "token_ids", None)
     return top if ids is None else ids[top]   # a draft vocabulary's rows -> their tokens
+
+
+def propose(heads: MedusaHeads, tree, hidden: torch.Tensor, root: torch.Tensor, draft_head: nn.Module,
+            embedding: nn.Module) -> torch.Tensor:
+    """(tree.head_nodes,) the tree's tokens at decode time: the root (the base's own next token), then each
+    node's guess, the rank-th best of its head. `hidden` (H,): the base's last hidden state before the root.
+    Heads that take their parent's token run level by level: head d once for each node of depth d that has
+    children, its guesses following that node's token."""
+    n = tree.head_nodes
+    tokens = root.view(1)
+    if n == 1:
+        return tokens
+    nxt = next_token_embeds(heads, embedding, root)       # heads that condition on the root
+    if not heads.config.parent_token_input:
+        top = guess(heads, hidden, draft_head, tree.topk, upto=tree.max_depth, next_embeds=nxt)
+        return torch.cat([tokens, top[tree.head[1:n], tree.rank[1:n]]])
+    tokens = tokens.repeat(n)
+    ids = getattr(draft_head, "token_ids", None)
+    for d, (nodes, parents, rows, k) in enumerate(tree.levels):
+        m = parents.numel()
+        par = embedding(tokens[parents]) if d > 0 else None
+        top = heads.head_logits(d, hidden.expand(m, -1), draft_head, nxt.expand(m, -1), par).topk(k, dim=-1).indices
+        tokens[nodes] = (top if ids is None else ids[top])[rows, tree.rank[nodes]]
+    return tokens
 
 
 def draft_projection(lm_head: nn.Module, heads: MedusaHeads) -> nn.Module:

@@ -92,6 +92,9 @@ class TreeBuffers:
     topk: int                    # largest rank used + 1
     children: tuple[tuple[int, ...], ...] = ()   # per node, its children in rank order
     drafted: int = 0             # the last `drafted` nodes are a chain of context drafts under the root
+    # per depth d = 1..max_depth: (its nodes, the distinct parents of those, each node's parent's row among
+    # them, how many ranks the level uses): for heads whose guesses follow their parent's token
+    levels: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int], ...] = ()
 
     @property
     def num_nodes(self) -> int:
@@ -109,7 +112,9 @@ class TreeBuffers:
 
     def to(self, device) -> "TreeBuffers":
         move = {k: getattr(self, k).to(device) for k in ("attn_mask", "depth", "head", "rank", "parent", "retrieve")}
-        return TreeBuffers(paths=self.paths, topk=self.topk, children=self.children, drafted=self.drafted, **move)
+        levels = tuple((a.to(device), b.to(device), c.to(device), k) for a, b, c, k in self.levels)
+        return TreeBuffers(paths=self.paths, topk=self.topk, children=self.children, drafted=self.drafted,
+                           levels=levels, **move)
 
 
 def tree_buffers(paths: list[Path_]) -> TreeBuffers:
@@ -138,7 +143,13 @@ def tree_buffers(paths: list[Path_]) -> TreeBuffers:
             retrieve[row, d] = index[leaf[:d]]
     topk = max((r for p in paths for r in p), default=-1) + 1
     children = tuple(tuple(j for j in range(1, n) if parent[j] == i) for i in range(n))
-    return TreeBuffers(tuple(paths), attn, depth, head, rank, parent, retrieve, topk, children)
+    levels = []
+    for d in range(1, max_depth + 1):
+        nodes = [i for i in range(1, n) if depth[i] == d]
+        parents = sorted({int(parent[i]) for i in nodes})
+        rows = [parents.index(int(parent[i])) for i in nodes]
+        levels.append((torch.tensor(nodes), torch.tensor(parents), torch.tensor(rows), int(rank[nodes].max()) + 1))
+    return TreeBuffers(tuple(paths), attn, depth, head, rank, parent, retrieve, topk, children, levels=tuple(levels))
 
 
 def with_drafts(tree: TreeBuffers, n: int) -> TreeBuffers:
@@ -165,4 +176,4 @@ def with_drafts(tree: TreeBuffers, n: int) -> TreeBuffers:
     children = list(tree.children) + [(int(j) + 1,) for j in chain[:-1]] + [()]
     children[0] = children[0] + (base,)
     return TreeBuffers(tree.paths, attn, depth, torch.cat([tree.head, zeros]), torch.cat([tree.rank, zeros]),
-                       parent, retrieve, tree.topk, tuple(children), drafted=n)
+                       parent, retrieve, tree.topk, tuple(children), drafted=n, levels=tree.levels)

@@ -66,6 +66,8 @@ _HELP = {
     "shared_lm_head": "heads reuse the base's frozen lm_head (small heads) instead of one projection each",
     "next_token_input": "heads also see the embedding of the token the base predicts next (more accurate; "
                         "our format only, not exportable to vLLM/TGI/TensorRT-LLM)",
+    "parent_token_input": "with --next-token-input: head i >= 1 also sees the token its guess follows (at decode "
+                          "time the previous head's guess: Hydra-style sequential heads; our format only)",
     "draft_vocab": "the heads learn and guess only among the tokens seen as training targets (faster to train "
                    "and to decode, lossless: the base verifies every guess)",
     "loss": "ce (true next tokens) or kl (the base's own distributions: soft self-distillation targets)",

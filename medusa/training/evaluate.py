@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from medusa.inference.heads import draft_projection, guess, next_token_embeds, shifted
+from medusa.inference.heads import draft_projection, guess, true_inputs
 from medusa.training.data import Example, collate
 from medusa.training.losses import targets
 
@@ -28,7 +28,8 @@ def rank_accuracy(base, heads, examples: list[Example], *, max_rank: int = 10, b
     """(K, max_rank): the fraction of assistant tokens t+2+i that head i ranks exactly r-th (from 0).
     Heads guess as at decode time (`guess` through `draft_projection`: a draft vocabulary's tokens only), a
     chunk at a time; heads that take the next token get the true one (at decode
-    time: the root, the base's own next token)."""
+    time: the root, the base's own next token), and heads that take their parent's token the true one too
+    (what a path still being accepted holds), so their accuracy is conditional on the path so far."""
     embedding = base.get_input_embeddings()
     device = embedding.weight.device
     lm_head = draft_projection(base.get_output_embeddings(), heads)
@@ -41,10 +42,10 @@ def rank_accuracy(base, heads, examples: list[Example], *, max_rank: int = 10, b
         tgt = head_targets(batch["input_ids"], batch["loss_mask"], K)                  # (K, B, T)
         used = (tgt >= 0).any(0)                                                       # (B, T)
         h, tgt = hidden[used], tgt[:, used]                                            # (n, H), (K, n)
-        nxt = shifted(batch["input_ids"])[used]                                        # (n,)
+        inputs = true_inputs(heads, embedding, batch["input_ids"], used)                # (n, H), (K-1, n, H)
         for c in range(0, h.shape[0], chunk):
-            e = next_token_embeds(heads, embedding, nxt[c:c + chunk])
-            top = guess(heads, h[c:c + chunk], lm_head, max_rank, next_embeds=e)                  # (K, n, R)
+            part = {k: v[..., c:c + chunk, :] for k, v in inputs.items()}
+            top = guess(heads, h[c:c + chunk], lm_head, max_rank, **part)                           # (K, n, R)
             t = tgt[:, c:c + chunk]
             hits += ((top == t[..., None]) & (t[..., None] >= 0)).float().sum(1).cpu()
             counts += (t >= 0).sum(1).float().cpu()

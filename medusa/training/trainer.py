@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from medusa.inference.checkpoint import OUR_CONFIG, OUR_WEIGHTS, save_heads
-from medusa.inference.heads import (DraftProjection, HeadsConfig, MedusaHeads, next_token_embeds, set_draft_vocab,
-                                   shifted)
+from medusa.inference.heads import DraftProjection, HeadsConfig, MedusaHeads, set_draft_vocab, true_inputs
 from medusa.training.data import collate, read_conversations, tokenize_conversation
 from medusa.training.losses import medusa_loss
 
@@ -35,6 +34,7 @@ class TrainConfig:
     num_layers: int = 1
     shared_lm_head: bool = True
     next_token_input: bool = False     # heads also see the embedding of token t+1 (heads.py)
+    parent_token_input: bool = False   # and head i >= 1 that of token t+1+i, the one its guess follows (heads.py)
     draft_vocab: bool = True           # heads learn and guess among the tokens seen as targets only (heads.py)
     max_length: int = 1024
     batch_size: int = 8
@@ -67,6 +67,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.mode not in ("medusa1", "medusa2"):
             raise ValueError(f"mode must be medusa1 or medusa2, got {self.mode!r}")
+        if self.parent_token_input and not self.next_token_input:
+            raise ValueError("--parent-token-input needs --next-token-input (head 0's parent is the next token)")
         if self.loss not in ("ce", "kl"):
             raise ValueError(f"loss must be ce or kl, got {self.loss!r}")
 
@@ -100,7 +102,7 @@ class Medusa1Step(nn.Module):
         lm_head, embedding = self.base_parts
         hidden, ids = batch["hidden"].to(lm_head.weight.dtype), batch["input_ids"]
         teacher = (batch["topk_logp"], batch["topk_idx"]) if self.cfg.loss == "kl" else None
-        feats = self.heads.features(hidden, next_embeds=next_token_embeds(self.heads, embedding, shifted(ids)))
+        feats = self.heads.features(hidden, **true_inputs(self.heads, embedding, ids))
         return medusa_loss(feats, input_ids=ids, loss_mask=batch["loss_mask"], decay=self.cfg.decay, teacher=teacher,
                            **self.projection)
 
@@ -122,8 +124,8 @@ class Medusa2Step(nn.Module):
         ref_logp = torch.log_softmax(ref[:, :-1][sel].float(), -1)
         new_logp = torch.log_softmax(out.logits[:, :-1][sel].float(), -1)
         keep = (ref_logp.exp() * (ref_logp - new_logp)).sum(-1).mean() if sel.any() else out.logits.sum() * 0
-        nxt = next_token_embeds(self.heads, self.base.get_input_embeddings(), shifted(ids))
-        heads_loss, stats = medusa_loss(self.heads.features(out.hidden_states[-1], next_embeds=nxt), input_ids=ids,
+        inputs = true_inputs(self.heads, self.base.get_input_embeddings(), ids)
+        heads_loss, stats = medusa_loss(self.heads.features(out.hidden_states[-1], **inputs), input_ids=ids,
                                         loss_mask=mask, decay=self.cfg.decay, **self.projection)
         stats.base_kl = keep.detach()
         return keep + self.cfg.heads_weight * heads_loss, stats
@@ -173,7 +175,8 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     text_cfg = base.config.get_text_config(decoder=True)
     hcfg = HeadsConfig(hidden_size=text_cfg.hidden_size, vocab_size=base.get_output_embeddings().weight.shape[0],
                        num_heads=cfg.num_heads, num_layers=cfg.num_layers, shared_lm_head=cfg.shared_lm_head,
-                       next_token_input=cfg.next_token_input, base_model_name_or_path=cfg.model or "embedded:SmolLM2-135M-Instruct")
+                       next_token_input=cfg.next_token_input, parent_token_input=cfg.parent_token_input,
+                       base_model_name_or_path=cfg.model or "embedded:SmolLM2-135M-Instruct")
     heads = MedusaHeads(hcfg)
     heads.init_projections_from(base.get_output_embeddings())
     if cfg.draft_vocab:      # before training: the heads learn to choose among the tokens they will guess from
@@ -217,7 +220,8 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     latest, step = _latest_checkpoint(ckpt_dir)
     run = {"train_examples": len(dataset), "total_steps": total, "mode": cfg.mode, "num_heads": cfg.num_heads,
            "num_layers": cfg.num_layers, "shared_lm_head": cfg.shared_lm_head,
-           **({"next_token_input": True} if cfg.next_token_input else {}), "batch_size": cfg.batch_size,
+           **({"next_token_input": True} if cfg.next_token_input else {}),
+           **({"parent_token_input": True} if cfg.parent_token_input else {}), "batch_size": cfg.batch_size,
            "epochs": cfg.epochs, "seed": cfg.seed, "draft_vocab": cfg.draft_vocab}
     run_file = out_dir / "run.json"
     if latest is not None:
