@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${MEDUSA_DATA:-$HOME/medusa-data}
 SHARED=${MEDUSA_SHARED:-../shared/data}
-THREADS=${THREADS:-1}
+THREADS=${THREADS:-2}              # the shipped heads and tree: 2 (THREADS=1 to distill beside other work)
 TRAIN_LIMIT=${TRAIN_LIMIT:-7500}   # conversations after these are held out for calibration
 HEADS=${HEADS:-$DATA/heads}        # training output (a new folder for a new run; link an old features-* in to reuse it)
 mkdir -p "$DATA"

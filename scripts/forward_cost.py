@@ -1,8 +1,8 @@
 """What one forward of N new tokens costs the base model over a cache of C tokens, per weight packing: the
 figure a tree of N nodes pays per step (packed_linear.py). Medians of --repeat runs, in ms.
 
-    python scripts/forward_cost.py [--model HEADS] [--cached 300] [--nodes 1,2,3,4,6,8,12,16]
-                                   [--packs none,16,4+8+16] [--threads 2] [--compile]
+    python scripts/forward_cost.py [--model HEADS] [--cached 300] [--nodes 1,2,3,4,5,6,8,10,12,16]
+                                   [--packs none,16,4+8+16] [--min-rows 4] [--repeat 9] [--threads 2] [--compile]
 
 --compile adds, for each packing, the same model as `compile=True` runs it (compiled.py: dynamic shapes, frozen
 weights; PackedLinear steps aside there); compiling happens in an untimed first call per N.

@@ -2,7 +2,7 @@
 work (propose = heads + top-k, accept, compact, and everything else between).
 
     python scripts/profile_step.py [--model HEADS] [--trees root,chain,cpu_small,mc_sim_7b_63] [--tokens 64]
-                                   [--lookup N] [--no-pack]
+                                   [--lookup N] [--no-pack] [--dtype D] [--attn A] [--threads N]
 
 "nodes" is the mean number of nodes verified per step (the tree, plus context drafts where there were some).
 """

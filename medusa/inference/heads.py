@@ -153,7 +153,8 @@ class MedusaHeads(nn.Module):
 
     def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None, upto: int | None = None,
                 next_embeds: torch.Tensor | None = None, parent_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (K, ..., V), or (upto, ..., V): a tree of depth d needs only the first d heads."""
+        """Logits (K, ..., V), or (upto, ..., V): a tree of depth d needs only the first d heads. Through a
+        DraftProjection (`lm_head`) the last dimension is its rows, not token ids (see `guess`)."""
         feats = self.features(hidden, upto, next_embeds, parent_embeds)
         if self.config.shared_lm_head:
             return self.project(0, feats, lm_head)
@@ -161,7 +162,8 @@ class MedusaHeads(nn.Module):
 
     def head_logits(self, i: int, hidden: torch.Tensor, lm_head: nn.Module | None, next_embeds=None,
                     parent_embeds=None) -> torch.Tensor:
-        """Head i alone: (..., H) -> (..., V); `parent_embeds` (..., H) the tokens its guesses follow."""
+        """Head i alone: (..., H) -> (..., V) (or a DraftProjection's rows); `parent_embeds` (..., H) the
+        tokens its guesses follow."""
         self._check_inputs(next_embeds, parent_embeds, first_only=i == 0)
         hidden, next_embeds, parent_embeds = self._cast(hidden, next_embeds, parent_embeds)
         return self.project(i, self.heads[i].features(hidden, next_embeds, parent_embeds), lm_head)

@@ -115,6 +115,8 @@ def add_train_commands(sub) -> dict:
     e.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP.max_tokens,
                    help="tokens per step of the heads alone are always measured; with N > 0, also with up to N "
                         "context-draft tokens per step (what decoding uses by default)")
+    e.add_argument("--lookup-short", type=int, metavar="M",
+                   help="context-draft tokens after a weak match (default 2; M = N drafts N on every match)")
     e.add_argument("--dtype")
     e.add_argument("--threads", type=int)
     return {"train": cmd_train, "evaluate": cmd_evaluate}
@@ -146,6 +148,11 @@ def cmd_evaluate(a) -> int:
         torch.set_num_threads(a.threads)
     if not (a.data or a.prompts):
         raise ValueError("give --data (held-out conversations) and/or --prompts (a prompt file)")
+    lookup = a.lookup
+    if a.lookup_short is not None:      # checked before any loading
+        from medusa.inference.lookup import with_max_tokens
+
+        lookup = with_max_tokens(a.lookup, a.lookup_short)
     m = MedusaModel.from_pretrained(a.model, base_model=a.base_model, dtype=a.dtype, tree=a.tree)
     report = {}
     if a.data:
@@ -157,6 +164,8 @@ def cmd_evaluate(a) -> int:
         report["greedy"] = tokens_per_step(m, prompts, max_new_tokens=a.max_new_tokens, lookup=0, log=log)
         if a.lookup:
             report["greedy_with_context_drafts"] = tokens_per_step(m, prompts, max_new_tokens=a.max_new_tokens,
-                                                                   lookup=a.lookup, log=log) | {"lookup": a.lookup}
+                                                                   lookup=lookup, log=log) | {"lookup": a.lookup}
+            if a.lookup_short is not None:
+                report["greedy_with_context_drafts"]["lookup_short"] = a.lookup_short
     print(json.dumps(report, indent=2))
     return 0
