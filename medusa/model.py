@@ -13,6 +13,7 @@ from medusa.inference.acceptance import SamplingOptions
 from medusa.inference.checkpoint import (build_heads, fetch_heads_repo, is_heads_folder, load_heads_checkpoint,
                                          save_heads)
 from medusa.inference.decode import DecodeOptions, Step, medusa_decode
+from medusa.inference.greedy_head import greedy_head_for
 from medusa.inference.heads import HeadsConfig, MedusaHeads, draft_projection
 from medusa.inference.lookup import DEFAULT as DEFAULT_LOOKUP, LookupOptions, with_max_tokens
 from medusa.inference.tree import DEFAULT_TREE, fit_tree_to_heads, load_tree, tree_buffers
@@ -75,6 +76,7 @@ class MedusaModel(nn.Module):
         self.lookup = _lookup_options(lookup)
         self._check_compatible()
         self.draft_head = draft_projection(base_model.get_output_embeddings(), heads)
+        self.greedy_head = greedy_head_for(base_model)   # greedy verification without the fp32 lm_head, or None
         # held in a tuple, not as a submodule: the compiled wrapper shares base_model's parameters
         self._compiled = (compiled.compile_forward(base_model),) if compile else ()
 
@@ -193,7 +195,7 @@ class MedusaModel(nn.Module):
         return medusa_decode(self.base_model, self.heads, ids, tree_buffers(paths), opts,
                              context_limit=self.context_limit, tokenizer=self.tokenizer, draft_head=self.draft_head,
                              lookup=self.lookup if lookup is None else _lookup_options(lookup),
-                             forward=self._compiled[0] if self._compiled else None)
+                             forward=self._compiled[0] if self._compiled else None, greedy_head=self.greedy_head)
 
     def generate_baseline(self, input_ids, generate_kwargs: dict | None = None, **options) -> torch.Tensor:
         """transformers' own `generate` on the base model with the same options: the reference medusa is

@@ -51,13 +51,14 @@ def _longest(match: torch.Tensor) -> tuple[int, int]:
     return best, int(lengths[best])
 
 
-def accept_greedy(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers) -> tuple[int, int]:
+def accept_greedy(choice: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers) -> tuple[int, int]:
     """Accept a candidate when it is the base model's argmax at its parent: the output equals greedy decoding.
 
-    logits (N, V) at each node; tokens (N,) each node's token. Returns (path row, accepted candidates).
+    choice (N,) the base's argmax at each node (`logits.argmax(-1)`); tokens (N,) each node's token. Returns
+    (path row, accepted candidates).
     """
     cand, valid = _path_candidates(tokens, tree)
-    pred = logits.argmax(dim=-1)[tree.retrieve[:, :-1].clamp(min=0)]   # (P, D) base's guess at each parent
+    pred = choice[tree.retrieve[:, :-1].clamp(min=0)]                  # (P, D) base's guess at each parent
     return _longest((cand == pred) & valid)
 
 
@@ -120,7 +121,7 @@ def accept(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers, opts: 
            generator: torch.Generator | None = None) -> tuple[int, int, torch.Tensor | None]:
     """-> (path row, accepted candidates, the next root token if the scheme fixes it, else None)."""
     if opts.greedy:
-        return (*accept_greedy(logits, tokens, tree), None)
+        return (*accept_greedy(logits.argmax(dim=-1), tokens, tree), None)
     if opts.mode == "lossless":
         return accept_lossless(logits, tokens, tree, opts, generator)
     return (*accept_typical(logits, tokens, tree, opts), None)

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch.profiler import record_function
 
-from medusa.inference.acceptance import SamplingOptions, accept, next_token
+from medusa.inference.acceptance import SamplingOptions, accept, accept_greedy, next_token
 from medusa.inference.cache import TreeCache
 from medusa.inference.heads import propose
 from medusa.inference.lookup import ContextIndex, LookupOptions
@@ -90,11 +90,23 @@ def _additive(tree: TreeBuffers, dtype) -> torch.Tensor:
     return torch.where(tree.attn_mask, zero, torch.finfo(dtype).min)
 
 
+_NO_LOGITS = torch.empty(0, dtype=torch.long)   # logits_to_keep for a forward whose logits nobody reads
+
+
 def _forward(model, ids, cache, positions, mask=None, logits_to_keep=0, **extra):
     out = model(input_ids=ids, past_key_values=cache, position_ids=positions, attention_mask=mask,
                 use_cache=True, output_hidden_states=True, logits_to_keep=logits_to_keep, **extra)
     # logits and the heads' input come from the same forward (soft-capped models need out.logits)
     return out.logits[0], out.hidden_states[-1][0]
+
+
+def _verify(run, greedy_head, tokens, cache, positions, **extra):
+    """The tree's forward -> (logits (N, V) or None, hidden (N, H), the base's greedy choice per node or None).
+    With `greedy_head` (greedy decoding, greedy_head.py) the model skips its output projection."""
+    if greedy_head is None:
+        return (*_forward(run, tokens[None], cache, positions, **extra), None)
+    _, hidden = _forward(run, tokens[None], cache, positions, logits_to_keep=_NO_LOGITS, **extra)
+    return None, hidden, greedy_head(hidden)
 
 
 def _stop_index(tokenizer, generated: list[int], n_new: int, stop_strings) -> int | None:
@@ -113,11 +125,12 @@ def _stop_index(tokenizer, generated: list[int], n_new: int, stop_strings) -> in
 @torch.inference_mode()
 def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts: DecodeOptions, *,
                   context_limit: int, tokenizer=None, draft_head=None,
-                  lookup: LookupOptions | None = None, forward=None) -> Iterator[Step]:
+                  lookup: LookupOptions | None = None, forward=None, greedy_head=None) -> Iterator[Step]:
     """Yield one Step per decoding step. input_ids: (1, T) on the model's device. `draft_head`: the projection
     for the heads' guesses (default: the model's lm_head; see heads.draft_projection). `lookup`: also verify
     tokens copied from the context each step (lookup.py). `forward`: what runs the model's forward passes,
-    e.g. `compiled.compile_forward(model)` (default: the model itself)."""
+    e.g. `compiled.compile_forward(model)` (default: the model itself). `greedy_head`: the base's argmax at each
+    node without its fp32 output projection (greedy_head.py), used for greedy decoding without `forward`."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"medusa decodes one sequence at a time: input_ids must be (1, T), got {tuple(input_ids.shape)}")
     prompt_len = input_ids.shape[1]
@@ -145,6 +158,7 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
     gen = torch.Generator(device=device).manual_seed(opts.seed) if opts.seed is not None else None
     eos = set(opts.eos_token_ids)
     run = forward if forward is not None else model
+    greedy_head = greedy_head if opts.sampling.greedy and forward is None else None
 
     t0 = time.perf_counter()
     input_ids = input_ids.clone()   # an inference tensor like every later input: one compiled graph serves both
@@ -181,19 +195,28 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
                 # a lone root needs no mask: the model's own causal path then matches `generate` exactly
                 positions = (length + t.depth)[None]
                 if t.num_nodes == 1:
-                    logits, hidden = _forward(run, tokens[None], cache, positions)
+                    logits, hidden, choice = _verify(run, greedy_head, tokens, cache, positions)
                 elif tree_attention:
-                    logits, hidden = _forward(run, tokens[None], cache, positions, medusa_tree=step_index(shape, length))
+                    logits, hidden, choice = _verify(run, greedy_head, tokens, cache, positions,
+                                                     medusa_tree=step_index(shape, length))
                 else:
-                    logits, hidden = _forward(run, tokens[None], cache, positions, mask.view(length, shape))
+                    logits, hidden, choice = _verify(run, greedy_head, tokens, cache, positions,
+                                                     mask=mask.view(length, shape))
             with record_function("medusa.accept"):
-                best, n_acc, root = accept(logits, tokens, t, opts.sampling, gen)
+                if choice is not None:
+                    best, n_acc = accept_greedy(choice, tokens, t)
+                else:
+                    best, n_acc, root = accept(logits, tokens, t, opts.sampling, gen)
                 path = t.retrieve[best, : n_acc + 1]                                  # accepted nodes
             # compact: keep only the accepted nodes' KV entries
             with record_function("medusa.compact"):
                 cache.compact(length, path)
             length += path.numel()
-            last_logits, last_hidden = logits[path[-1]], hidden[path[-1]]
+            last_hidden = hidden[path[-1]]
+            if choice is not None:
+                root = choice[path[-1]]         # greedy: the next root is the base's choice after the last node
+            else:
+                last_logits = logits[path[-1]]
             new, nodes, size = tokens[path].tolist(), tuple(path.tolist()), t.num_nodes
             if context is not None:
                 context.extend(new)
