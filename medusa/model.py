@@ -76,9 +76,10 @@ class MedusaModel(nn.Module):
         self.lookup = _lookup_options(lookup)
         self._check_compatible()
         self.draft_head = draft_projection(base_model.get_output_embeddings(), heads)
-        self.greedy_head = greedy_head_for(base_model)   # greedy verification without the fp32 lm_head, or None
         # held in a tuple, not as a submodule: the compiled wrapper shares base_model's parameters
         self._compiled = (compiled.compile_forward(base_model),) if compile else ()
+        # greedy verification without the fp32 lm_head, or None (compiled runs keep the lm_head in their graph)
+        self.greedy_head = None if compile else greedy_head_for(base_model)
 
     @property
     def is_compiled(self) -> bool:

@@ -34,7 +34,7 @@ class GreedyHead:
         self.weight_bf16 = w.to(torch.bfloat16)
         self.bias_bf16 = None if self.bias is None else self.bias.to(torch.bfloat16)
         c = 3 * 2.0 ** -8 + 2 * w.shape[1] * 2.0 ** -24
-        self.bound = c * w.float().norm(dim=1)                   # (V,) per token: C * |w_j|
+        self.bound = c * w.norm(dim=1)                   # (V,) per token: C * |w_j|
         # a bias adds its own bf16 rounding and its share of the result's: 2u * |b_j|
         self.bias_bound = torch.zeros_like(self.bound) if self.bias is None else 2.0 ** -7 * self.bias.abs()
 
@@ -53,7 +53,7 @@ class GreedyHead:
         if self.bias is not None:
             upper += self.bias_bound
         rows, cols = (upper >= floor).nonzero(as_tuple=True)          # the tokens that may be the argmax
-        exact = (self.weight[cols].float() * h[rows]).sum(dim=1)
+        exact = (self.weight[cols] * h[rows]).sum(dim=1)
         if self.bias is not None:
             exact += self.bias[cols]
         n = h.shape[0]

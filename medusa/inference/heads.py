@@ -231,9 +231,14 @@ class DraftProjection(nn.Linear):
 def guess(heads: MedusaHeads, hidden: torch.Tensor, draft_head: nn.Module, k: int, *, upto: int | None = None,
           next_embeds: torch.Tensor | None = None, parent_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """(upto or K, ..., k) token ids: each head's k best guesses, through `draft_head` (as at decode time)."""
-    top = heads(hidden, draft_head, upto=upto, next_embeds=next_embeds, parent_embeds=parent_embeds).topk(k, dim=-1).indices
+    return _best(heads(hidden, draft_head, upto=upto, next_embeds=next_embeds, parent_embeds=parent_embeds), draft_head, k)
+
+
+def _best(logits: torch.Tensor, draft_head: nn.Module, k: int) -> torch.Tensor:
+    """The k best outputs of `draft_head` as token ids (a draft vocabulary's rows -> their tokens)."""
+    top = logits.topk(k, dim=-1).indices
     ids = getattr(draft_head, "token_ids", None)
-    return top if ids is None else ids[top]   # a draft vocabulary's rows -> their tokens
+    return top if ids is None else ids[top]
 
 
 def propose(heads: MedusaHeads, tree, hidden: torch.Tensor, root: torch.Tensor, draft_head: nn.Module,
@@ -251,12 +256,11 @@ def propose(heads: MedusaHeads, tree, hidden: torch.Tensor, root: torch.Tensor, 
         top = guess(heads, hidden, draft_head, tree.topk, upto=tree.max_depth, next_embeds=nxt)
         return torch.cat([tokens, top[tree.head[1:n], tree.rank[1:n]]])
     tokens = tokens.repeat(n)
-    ids = getattr(draft_head, "token_ids", None)
     for d, (nodes, parents, rows, k) in enumerate(tree.levels):
         m = parents.numel()
         par = embedding(tokens[parents]) if d > 0 else None
-        top = heads.head_logits(d, hidden.expand(m, -1), draft_head, nxt.expand(m, -1), par).topk(k, dim=-1).indices
-        tokens[nodes] = (top if ids is None else ids[top])[rows, tree.rank[nodes]]
+        top = _best(heads.head_logits(d, hidden.expand(m, -1), draft_head, nxt.expand(m, -1), par), draft_head, k)
+        tokens[nodes] = top[rows, tree.rank[nodes]]
     return tokens
 
 
