@@ -47,6 +47,24 @@ def _as_input_ids(input_ids, device) -> torch.Tensor:
     return ids.to(device)
 
 
+def _pack(model, how: bool | str | None, log) -> None:
+    """Pack the base's fp32 CPU weights for the decode loop (see from_pretrained's `pack_weights`)."""
+    backend = how if isinstance(how, str) else packed_linear.default_backend()
+    if backend is None:
+        return
+    if not packed_linear.available(backend):
+        raise ValueError(f"pack_weights={backend!r}: this torch build has no {backend} (one of "
+                         f"{[b for b in packed_linear.BACKENDS if packed_linear.available(b)]})")
+    budget = 2 * 2**30 if how is None else float("inf")
+    if backend == "onednn":
+        choice = ((packed_linear.PACK_SIZES[-1],), 1) if packed_linear.packed_bytes(model, (1,)) <= budget else None
+    else:
+        choice = packed_linear.fitting(model, budget)
+    if choice and packed_linear.pack_linears(model, *choice, backend=backend):
+        rows = "any row count" if backend == "onednn" else f"{'/'.join(map(str, choice[0]))} rows"
+        log(f"Packed fp32 CPU weights for the decode loop's products ({backend}, {rows})")
+
+
 def _heads_folder(name) -> Path | None:
     """A local heads folder, or a Hub repo id holding heads (fetched); None for anything else (a base model)."""
     path = Path(str(name)).expanduser()
@@ -104,13 +122,14 @@ class MedusaModel(nn.Module):
     def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *, base_model=None, dtype=None,
                         device=None, tree=None, num_heads: int = 4, num_layers: int = 1,
                         shared_lm_head: bool = True, load_in_8bit: bool = False, load_in_4bit: bool = False,
-                        attn_implementation: str | None = None, lookup=None, pack_weights: bool | None = None,
+                        attn_implementation: str | None = None, lookup=None, pack_weights: bool | str | None = None,
                         compile: bool = False, log=None) -> "MedusaModel":
         """Load heads + base. `name_or_path` is a heads folder (ours or the original Medusa format), a base
         model (Hub id, folder or GGUF file; new untrained heads), or None for the embedded default.
         `lookup`: tokens copied from the context per step as extra candidates (0 = off; see lookup.py).
-        `pack_weights`: MKL-packed copies of fp32 CPU weights for tree steps (packed_linear.py); None = when the
-        base is fp32 on a CPU with MKL and the copies take at most 2 GiB (three copies, or else one).
+        `pack_weights`: copies of fp32 CPU weights packed for the decode loop's products (packed_linear.py):
+        "onednn" or "mkl"; None = oneDNN where torch has it (else MKL) when the copies take at most 2 GiB;
+        True = the same regardless of memory; False = none.
         `compile`: run decoding's forward passes under torch.compile (compiled.py; call `warm_up()` to compile
         before first use: minutes on a small CPU)."""
         log = log or (lambda m: None)
@@ -143,11 +162,8 @@ class MedusaModel(nn.Module):
 
             model = PeftModel.from_pretrained(model, str(Path(name_or_path).expanduser() / adapter)).merge_and_unload()
             model.eval()
-        if pack_weights is not False:   # None: as many copies as fit in 2 GiB (three, or else one)
-            choice = ((packed_linear.PACK_SIZES, packed_linear.MIN_ROWS) if pack_weights
-                      else packed_linear.fitting(model, 2 * 2**30))
-            if choice and packed_linear.pack_linears(model, *choice):
-                log(f"Packed fp32 CPU weights for tree steps of {'/'.join(map(str, choice[0]))} rows (MKL)")
+        if pack_weights is not False:
+            _pack(model, pack_weights, log)
         text_cfg = model.config.get_text_config(decoder=True)
         vocab = model.get_output_embeddings().weight.shape[0]
         if config is None:

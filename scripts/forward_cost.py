@@ -2,7 +2,10 @@
 figure a tree of N nodes pays per step (packed_linear.py). Medians of --repeat runs, in ms.
 
     python scripts/forward_cost.py [--model HEADS] [--cached 300] [--nodes 1,2,3,4,5,6,8,10,12,16]
-                                   [--packs none,16,4+8+16] [--min-rows 4] [--repeat 9] [--threads 2] [--compile]
+                                   [--packs none,onednn,16,4+8+16] [--min-rows 4] [--repeat 9] [--threads 2]
+                                   [--compile]
+
+Packings: none (the stock product), onednn, or MKL row counts joined by + (16, 4+8+16).
 
 --compile adds, for each packing, the same model as `compile=True` runs it (compiled.py: dynamic shapes, frozen
 weights; PackedLinear steps aside there); compiling happens in an untimed first call per N.
@@ -33,8 +36,9 @@ def cost_ms(model, cached: int, n: int, repeat: int) -> float:
     times = []
     for _ in range(repeat + 1):      # the first, untimed: allocation, kernel choice, compilation
         t0 = time.perf_counter()
-        model(input_ids=ids[:, cached:], past_key_values=cache, position_ids=positions, attention_mask=mask,
-              use_cache=True, logits_to_keep=0)
+        with packed_linear.engaged():
+            model(input_ids=ids[:, cached:], past_key_values=cache, position_ids=positions, attention_mask=mask,
+                  use_cache=True, logits_to_keep=0)
         times.append(time.perf_counter() - t0)
         cache.truncate(cached)
     return statistics.median(times[1:]) * 1e3
@@ -45,7 +49,8 @@ def main() -> None:
     p.add_argument("--model")
     p.add_argument("--cached", type=int, default=300)
     p.add_argument("--nodes", default="1,2,3,4,5,6,8,10,12,16")
-    p.add_argument("--packs", default="none,16,4+8+16", help="packings to compare: none, or sizes joined by +")
+    p.add_argument("--packs", default="none,onednn,4+8+16",
+                   help="packings to compare: none, onednn, or MKL row counts joined by +")
     p.add_argument("--min-rows", type=int, default=4, help="fewest rows that use a packed copy (sizes != 16)")
     p.add_argument("--repeat", type=int, default=9)
     p.add_argument("--threads", type=int)
@@ -57,7 +62,9 @@ def main() -> None:
     rows = {}
     for packing in a.packs.split(","):
         m = MedusaModel.from_pretrained(a.model, pack_weights=False)
-        if packing != "none":
+        if packing == "onednn":
+            packed_linear.pack_linears(m.base_model, backend="onednn")
+        elif packing != "none":
             sizes = tuple(int(x) for x in packing.split("+"))
             lean_sizes, lean_min = packed_linear.LEAN
             packed_linear.pack_linears(m.base_model, sizes, lean_min if sizes == lean_sizes else a.min_rows)

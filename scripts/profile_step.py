@@ -2,7 +2,7 @@
 work (propose = heads + top-k, accept, compact, and everything else between).
 
     python scripts/profile_step.py [--model HEADS] [--trees root,chain,cpu_small,mc_sim_7b_63] [--tokens 64]
-                                   [--lookup N] [--no-pack] [--dtype D] [--attn A] [--threads N]
+                                   [--lookup N] [--pack auto|onednn|mkl|none] [--dtype D] [--attn A] [--threads N]
 
 "nodes" is the mean number of nodes verified per step (the tree, plus context drafts where there were some).
 """
@@ -29,12 +29,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--threads", type=int)
     p.add_argument("--lookup", type=int, help="context-draft tokens per step (default: the model's, 10; 0 = off)")
-    p.add_argument("--no-pack", action="store_true", help="keep stock fp32 CPU products (no MKL-packed weights)")
+    p.add_argument("--pack", choices=("auto", "onednn", "mkl", "none"), default="auto",
+                   help="packed fp32 CPU weights for the loop's products (packed_linear.py); none = stock products")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     m = MedusaModel.from_pretrained(a.model, dtype=a.dtype, attn_implementation=a.attn, lookup=a.lookup,
-                                    pack_weights=False if a.no_pack else None)
+                                    pack_weights={"auto": None, "none": False}.get(a.pack, a.pack))
     text = "Write a short story about a lighthouse keeper who finds a message in a bottle."
     ids = encode_prompt(m.tokenizer, [{"role": "user", "content": text}])
     list(m.stream(ids, max_new_tokens=8))                                   # warm-up

@@ -47,7 +47,9 @@ def test_calibrate_saves_a_tree_the_loader_uses(tmp_path):
     m = MedusaModel(model, heads, tok, tree="chain")
     mask = torch.zeros(ref.numel(), dtype=torch.bool)
     mask[10:] = True
-    result = calibrate(m, [Example(ref, mask)], prompt, budgets=(1, 4, 8), log=lambda s: None)
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        calibrate(m, [Example(ref, mask)], prompt, budgets=(1, 4), rounds=0, log=lambda s: None)
+    result = calibrate(m, [Example(ref, mask)], prompt, budgets=(1, 4, 8), rounds=2, log=lambda s: None)
     acc = torch.tensor(result["rank_accuracy"])
     assert acc[:, :2].sum(1).min() > 0.5                  # the oracle puts the truth in its top 2 mostly
     assert [r["budget"] for r in result["rows"]] == [1, 4, 8]

@@ -307,5 +307,5 @@ def test_only_the_heads_a_tree_reaches_are_run():
     heads, lm_head = random_heads(), tiny_model("llama").get_output_embeddings()
     hidden = torch.randn(3, lm_head.in_features)
     full = heads(hidden, lm_head)
-    assert torch.equal(heads(hidden, lm_head, upto=2), full[:2])
+    torch.testing.assert_close(heads(hidden, lm_head, upto=2), full[:2], rtol=1e-5, atol=1e-5)  # other shapes: rounding
     assert tree_buffers(PRESETS["cpu_small"]).max_depth == 4 and tree_buffers([(0,), (1,)]).max_depth == 1

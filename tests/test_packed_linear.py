@@ -1,4 +1,5 @@
-"""MKL-packed fp32 weights for tree steps: same products (to rounding), same decoding, same parameters."""
+"""Packed fp32 weights (oneDNN, MKL) for the decode loop: same products (to rounding) inside `engaged()`, the
+stock product bit for bit outside it, same decoding, same parameters."""
 from __future__ import annotations
 
 import pytest
@@ -8,63 +9,96 @@ from torch import nn
 
 from conftest import random_heads, tiny_model
 from medusa import MedusaModel
+from medusa.model import _pack
 from medusa.inference import packed_linear
-from medusa.inference.packed_linear import MIN_ROWS, PACK_SIZES, PackedLinear, pack_linears
+from medusa.inference.packed_linear import MIN_ROWS, PACK_SIZES, OneDNNLinear, PackedLinear, engaged, pack_linears
 
 PACK_ROWS = PACK_SIZES[-1]
-
-pytestmark = pytest.mark.skipif(not packed_linear.available(), reason="torch built without MKL")
+BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not packed_linear.available(b), reason=f"torch without {b}"))
+            for b in packed_linear.BACKENDS]
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("sizes,min_rows", [(PACK_SIZES, MIN_ROWS), ((4, 8, 16), 3)])
-def test_packed_products_match_the_stock_ones(sizes, min_rows):
+@pytest.mark.parametrize("backend,sizes,min_rows", [("mkl", PACK_SIZES, MIN_ROWS), ("mkl", (4, 8, 16), 3),
+                                                    ("onednn", PACK_SIZES, 1)])
+def test_packed_products_match_the_stock_ones(backend, sizes, min_rows):
+    if not packed_linear.available(backend):
+        pytest.skip(f"torch without {backend}")
     torch.manual_seed(0)
     lin = nn.Linear(96, 200)
     ref = nn.Linear(96, 200)
     ref.load_state_dict(lin.state_dict())
-    assert pack_linears(lin, sizes, min_rows) == 1 and isinstance(lin, PackedLinear)
-    assert {n for n, _ in lin.named_buffers()} == {f"packed_{n}" for n in sizes}
-    for rows in range(1, max(sizes) + 5):
+    assert pack_linears(lin, sizes, min_rows, backend=backend) == 1
+    assert isinstance(lin, OneDNNLinear if backend == "onednn" else PackedLinear)
+    buffers = {"packed_onednn"} if backend == "onednn" else {f"packed_{n}" for n in sizes}
+    assert {n for n, _ in lin.named_buffers()} == buffers
+    packed_rows = range(1, 10**9) if backend == "onednn" else range(min_rows, max(sizes) + 1)
+    differs = 0
+    for rows in [*range(0, max(sizes) + 5), 70]:
         x = torch.randn(2, rows, 96)[:1]                     # a (1, rows, in) slice, as tree steps pass
-        out, want = lin(x), ref(x)
+        want = ref(x)
+        assert torch.equal(lin(x), want), rows                 # outside engaged(): the stock product, bit for bit
+        with engaged():
+            out = lin(x)
         assert out.shape == want.shape == (1, rows, 200)
-        if min_rows <= rows <= max(sizes):
+        if rows in packed_rows:
             torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+            differs += not torch.equal(out, want)
         else:
-            assert torch.equal(out, want), rows                 # the stock product, bit for bit
+            assert torch.equal(out, want), rows
+    assert differs > 0                                           # the packed product really ran (other rounding)
 
 
-def test_packing_keeps_parameters_ties_and_state_dict():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packing_keeps_parameters_ties_and_state_dict(backend):
     model = tiny_model("llama")
     model.tie_weights()
     keys = set(model.state_dict())
     before = {n: p for n, p in model.named_parameters()}
-    n = pack_linears(model)
+    n = pack_linears(model, backend=backend)
     assert n == sum(isinstance(m, nn.Linear) for m in model.modules()) > 0
     assert set(model.state_dict()) == keys                       # the packed copies are not saved
     assert all(p is before[k] for k, p in model.named_parameters())
-    assert pack_linears(model) == 0                              # already packed
+    assert pack_linears(model, backend=backend) == 0            # already packed
 
 
-def test_greedy_with_packed_weights_equals_generate():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_with_packed_weights_equals_generate(backend):
     model = tiny_model("qwen2")
-    pack_linears(model)
+    stock = tiny_model("qwen2")
+    stock.load_state_dict(model.state_dict())
+    pack_linears(model, backend=backend)
     m = MedusaModel(model, random_heads(), tree="cpu_small")     # 15 nodes: tree steps use the packed copies
     for seed in range(2):
         ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(seed))
-        ref = model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
+        ref = stock.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
+        # generate on the packed model itself is the stock model's, bit for bit: its logits too
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True)
+        want = stock.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+                              return_dict_in_generate=True)
+        assert all(torch.equal(a, b) for a, b in zip(out.logits, want.logits))
         assert torch.equal(m.generate(ids, max_new_tokens=40), ref)
 
 
-def test_training_bypasses_the_packed_copy():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_bypasses_the_packed_copy(backend):
     lin = nn.Linear(8, 4)
-    pack_linears(lin)
+    pack_linears(lin, backend=backend)
     x = torch.randn(PACK_ROWS, 8)
-    lin(x).sum().backward()                                      # stock product: gradients flow
+    with engaged():
+        y = lin(x)
+    y.sum().backward()                                           # stock product: gradients flow
     assert lin.weight.grad is not None
     torch.testing.assert_close(lin.weight.grad, x.sum(0).expand(4, 8))
-    assert torch.equal(lin(x).detach(), F.linear(x, lin.weight, lin.bias).detach())
+    assert torch.equal(y.detach(), F.linear(x, lin.weight, lin.bias).detach())
+
+
+def test_an_unknown_or_missing_packing_is_refused():
+    with pytest.raises(ValueError, match="unknown weight packing 'blas'"):
+        packed_linear.available("blas")
+    with pytest.raises(ValueError, match="unknown weight packing"):
+        _pack(tiny_model("llama"), "blas", print)                # from_pretrained(pack_weights="blas")
 
 
 def test_fitting_takes_as_many_copies_as_the_budget_holds():

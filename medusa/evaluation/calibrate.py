@@ -3,7 +3,8 @@
 1. Measure how often head i's rank-r guess is the true token (on greedy continuations of calibration data).
 2. For each node budget, build the tree that maximizes the expected tokens per step: the paper's greedy
    construction, where a path's chance of being accepted is the product of its heads' rank accuracies.
-3. Time real decoding steps with each of those trees on this machine, and keep the budget with the most
+3. Time real decoding steps with each of those trees on this machine (in `rounds` passes over all budgets, so
+   that a shared machine's drift and bursts fall on every budget alike), and keep the budget with the most
    expected tokens per second. The tree is saved beside the heads, where the loader picks it up.
 """
 from __future__ import annotations
@@ -48,16 +49,20 @@ def expected_tokens(tree: list[tuple[int, ...]], acc: torch.Tensor) -> float:
     return total
 
 
-def time_steps(model, ids: torch.Tensor, tree, *, steps: int = 12) -> float:
-    """Median seconds per decoding step with `tree` (the whole step: heads, verify, accept, compact), with no
-    context drafts: they come on top of the calibrated tree, only on steps where the context offers some."""
+def time_steps(model, ids: torch.Tensor, tree, *, steps: int = 12) -> list[float]:
+    """Seconds of `steps` decoding steps with `tree` (the whole step: heads, verify, accept, compact), after the
+    prefill's, with no context drafts: they come on top of the calibrated tree, only on steps where the context
+    offers some."""
     times = [s.seconds for s in model.stream(ids, max_new_tokens=steps * 8, tree=tree, lookup=0, eos_token_id=[])]
-    return statistics.median(times[1: steps + 1] or times)
+    return times[1: steps + 1] or times
 
 
 def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budgets=DEFAULT_BUDGETS,
-              max_rank: int = 10, log=print) -> dict:
+              max_rank: int = 10, rounds: int = 3, log=print) -> dict:
     from medusa.inference.tree_attention import rows_independent, uses_tree_attention
+
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
 
     if uses_tree_attention(model.base_model):   # larger trees would lose bit-exactness with generate
         exact = [b for b in budgets if rows_independent(model.base_model, b)]
@@ -67,13 +72,15 @@ def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budge
         budgets = exact or [1]
     acc = rank_accuracy(model.base_model, model.heads, examples, max_rank=max_rank)
     log("rank accuracy (head x rank): " + json.dumps([[round(x, 3) for x in row[:5]] for row in acc.tolist()]))
-    rows = []
+    trees = {b: best_tree(acc, b) if b > 1 else [] for b in budgets}
     time_steps(model, timing_ids, "root", steps=2)  # warm-up
-    for budget in budgets:
-        tree = best_tree(acc, budget) if budget > 1 else []
-        paths = tree if tree else "root"
-        sec = time_steps(model, timing_ids, paths)
-        exp = expected_tokens(tree, acc)
+    times: dict[int, list[float]] = {b: [] for b in budgets}
+    for _ in range(rounds):
+        for budget, tree in trees.items():
+            times[budget] += time_steps(model, timing_ids, tree or "root")
+    rows = []
+    for budget, tree in trees.items():
+        sec, exp = statistics.median(times[budget]), expected_tokens(tree, acc)
         rows.append({"budget": budget, "nodes": len(tree) + 1, "expected_tokens_per_step": round(exp, 3),
                      "step_ms": round(sec * 1000, 2), "expected_tokens_per_s": round(exp / sec, 2), "tree": tree})
         log(f"budget {budget:3d}: {exp:.2f} tokens/step expected, {sec * 1000:.1f} ms/step, "

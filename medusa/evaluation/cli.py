@@ -31,6 +31,8 @@ def add_commands(sub) -> dict:
     c.add_argument("--prompts", help="or a prompt file: the model's own greedy answers are used")
     c.add_argument("--limit", type=int, default=40, help="conversations / prompts to use")
     c.add_argument("--budgets", default="1,4,8,12,16,24,32,48,64", help="node budgets to time")
+    c.add_argument("--rounds", type=int, default=3,
+                   help="timing passes over all budgets (12 steps each; medians over all): more on noisy machines")
     c.add_argument("--save-to", help="folder for tree.json (default: the heads folder given by --model)")
     c.add_argument("--threads", type=int, help="torch CPU threads")
     return {"bench": cmd_bench, "calibrate": cmd_calibrate}
@@ -60,7 +62,7 @@ def cmd_calibrate(a) -> int:
         examples = examples_from_prompts(model, read_prompts(a.prompts)[: a.limit])
     timing = encode_prompt(model.tokenizer, [{"role": "user", "content": "Write a story about a lighthouse."}])
     budgets = tuple(int(b) for b in a.budgets.split(","))
-    result = calibrate(model, examples, timing, budgets=budgets, log=lambda s: print(s, flush=True))
+    result = calibrate(model, examples, timing, budgets=budgets, rounds=a.rounds, log=lambda s: print(s, flush=True))
     path = save_tree(target, result)
     best = result["best"]
     print(json.dumps({"saved": str(path), "nodes": best["nodes"], "expected_tokens_per_step":

@@ -18,7 +18,7 @@ from medusa.inference.acceptance import SamplingOptions, accept, accept_greedy, 
 from medusa.inference.cache import TreeCache
 from medusa.inference.heads import propose
 from medusa.inference.lookup import ContextIndex, LookupOptions
-from medusa.inference.packed_linear import padded_rows
+from medusa.inference.packed_linear import engaged, padded_rows
 from medusa.inference.tree import TreeBuffers, tree_buffers, with_drafts
 from medusa.inference.tree_attention import path_groups, step_index, uses_tree_attention
 
@@ -94,8 +94,9 @@ _NO_LOGITS = torch.empty(0, dtype=torch.long)   # logits_to_keep for a forward w
 
 
 def _forward(model, ids, cache, positions, mask=None, logits_to_keep=0, **extra):
-    out = model(input_ids=ids, past_key_values=cache, position_ids=positions, attention_mask=mask,
-                use_cache=True, output_hidden_states=True, logits_to_keep=logits_to_keep, **extra)
+    with engaged():   # packed weights serve this loop's products (packed_linear.py), never `generate`'s
+        out = model(input_ids=ids, past_key_values=cache, position_ids=positions, attention_mask=mask,
+                    use_cache=True, output_hidden_states=True, logits_to_keep=logits_to_keep, **extra)
     # logits and the heads' input come from the same forward (soft-capped models need out.logits)
     return out.logits[0], out.hidden_states[-1][0]
 

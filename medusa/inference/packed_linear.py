@@ -1,49 +1,101 @@
-"""fp32 CPU matrix products for tree steps: weights packed once in MKL's GEMM layout.
+"""fp32 CPU matrix products for the decode loop's forward passes: weights packed once, in oneDNN's or MKL's
+layout.
 
-MKL's fp32 product of a few rows by a weight matrix is far below the machine's speed, and uneven in the row
-count (SmolLM2-135M's output projection, 2 threads: 8 rows 14.6 ms, 13 rows 19.3 ms, 16 rows 10.7 ms). With
-the weight packed in advance for 16 rows (`cblas_sgemm_pack`, exposed by torch as
-`torch.ops.mkl._mkl_reorder_linear_weight` / `_mkl_linear`), 16 rows take 8.0 ms; torch's packed product runs
-only for the exact row count it was packed for, so rows are zero-padded up to the next packed count: copies
-for 4, 8 and 16 rows. Measured on the whole model (300 cached tokens, 2 threads; `scripts/forward_cost.py`),
-stock / packed 16 only / packed 4+8+16: N=3 47 / 47 / 53 ms (so below 4 rows the stock product stays, and
-one-token steps are untouched), N=4 62 / 62 / 52, N=6 66 / 67 / 62, N=8 76 / 73 / 61, N=12 90 / 75 / 74,
-N=14 100 / 76 / 76.
+The stock fp32 product of a few rows by a weight matrix (MKL's `sgemm`) is far below the machine's speed and
+uneven in the row count. Two remedies, both from torch's CPU build:
 
-`pack_linears(model)` turns the model's fp32 CPU `nn.Linear`s into `PackedLinear` in place (same parameters,
-same module tree, tied weights stay tied) and keeps the packed copies as non-persistent buffers: inference
-only (the copies do not follow later weight updates), and each costs as much memory again as those weights
-(`LEAN`: one copy, for 8-16 rows, where memory is short).
+- **oneDNN** (the default where torch has it): each weight reordered once into oneDNN's blocked layout
+  (`torch.ops.mkldnn._reorder_linear_weight`, the op inductor uses for frozen weights) and multiplied with
+  `torch.ops.mkldnn._linear_pointwise`, which serves every row count from the one copy. SmolLM2-135M, 300
+  cached tokens, 2 threads, an AMD EPYC (Zen 4) 2-core machine (`scripts/forward_cost.py`), stock / oneDNN:
+  N=1 66 / 49 ms, N=2 104 / 53, N=3 122 / 46, N=4 110 / 46, N=8 93 / 51, N=12 95 / 57, N=16 111 / 77,
+  N=32 166 / 130. Results are fp32 products (no reduced-precision accumulation), rounded differently.
+- **MKL** (`cblas_sgemm_pack`, `torch.ops.mkl._mkl_reorder_linear_weight` / `_mkl_linear`): one copy per
+  packed row count (4, 8 and 16), each product of `min_rows` to 16 rows zero-padded up to the next; on an
+  Intel 2-core machine (AMX) N=3 47 / 47 / 53 ms (stock / packed 16 / packed 4+8+16), N=4 62 / 62 / 52,
+  N=8 76 / 73 / 61, N=14 100 / 76 / 76; on the AMD one above it barely helps (N=4 127 -> 103 ms, N=8 120 ->
+  136).
+
+`pack_linears(model, backend)` turns the model's fp32 CPU `nn.Linear`s into `OneDNNLinear` / `PackedLinear`
+in place (same parameters, same module tree, tied weights stay tied) and keeps the packed copies as
+non-persistent buffers: inference only (the copies do not follow later weight updates), each as large as
+those weights again. The packed copies are used only inside `engaged()` -- the decode loop's own forward
+passes: anything else that runs the model (`generate`, a training step, the user's code) gets the stock
+product, bit for bit.
 """
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+BACKENDS = ("onednn", "mkl")
+_ENGAGED = contextvars.ContextVar("medusa_packed_products", default=False)
 
 PACK_SIZES = (4, 8, 16)   # the row counts the weights are packed for (one copy each); rows pad up to the next
 MIN_ROWS = 4              # fewer rows: the stock product (as fast or faster there)
 LEAN = ((16,), 8)         # one copy only, for 8-16 rows: where memory allows no more
 
 
-def available() -> bool:
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+def available(backend: str = "mkl") -> bool:
+    if backend == "onednn":
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if backend == "mkl":
+        return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+    raise ValueError(f"unknown weight packing {backend!r}: one of {BACKENDS}")
+
+
+def default_backend() -> str | None:
+    """The packing used when none is named: oneDNN where torch has it, else MKL, else None."""
+    return next((b for b in BACKENDS if available(b)), None)
+
+
+@contextlib.contextmanager
+def engaged():
+    """Packed copies serve the products of the forward passes run inside this block (the decode loop's)."""
+    token = _ENGAGED.set(True)
+    try:
+        yield
+    finally:
+        _ENGAGED.reset(token)
+
+
+def _stock(module: nn.Linear) -> bool:
+    """Whether this call takes the stock product: outside `engaged()`, under compilation (inductor packs
+    frozen weights itself, compiled.py), or where gradients are wanted."""
+    return (not _ENGAGED.get() or torch.compiler.is_compiling()
+            or torch.is_grad_enabled() and module.weight.requires_grad)
+
+
+class OneDNNLinear(nn.Linear):
+    """An nn.Linear whose products (inside `engaged()`) use a copy of its weight in oneDNN's layout (buffer
+    `packed_onednn`), for any row count."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows == 0 or _stock(self):
+            return F.linear(x, self.weight, self.bias)
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features), self.packed_onednn,
+                                                 self.bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], self.out_features)
 
 
 class PackedLinear(nn.Linear):
-    """An nn.Linear whose products of `min_rows` to `sizes[-1]` rows use a packed copy of its weight, the one
-    for the smallest packed row count that holds them (buffers `packed_{size}`)."""
+    """An nn.Linear whose products of `min_rows` to `sizes[-1]` rows (inside `engaged()`) use an MKL-packed
+    copy of its weight, the one for the smallest packed row count that holds them (buffers `packed_{size}`)."""
 
     sizes: tuple[int, ...]
     min_rows: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # under torch.compile the stock product, decided before the row count is read (no guard on it): with
-        # freezing, inductor packs the weights itself for oneDNN, which is fast for any row count (compiled.py)
-        if torch.compiler.is_compiling():
+        # under torch.compile the stock product, decided before the row count is read (no guard on it)
+        if _stock(self):
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // self.in_features
-        if not self.min_rows <= rows <= self.sizes[-1] or torch.is_grad_enabled() and self.weight.requires_grad:
+        if not self.min_rows <= rows <= self.sizes[-1]:
             return F.linear(x, self.weight, self.bias)
         size = next(n for n in self.sizes if n >= rows)
         flat = x.reshape(rows, self.in_features)
@@ -54,8 +106,8 @@ class PackedLinear(nn.Linear):
 
 
 def padded_rows(model: nn.Module):
-    """n -> the rows a forward of n tokens pays for in `model`'s packed products (the next packed row count),
-    or None when the model has no packed linears."""
+    """n -> the rows a forward of n tokens pays for in `model`'s MKL-packed products (the next packed row
+    count), or None when the model has none (oneDNN's products pad nothing)."""
     packed = next((m for m in model.modules() if isinstance(m, PackedLinear)), None)
     if packed is None:
         return None
@@ -69,21 +121,28 @@ def _packable(model: nn.Module) -> list[nn.Linear]:
             if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
 
 
-def pack_linears(model: nn.Module, sizes: tuple[int, ...] = PACK_SIZES, min_rows: int = MIN_ROWS) -> int:
-    """Pack every fp32 CPU nn.Linear of `model` in place, once per row count in `sizes`; returns how many
-    linears. No-op without MKL."""
-    if not available():
+def pack_linears(model: nn.Module, sizes: tuple[int, ...] = PACK_SIZES, min_rows: int = MIN_ROWS, *,
+                 backend: str = "mkl") -> int:
+    """Pack every fp32 CPU nn.Linear of `model` in place; returns how many linears (0 where torch lacks the
+    backend). `sizes` / `min_rows`: MKL's packed row counts and the fewest rows that use them."""
+    if not available(backend):
         return 0
     sizes = tuple(sorted(sizes))
-    if not sizes or min_rows < 1:
+    if backend == "mkl" and (not sizes or min_rows < 1):
         raise ValueError(f"pack sizes must be given and min_rows >= 1, got {sizes}, {min_rows}")
     linears = _packable(model)
     for module in linears:
+        weight = module.weight.detach()
+        if backend == "onednn":
+            module.__class__ = OneDNNLinear
+            module.register_buffer("packed_onednn", torch.ops.mkldnn._reorder_linear_weight(weight, PACK_SIZES[-1]),
+                                   persistent=False)
+            continue
         module.__class__ = PackedLinear
         module.sizes, module.min_rows = sizes, min_rows
         for size in sizes:
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(module.weight.detach(), size)
-            module.register_buffer(f"packed_{size}", packed, persistent=False)
+            module.register_buffer(f"packed_{size}", torch.ops.mkl._mkl_reorder_linear_weight(weight, size),
+                                   persistent=False)
     return len(linears)
 
 

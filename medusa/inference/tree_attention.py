@@ -41,16 +41,23 @@ def uses_tree_attention(model) -> bool:
 @torch.no_grad()
 def rows_independent(model, rows: int) -> bool:
     """Whether this device's matrix products give each of `rows` rows the bits it gets alone, for the model's
-    own linear layers (oneDNN bf16 on AMX CPUs: up to 32 rows; fp32 MKL: no). medusa_tree is bit-identical
-    to `generate` only for trees of at most that many nodes."""
+    own linear layers, one of each shape (oneDNN bf16 on Intel AMX CPUs: up to 32 rows; on an AMD Zen 4 one,
+    not the MLP's; fp32 MKL: no). medusa_tree is bit-identical to `generate` only for trees of at most that
+    many nodes."""
     device = model.get_output_embeddings().weight.device
     gen = torch.Generator(device=device).manual_seed(0)
-    linears = [model.get_output_embeddings()]
-    linears += [m for m in model.modules() if isinstance(m, nn.Linear) and m is not linears[0]][:4]
-    for lin in linears:
-        x = torch.randn(rows, lin.in_features, generator=gen, device=device).to(lin.weight.dtype)
-        if not torch.equal(lin(x), torch.cat([lin(x[r:r + 1]) for r in range(rows)])):
-            return False
+    shapes = {}
+    for m in [model.get_output_embeddings(), *model.modules()]:
+        if isinstance(m, nn.Linear):
+            shapes.setdefault((m.in_features, m.out_features, m.bias is not None), m)
+    for lin in shapes.values():
+        x = torch.randn(rows, lin.in_features, generator=gen, device=device)
+        # gaussian inputs alone can hide it: real activations are heavy-tailed (an AMD CPU's bf16 products
+        # differ only for those), so cubes and large values too
+        for probe in (x, x ** 3, x * 100):
+            probe = probe.to(lin.weight.dtype)
+            if not torch.equal(lin(probe), torch.cat([lin(probe[r:r + 1]) for r in range(rows)])):
+                return False
     return True
 
 
