@@ -56,12 +56,9 @@ def _pack(model, how: bool | str | None, log) -> None:
         raise ValueError(f"pack_weights={backend!r}: this torch build has no {backend} (one of "
                          f"{[b for b in packed_linear.BACKENDS if packed_linear.available(b)]})")
     budget = 2 * 2**30 if how is None else float("inf")
-    if backend == "onednn":
-        choice = ((packed_linear.PACK_SIZES[-1],), 1) if packed_linear.packed_bytes(model, (1,)) <= budget else None
-    else:
-        choice = packed_linear.fitting(model, budget)
-    if choice and packed_linear.pack_linears(model, *choice, backend=backend):
-        rows = "any row count" if backend == "onednn" else f"{'/'.join(map(str, choice[0]))} rows"
+    options = packed_linear.fitting(model, budget, backend)
+    if options is not None and packed_linear.pack_linears(model, backend=backend, **options):
+        rows = "any row count" if backend == "onednn" else f"{'/'.join(map(str, options['sizes']))} rows"
         log(f"Packed fp32 CPU weights for the decode loop's products ({backend}, {rows})")
 
 

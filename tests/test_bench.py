@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import random_heads, tiny_model, tiny_tokenizer
 from medusa import MedusaModel
@@ -148,6 +149,14 @@ def test_rerun_resumes_and_redoes_a_question_cut_off_between_files(run):
         assert [r["answer_id"] for r in records][:2] == ids[m][:2] and records[2]["answer_id"] != ids[m][2]
     with pytest.raises(ValueError, match="max_new_tokens"):
         run_bench(_model(), _cfg(tmp, max_new_tokens=MAX_NEW + 1), progress=False)
+
+
+def test_a_run_resumed_on_another_machine_is_refused(run, monkeypatch):
+    tmp, summary, _ = run
+    assert summary["settings"]["machine"] == bench.machine(torch.device("cpu"))
+    monkeypatch.setattr(bench, "machine", lambda device: "another CPU, 64 threads")
+    with pytest.raises(ValueError, match="machine"):           # its timings would mix two machines'
+        run_bench(_model(), _cfg(tmp), progress=False)
 
 
 def test_methods_alternate_order_from_one_question_to_the_next(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not packed_linear.available
 
 @torch.inference_mode()
 @pytest.mark.parametrize("backend,sizes,min_rows", [("mkl", PACK_SIZES, MIN_ROWS), ("mkl", (4, 8, 16), 3),
-                                                    ("onednn", PACK_SIZES, 1)])
+                                                    ("onednn", None, None)])
 def test_packed_products_match_the_stock_ones(backend, sizes, min_rows):
     if not packed_linear.available(backend):
         pytest.skip(f"torch without {backend}")
@@ -34,7 +34,7 @@ def test_packed_products_match_the_stock_ones(backend, sizes, min_rows):
     assert {n for n, _ in lin.named_buffers()} == buffers
     packed_rows = range(1, 10**9) if backend == "onednn" else range(min_rows, max(sizes) + 1)
     differs = 0
-    for rows in [*range(0, max(sizes) + 5), 70]:
+    for rows in [*range(0, max(sizes or PACK_SIZES) + 5), 70]:
         x = torch.randn(2, rows, 96)[:1]                     # a (1, rows, in) slice, as tree steps pass
         want = ref(x)
         assert torch.equal(lin(x), want), rows                 # outside engaged(): the stock product, bit for bit
@@ -104,6 +104,16 @@ def test_an_unknown_or_missing_packing_is_refused():
 def test_fitting_takes_as_many_copies_as_the_budget_holds():
     lin = nn.Linear(8, 4)                                        # 128 bytes of fp32 weight
     one = 8 * 4 * 4
-    assert packed_linear.fitting(lin, one * len(PACK_SIZES)) == (PACK_SIZES, MIN_ROWS)
-    assert packed_linear.fitting(lin, one * len(PACK_SIZES) - 1) == packed_linear.LEAN
-    assert packed_linear.fitting(lin, one - 1) is None
+    assert packed_linear.fitting(lin, one * len(PACK_SIZES), "mkl") == {"sizes": PACK_SIZES, "min_rows": MIN_ROWS}
+    lean = packed_linear.fitting(lin, one * len(PACK_SIZES) - 1, "mkl")
+    assert (lean["sizes"], lean["min_rows"]) == packed_linear.LEAN
+    assert packed_linear.fitting(lin, one - 1, "mkl") is None
+    assert packed_linear.fitting(lin, one, "onednn") == {}
+    assert packed_linear.fitting(lin, one - 1, "onednn") is None
+
+
+def test_onednn_refuses_mkl_row_counts():
+    if not packed_linear.available("onednn"):
+        pytest.skip("torch without onednn")
+    with pytest.raises(ValueError, match="sizes and min_rows are MKL's"):
+        pack_linears(nn.Linear(8, 4), PACK_SIZES, backend="onednn")

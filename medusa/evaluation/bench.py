@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -198,10 +199,27 @@ def _matches(answers: dict[str, list[Answer]], method: str, cfg: BenchConfig) ->
     return [a.tokens == b.tokens for a, b in zip(answers[method], answers["baseline"])]
 
 
+def machine(device: torch.device) -> str:
+    """What the timings were taken on: the GPU's name, or the CPU's model name and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
 def _check_settings(out: Path, settings: dict) -> None:
-    """Answers already in `out` are reused only when they were made with the same settings."""
+    """Answers already in `out` are reused only when they were made with the same settings, on the same
+    kind of machine (a run resumed elsewhere would mix two machines' timings)."""
     path = out / "bench_config.json"
-    keys = (*_RESULT_KEYS, "methods", "dtype", "device", "tree_nodes", "tree_digest", "lookup", "compiled")
+    keys = (*_RESULT_KEYS, "methods", "dtype", "device", "machine", "tree_nodes", "tree_digest", "lookup",
+            "compiled")
     mine = {k: settings[k] for k in keys}
     if path.is_file():
         theirs = json.loads(path.read_text())
@@ -229,6 +247,7 @@ def run_bench(model, cfg: BenchConfig, *, progress: bool = True, log=None) -> di
     base = model.base_model
     settings = {**{k: v for k, v in asdict(cfg).items() if k in _RESULT_KEYS}, "methods": list(cfg.methods),
                 "dtype": str(base.dtype).removeprefix("torch."), "device": str(base.device),
+                "machine": machine(base.device),
                 "tree_nodes": len(model.tree) + 1, "tree_digest": _digest(model.tree), "lookup": asdict(model.lookup),
                 "compiled": model.is_compiled,
                 "threads": torch.get_num_threads(),

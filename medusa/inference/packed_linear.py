@@ -38,6 +38,7 @@ _ENGAGED = contextvars.ContextVar("medusa_packed_products", default=False)
 PACK_SIZES = (4, 8, 16)   # the row counts the weights are packed for (one copy each); rows pad up to the next
 MIN_ROWS = 4              # fewer rows: the stock product (as fast or faster there)
 LEAN = ((16,), 8)         # one copy only, for 8-16 rows: where memory allows no more
+ONEDNN_ROWS_HINT = 16     # the row count oneDNN's weight layout is chosen for (it serves any)
 
 
 def available(backend: str = "mkl") -> bool:
@@ -121,37 +122,53 @@ def _packable(model: nn.Module) -> list[nn.Linear]:
             if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
 
 
-def pack_linears(model: nn.Module, sizes: tuple[int, ...] = PACK_SIZES, min_rows: int = MIN_ROWS, *,
+def _to_onednn(module: nn.Linear) -> None:
+    module.__class__ = OneDNNLinear
+    packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), ONEDNN_ROWS_HINT)
+    module.register_buffer("packed_onednn", packed, persistent=False)
+
+
+def _to_mkl(module: nn.Linear, sizes: tuple[int, ...], min_rows: int) -> None:
+    module.__class__ = PackedLinear
+    module.sizes, module.min_rows = sizes, min_rows
+    for size in sizes:
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(module.weight.detach(), size)
+        module.register_buffer(f"packed_{size}", packed, persistent=False)
+
+
+def pack_linears(model: nn.Module, sizes: tuple[int, ...] | None = None, min_rows: int | None = None, *,
                  backend: str = "mkl") -> int:
     """Pack every fp32 CPU nn.Linear of `model` in place; returns how many linears (0 where torch lacks the
-    backend). `sizes` / `min_rows`: MKL's packed row counts and the fewest rows that use them."""
+    backend). MKL only: `sizes`, the packed row counts (default PACK_SIZES), and `min_rows`, the fewest rows
+    that use them (default MIN_ROWS); oneDNN's one copy serves every row count."""
     if not available(backend):
         return 0
-    sizes = tuple(sorted(sizes))
-    if backend == "mkl" and (not sizes or min_rows < 1):
-        raise ValueError(f"pack sizes must be given and min_rows >= 1, got {sizes}, {min_rows}")
     linears = _packable(model)
+    if backend == "onednn":
+        if sizes is not None or min_rows is not None:
+            raise ValueError("oneDNN packs one copy for every row count: sizes and min_rows are MKL's")
+        for module in linears:
+            _to_onednn(module)
+        return len(linears)
+    sizes = tuple(sorted(PACK_SIZES if sizes is None else sizes))
+    min_rows = MIN_ROWS if min_rows is None else min_rows
+    if not sizes or min_rows < 1:
+        raise ValueError(f"pack sizes must be given and min_rows >= 1, got {sizes}, {min_rows}")
     for module in linears:
-        weight = module.weight.detach()
-        if backend == "onednn":
-            module.__class__ = OneDNNLinear
-            module.register_buffer("packed_onednn", torch.ops.mkldnn._reorder_linear_weight(weight, PACK_SIZES[-1]),
-                                   persistent=False)
-            continue
-        module.__class__ = PackedLinear
-        module.sizes, module.min_rows = sizes, min_rows
-        for size in sizes:
-            module.register_buffer(f"packed_{size}", torch.ops.mkl._mkl_reorder_linear_weight(weight, size),
-                                   persistent=False)
+        _to_mkl(module, sizes, min_rows)
     return len(linears)
 
 
-def fitting(model: nn.Module, budget: int) -> tuple[tuple[int, ...], int] | None:
-    """(sizes, min_rows) of the most packed copies whose memory fits in `budget` bytes: all of PACK_SIZES,
-    else LEAN, else None."""
-    return next((c for c in ((PACK_SIZES, MIN_ROWS), LEAN) if packed_bytes(model, c[0]) <= budget), None)
+def fitting(model: nn.Module, budget: float, backend: str) -> dict | None:
+    """The `pack_linears` arguments for the most packed copies whose memory fits in `budget` bytes: oneDNN's
+    one copy; MKL's copies for all of PACK_SIZES, else LEAN's one. None when nothing fits."""
+    if backend == "onednn":
+        options = [{}]
+    else:
+        options = [{"sizes": PACK_SIZES, "min_rows": MIN_ROWS}, {"sizes": LEAN[0], "min_rows": LEAN[1]}]
+    return next((o for o in options if packed_bytes(model, len(o.get("sizes", (None,)))) <= budget), None)
 
 
-def packed_bytes(model: nn.Module, sizes: tuple[int, ...] = PACK_SIZES) -> int:
-    """Memory the packing would take: the fp32 CPU linear weights of `model`, once per packed row count."""
-    return sum(m.weight.numel() * 4 for m in _packable(model)) * len(sizes)
+def packed_bytes(model: nn.Module, copies: int = 1) -> int:
+    """Memory `copies` packed copies of the fp32 CPU linear weights of `model` take."""
+    return sum(m.weight.numel() * 4 for m in _packable(model)) * copies
