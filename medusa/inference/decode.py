@@ -164,7 +164,8 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
     t0 = time.perf_counter()
     input_ids = input_ids.clone()   # an inference tensor like every later input: one compiled graph serves both
     positions = torch.arange(prompt_len, device=device)[None]
-    logits, hidden = _forward(run, input_ids, cache, positions, logits_to_keep=1)
+    with record_function("medusa.prefill"):
+        logits, hidden = _forward(run, input_ids, cache, positions, logits_to_keep=1)
     last_logits, last_hidden = logits[-1], hidden[-1]
     length, generated, root = prompt_len, [], None
     prefill_seconds = time.perf_counter() - t0
