@@ -163,10 +163,10 @@ def fitting(model: nn.Module, budget: float, backend: str) -> dict | None:
     """The `pack_linears` arguments for the most packed copies whose memory fits in `budget` bytes: oneDNN's
     one copy; MKL's copies for all of PACK_SIZES, else LEAN's one. None when nothing fits."""
     if backend == "onednn":
-        options = [{}]
+        options = [({}, 1)]                                     # (pack_linears arguments, copies)
     else:
-        options = [{"sizes": PACK_SIZES, "min_rows": MIN_ROWS}, {"sizes": LEAN[0], "min_rows": LEAN[1]}]
-    return next((o for o in options if packed_bytes(model, len(o.get("sizes", (None,)))) <= budget), None)
+        options = [({"sizes": s, "min_rows": r}, len(s)) for s, r in ((PACK_SIZES, MIN_ROWS), LEAN)]
+    return next((args for args, copies in options if packed_bytes(model, copies) <= budget), None)
 
 
 def packed_bytes(model: nn.Module, copies: int = 1) -> int:
