@@ -154,9 +154,21 @@ def test_rerun_resumes_and_redoes_a_question_cut_off_between_files(run):
 def test_a_run_resumed_on_another_machine_is_refused(run, monkeypatch):
     tmp, summary, _ = run
     assert summary["settings"]["machine"] == bench.machine(torch.device("cpu"))
-    monkeypatch.setattr(bench, "machine", lambda device: "another CPU, 64 threads")
+    monkeypatch.setattr(bench, "machine", lambda device: "another CPU")
     with pytest.raises(ValueError, match="machine"):           # its timings would mix two machines'
         run_bench(_model(), _cfg(tmp), progress=False)
+
+
+def test_a_run_resumed_with_other_threads_is_refused(run, monkeypatch):
+    tmp, summary, _ = run
+    assert summary["settings"]["threads"] == torch.get_num_threads()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.raises(ValueError, match="threads"):
+            run_bench(_model(), _cfg(tmp), progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_methods_alternate_order_from_one_question_to_the_next(tmp_path, monkeypatch):

@@ -200,7 +200,7 @@ def _matches(answers: dict[str, list[Answer]], method: str, cfg: BenchConfig) ->
 
 
 def machine(device: torch.device) -> str:
-    """What the timings were taken on: the GPU's name, or the CPU's model name and thread count."""
+    """What the timings were taken on: the GPU's name, or the CPU's model name (threads are a setting of their own)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -211,15 +211,15 @@ def machine(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    return name
 
 
 def _check_settings(out: Path, settings: dict) -> None:
     """Answers already in `out` are reused only when they were made with the same settings, on the same
     kind of machine (a run resumed elsewhere would mix two machines' timings)."""
     path = out / "bench_config.json"
-    keys = (*_RESULT_KEYS, "methods", "dtype", "device", "machine", "tree_nodes", "tree_digest", "lookup",
-            "compiled")
+    keys = (*_RESULT_KEYS, "methods", "dtype", "device", "machine", "threads", "tree_nodes", "tree_digest",
+            "lookup", "compiled")
     mine = {k: settings[k] for k in keys}
     if path.is_file():
         theirs = json.loads(path.read_text())
