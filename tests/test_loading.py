@@ -35,6 +35,19 @@ def test_default_model_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     assert next((tmp_path / "gguf").glob("*/model.safetensors")).stat().st_mtime_ns == stamp
 
 
+def test_gguf_cache_is_named_by_content_not_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDUSA_CACHE", str(tmp_path / "cache"))
+    data = bytes(range(256)) * 12_000                                      # 3 MB: several read blocks
+    edited = bytearray(data)
+    edited[len(data) // 2 + 3] ^= 1                                        # one byte in the middle
+    for name, content in (("a", data), ("b", data), ("c", bytes(edited)), ("d", data[:-1])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "m.gguf").write_bytes(content)
+    key = lambda name: loading._gguf_cache_dir(tmp_path / name / "m.gguf")
+    assert key("a") == key("b")                             # another environment's copy of the same wheel
+    assert len({key("a"), key("c"), key("d")}) == 3
+
+
 def test_unknown_dtype_is_refused():
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         loading.resolve_dtype("float8")
