@@ -161,8 +161,8 @@ def test_a_run_resumed_on_another_machine_is_refused(run, monkeypatch):
 
 def test_a_run_resumed_with_other_threads_is_refused(run, monkeypatch):
     tmp, summary, _ = run
-    assert summary["settings"]["threads"] == torch.get_num_threads()
     threads = torch.get_num_threads()
+    assert summary["settings"]["threads"] == threads
     torch.set_num_threads(threads + 1)
     try:
         with pytest.raises(ValueError, match="threads"):
