@@ -16,7 +16,7 @@ from medusa.inference.decode import DecodeOptions, Step, medusa_decode
 from medusa.inference.greedy_head import greedy_head_for
 from medusa.inference.heads import HeadsConfig, MedusaHeads, draft_projection
 from medusa.inference.lookup import DEFAULT as DEFAULT_LOOKUP, LookupOptions, with_max_tokens
-from medusa.inference.tree import DEFAULT_TREE, fit_tree_to_heads, load_tree, tree_buffers
+from medusa.inference.tree import DEFAULT_TREE, fit_tree_to_heads, load_tree, tree_buffers, tree_for_device
 
 EMBEDDED_DEFAULT = "embedded:" + loading.DEFAULT_MODEL_NAME
 DEFAULT_HEADS_DIR = Path(__file__).parent / "default_heads"
@@ -87,7 +87,7 @@ class MedusaModel(nn.Module):
         self.heads = heads
         self.tokenizer = tokenizer
         self.tree = load_tree(tree if tree is not None else fit_tree_to_heads(load_tree(DEFAULT_TREE), heads.num_heads),
-                              heads.num_heads)
+                              heads.num_heads, self.device_type)
         self.lookup = _lookup_options(lookup)
         self._check_compatible()
         self.draft_head = draft_projection(base_model.get_output_embeddings(), heads)
@@ -95,6 +95,11 @@ class MedusaModel(nn.Module):
         self._compiled = (compiled.compile_forward(base_model),) if compile else ()
         # greedy verification without the fp32 lm_head, or None (compiled runs keep the lm_head in their graph)
         self.greedy_head = None if compile else greedy_head_for(base_model)
+
+    @property
+    def device_type(self) -> str:
+        """Where decoding runs ("cpu", "cuda", ...): trees are calibrated per device type."""
+        return self.base_model.get_input_embeddings().weight.device.type
 
     @property
     def is_compiled(self) -> bool:
@@ -175,12 +180,17 @@ class MedusaModel(nn.Module):
         head_dtype = model.dtype if model.dtype.is_floating_point else torch.float16
         heads.to(device=model.get_output_embeddings().weight.device, dtype=head_dtype).eval()
         if tree is None and saved_tree is not None:
-            tree = saved_tree
+            kind = model.get_input_embeddings().weight.device.type
+            tree = tree_for_device(saved_tree, kind)
+            if tree is None:
+                log(f"The heads' trees were calibrated for {', '.join(sorted(saved_tree))}, not {kind}: using the "
+                    f"{DEFAULT_TREE} preset (`medusa calibrate` fits one to this machine).")
         return cls(model, heads, tokenizer, tree=tree, lookup=lookup, compile=compile)
 
     def save_pretrained(self, folder: str | os.PathLike, *, save_tree: bool = True) -> Path:
-        """Write the heads (and the tree in use) in our format; the base model is referenced by name."""
-        return save_heads(folder, self.heads, self.tree if save_tree else None)
+        """Write the heads (and the tree in use, as this device type's) in our format; the base model is
+        referenced by name."""
+        return save_heads(folder, self.heads, {self.device_type: self.tree} if save_tree else None)
 
     # ---------------------------------------------------------------- generation
     @property
@@ -204,7 +214,7 @@ class MedusaModel(nn.Module):
         """One Step per decoding step (Step.tokens: the ids it added). `tree` and `lookup` override the model's
         for this call. Options: see `decode_options`."""
         ids = _as_input_ids(input_ids, self.base_model.get_input_embeddings().weight.device)
-        paths = self.tree if tree is None else load_tree(tree, self.heads.num_heads)
+        paths = self.tree if tree is None else load_tree(tree, self.heads.num_heads, self.device_type)
         opts = self.decode_options(**options)
         return medusa_decode(self.base_model, self.heads, ids, tree_buffers(paths), opts,
                              context_limit=self.context_limit, tokenizer=self.tokenizer, draft_head=self.draft_head,

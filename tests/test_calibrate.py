@@ -61,14 +61,18 @@ def test_calibrate_saves_a_tree_the_loader_uses(tmp_path):
     from medusa.inference.heads import HeadsConfig, MedusaHeads
     folder = tmp_path / "heads"
     save_heads(folder, MedusaHeads(HeadsConfig(hidden_size=64, vocab_size=96, base_model_name_or_path="x")))
-    save_tree(folder, result)
+    (folder / "tree.json").write_text(json.dumps({"paths": [[0]], "devices": {"cuda": {"paths": [[0], [1]]}}}))
+    save_tree(folder, result, "cpu")
+    saved = json.loads((folder / "tree.json").read_text())      # this device type's tree added, the others kept
+    assert saved["paths"] == [[0]] and saved["devices"]["cuda"] == {"paths": [[0], [1]]}
+    assert saved["devices"]["cpu"]["calibration"]["budget"] == result["best"]["budget"]
     model.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     loaded = MedusaModel.from_pretrained(folder, base_model=str(tmp_path / "base"))
     assert loaded.tree == [tuple(p) for p in result["best"]["tree"]]
     # a folder that does not exist yet (--save-to NEW) is made, not an error after the whole run
-    saved = save_tree(tmp_path / "new" / "trees", result)
-    assert json.loads(saved.read_text())["paths"] == [list(p) for p in result["best"]["tree"]]
+    saved = save_tree(tmp_path / "new" / "trees", result, "cuda")
+    assert json.loads(saved.read_text())["devices"]["cuda"]["paths"] == [list(p) for p in result["best"]["tree"]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -201,12 +201,12 @@ def test_save_then_load_gives_the_same_heads_and_the_same_decode(tmp_path, share
     m.save_pretrained(tmp_path / "heads")
     config, state, tree = load_heads_checkpoint(tmp_path / "heads")
     assert config == m.heads.config
-    assert tree == m.tree == paths
+    assert tree == {"cpu": m.tree} and m.tree == paths
     want = m.heads.state_dict()
     assert set(state) == set(want)
     for k in want:
         assert torch.equal(state[k], want[k]), k
-    loaded = MedusaModel(base, build_heads(config, state).eval(), tree=tree)
+    loaded = MedusaModel(base, build_heads(config, state).eval(), tree=tree["cpu"])
     hidden = _hidden(3)
     inputs = {"next_embeds": torch.randn(hidden.shape)} if next_token else {}
     if parent:
@@ -224,8 +224,8 @@ def test_tree_json_round_trip(tmp_path):
     m = MedusaModel(base, random_heads(), tree="cpu_small")
     m.save_pretrained(tmp_path / "with_tree")
     saved = json.loads((tmp_path / "with_tree" / "tree.json").read_text())
-    assert saved == {"paths": [list(p) for p in m.tree]}
-    assert load_heads_checkpoint(tmp_path / "with_tree")[2] == m.tree
+    assert saved == {"devices": {"cpu": {"paths": [list(p) for p in m.tree]}}}     # the tree in use, where
+    assert load_heads_checkpoint(tmp_path / "with_tree")[2] == {"cpu": m.tree}
     m.save_pretrained(tmp_path / "no_tree", save_tree=False)
     assert not (tmp_path / "no_tree" / "tree.json").exists()
     assert load_heads_checkpoint(tmp_path / "no_tree")[2] is None
@@ -296,6 +296,41 @@ def saved_base(tmp_path_factory):
 
 def _hf_greedy(model, ids, n):
     return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("trees, want", [
+    ({"devices": {"cpu": {"paths": [[0], [1]]}, "cuda": {"paths": [[0], [0, 0]]}}}, [(0,), (1,)]),
+    ({"devices": {"cuda": {"paths": [[0], [0, 0]]}}}, None),                   # none for this device: the default
+    ({"paths": [[0], [0, 0]], "devices": {"cuda": {"paths": [[1]]}}}, [(0,), (0, 0)]),  # one for every device
+    ([[2], [2, 0]], [(2,), (2, 0)]),                                           # the format before per-device trees
+])
+def test_the_loader_picks_the_tree_saved_for_its_device_type(tmp_path, saved_base, trees, want):
+    """Calibrated trees are per device type: a CPU's 6-node tree would waste a GPU, a GPU's 64 nodes a CPU."""
+    folder = tmp_path / "heads"
+    save_heads(folder, MedusaHeads(HeadsConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=3)))
+    (folder / "tree.json").write_text(json.dumps(trees))
+    logs = []
+    m = MedusaModel.from_pretrained(folder, base_model=str(saved_base), log=logs.append)
+    assert m.device_type == "cpu"
+    assert m.tree == (want or [p for p in PRESETS[DEFAULT_TREE] if len(p) <= 3])
+    assert any("calibrated for cuda, not cpu" in line for line in logs) == (want is None)
+    # the same file given as --tree: this device's entry, or a clear error
+    if want is None:
+        with pytest.raises(ValueError, match=r"has no tree for cpu \(it has: cuda\)"):
+            m.generate(_prompt(), max_new_tokens=2, tree=str(folder / "tree.json"))
+    else:
+        assert MedusaModel(m.base_model, m.heads, tree=str(folder / "tree.json")).tree == want
+
+
+def test_a_malformed_tree_file_names_itself(tmp_path, saved_base):
+    folder = tmp_path / "heads"
+    save_heads(folder, MedusaHeads(HeadsConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=3)))
+    (folder / "tree.json").write_text(json.dumps({"devices": {"cpu": [[0]]}}))
+    with pytest.raises(ValueError, match=r"tree.json: tree file: devices.cpu has no \"paths\""):
+        load_heads_checkpoint(folder)
+    (folder / "tree.json").write_text(json.dumps({"tree": [[0]]}))
+    with pytest.raises(ValueError, match=r"tree.json: a tree file holds a list of paths"):
+        load_heads_checkpoint(folder)
 
 
 @pytest.mark.parametrize("fmt", ["ours", "original", "original_shared"])

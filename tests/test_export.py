@@ -85,7 +85,7 @@ def test_original_export_matches_the_schema(tmp_path, shared, num_layers):
         proj = w[f"{h}.{num_layers}.weight"]
         assert proj.shape == (VOCAB, HIDDEN) and proj.dtype == torch.float32
         assert torch.equal(proj, base.lm_head.weight if shared else head.proj.weight)   # shared: expanded per head
-    assert json.loads((out / "tree.json").read_text()) == {"paths": [list(p) for p in PATHS]}
+    assert json.loads((out / "tree.json").read_text()) == {"devices": {"cpu": {"paths": [list(p) for p in PATHS]}}}
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -110,12 +110,12 @@ def test_original_export_loads_back_with_identical_predictions(tmp_path, saved_b
 def test_export_from_folders_loads_the_base_only_to_expand_a_shared_projection(tmp_path, saved_base):
     reference = tiny_model("llama")
     heads = make_heads(2, 1, shared=True, seed=7, base=str(saved_base))
-    save_heads(tmp_path / "ours", heads, PATHS[:4])
+    save_heads(tmp_path / "ours", heads, {"cpu": PATHS[:4], "cuda": PATHS})
     with pytest.warns(UserWarning, match="local path"):
         original = export(tmp_path / "ours", tmp_path / "original", "original")     # loads the base for lm_head
     vllm = export(original, tmp_path / "vllm", "vllm", base_name="org/tiny-llama")   # own projections: no base
     config, state, tree = load_heads_checkpoint(original)
-    assert (config.shared_lm_head, tree) == (False, PATHS[:4])
+    assert (config.shared_lm_head, tree) == (False, {"cpu": PATHS[:4], "cuda": PATHS})    # every device's tree kept
     hidden = _hidden(2)
     with torch.no_grad():
         want = heads(hidden, reference.lm_head)
@@ -283,7 +283,7 @@ def test_push_uploads_the_folder_with_a_model_card(tmp_path, monkeypatch, no_hub
     folder = tmp_path / "heads"
     heads = make_heads(2, 1, shared=False, base="org/not-cached-anywhere")
     heads.config.extra = {"trained_on": "sharegpt", "steps": 1200}
-    save_heads(folder, heads, PATHS[:5])                              # 2 levels: one per head
+    save_heads(folder, heads, {"cpu": PATHS[:5], "cuda": PATHS[:2]})   # 2 levels at most: one per head
     seen = {}
 
     def create_repo(self, repo_id, **kw):
@@ -303,7 +303,8 @@ def test_push_uploads_the_folder_with_a_model_card(tmp_path, monkeypatch, no_hub
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: medusa\nbase_model: org/not-cached-anywhere\ntags:\n- medusa\n"
                            "- speculative-decoding\n---\n")
-    assert "- trained_on: sharegpt" in card and "- steps: 1200" in card and "6 nodes" in card
+    assert "- trained_on: sharegpt" in card and "- steps: 1200" in card
+    assert "| candidate tree | 6 nodes for cpu, 3 nodes for cuda (`tree.json`) |" in card
     (folder / "README.md").write_text("# my own card\n")                   # a card without our mark is kept
     push(folder, "me/heads", token="hf_test", log=logs.append)
     assert (folder / "README.md").read_text() == "# my own card\n"

@@ -89,15 +89,19 @@ def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budge
     return {"best": best, "rows": rows, "rank_accuracy": acc.tolist()}
 
 
-def save_tree(folder: str | Path, result: dict) -> Path:
-    """tree.json beside the heads (read by the loader) with the calibration figures for reference."""
+def save_tree(folder: str | Path, result: dict, device_type: str) -> Path:
+    """tree.json beside the heads (read by the loader), as the tree for `device_type` ("cpu", "cuda", ...),
+    with the calibration figures for reference. Trees saved for other device types are kept."""
     path = Path(folder) / "tree.json"
     path.parent.mkdir(parents=True, exist_ok=True)   # a new --save-to folder: never lose the run at its end
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data = {"paths": data} if isinstance(data, list) else data
     best = result["best"]
-    path.write_text(json.dumps({"paths": [list(p) for p in best["tree"]],
-                                "calibration": {k: v for k, v in best.items() if k != "tree"} |
-                                {"budgets": [{k: v for k, v in r.items() if k != "tree"} for r in result["rows"]]}},
-                               indent=1) + "\n")
+    data.setdefault("devices", {})[device_type] = {
+        "paths": [list(p) for p in best["tree"]],
+        "calibration": {k: v for k, v in best.items() if k != "tree"} |
+                       {"budgets": [{k: v for k, v in r.items() if k != "tree"} for r in result["rows"]]}}
+    path.write_text(json.dumps(data, indent=1) + "\n")
     return path
 
 

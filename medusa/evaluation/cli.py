@@ -24,8 +24,9 @@ def add_commands(sub) -> dict:
     b.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="prompt lookup's draft length")
     b.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")
     b.add_argument("--threads", type=int, help="torch CPU threads")
-    c = sub.add_parser("calibrate", help="fit the tree to these heads and this machine; saves tree.json beside "
-                                         "the heads", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c = sub.add_parser("calibrate", help="fit the tree to these heads and this machine; saves it in tree.json beside "
+                                         "the heads, as the tree for this device type (cpu, cuda, ...)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _model_args(c)
     c.add_argument("--data", help="ShareGPT JSONL (e.g. held-out distilled answers) to measure head accuracy on")
     c.add_argument("--prompts", help="or a prompt file: the model's own greedy answers are used")
@@ -63,7 +64,7 @@ def cmd_calibrate(a) -> int:
     timing = encode_prompt(model.tokenizer, [{"role": "user", "content": "Write a story about a lighthouse."}])
     budgets = tuple(int(b) for b in a.budgets.split(","))
     result = calibrate(model, examples, timing, budgets=budgets, rounds=a.rounds, log=lambda s: print(s, flush=True))
-    path = save_tree(target, result)
+    path = save_tree(target, result, model.device_type)
     best = result["best"]
     print(json.dumps({"saved": str(path), "nodes": best["nodes"], "expected_tokens_per_step":
                       best["expected_tokens_per_step"], "expected_tokens_per_s": best["expected_tokens_per_s"]}))

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medusa.inference.heads import HeadsConfig, MedusaHeads
+from medusa.inference.tree import ANY_DEVICE, trees_from_json, trees_to_json
 
 OUR_CONFIG, OUR_WEIGHTS, TREE_FILE = "medusa_config.json", "heads.safetensors", "tree.json"
 ORIG_CONFIG, ORIG_WEIGHTS = "config.json", ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
@@ -75,15 +76,21 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_heads(folder: str | Path, heads: MedusaHeads, tree: list | None = None) -> Path:
+def save_heads(folder: str | Path, heads: MedusaHeads, tree: list | dict | None = None) -> Path:
+    """`tree`: paths for every device, or {device type: paths} (see tree.trees_from_json)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     heads.config.save(folder)
     state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
     save_file(state, str(folder / OUR_WEIGHTS), metadata={"format": "pt"})
     if tree is not None:
-        (folder / TREE_FILE).write_text(json.dumps({"paths": [list(p) for p in tree]}) + "\n")
+        write_trees(folder, tree)
     return folder
+
+
+def write_trees(folder: Path, tree: list | dict) -> None:
+    trees = tree if isinstance(tree, dict) else {ANY_DEVICE: tree}
+    (folder / TREE_FILE).write_text(json.dumps(trees_to_json(trees)) + "\n")
 
 
 def _from_original(folder: Path) -> tuple[HeadsConfig, dict]:
@@ -123,8 +130,9 @@ def _from_original(folder: Path) -> tuple[HeadsConfig, dict]:
     return config, state
 
 
-def load_heads_checkpoint(folder: str | Path) -> tuple[HeadsConfig, dict, list | None]:
-    """Read a heads folder of either format -> (config, state dict in our key names, tree paths or None)."""
+def load_heads_checkpoint(folder: str | Path) -> tuple[HeadsConfig, dict, dict | None]:
+    """Read a heads folder of either format -> (config, state dict in our key names, its trees or None):
+    {device type or tree.ANY_DEVICE: paths} (pick one with tree.tree_for_device)."""
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"heads folder does not exist: {folder}")
@@ -140,8 +148,10 @@ def load_heads_checkpoint(folder: str | Path) -> tuple[HeadsConfig, dict, list |
         raise ValueError(f"{folder} is not a Medusa heads folder (no {OUR_CONFIG}, no config.json with medusa_num_heads)")
     tree = None
     if (folder / TREE_FILE).is_file():
-        data = _read_json(folder / TREE_FILE)
-        tree = [tuple(p) for p in (data["paths"] if isinstance(data, dict) else data)]
+        try:
+            tree = trees_from_json(_read_json(folder / TREE_FILE))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{folder / TREE_FILE}: {e}") from None
     return config, state, tree
 
 

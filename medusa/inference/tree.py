@@ -55,8 +55,34 @@ def validate_tree(paths: list[Path_], num_heads: int | None = None) -> list[Path
     return paths
 
 
-def load_tree(spec: str | os.PathLike | list | None, num_heads: int | None = None) -> list[Path_]:
-    """A preset name, a JSON file holding a list of paths (or {"paths": [...]}), or a list of paths."""
+ANY_DEVICE = "*"
+
+
+def trees_from_json(data) -> dict[str, list[Path_]]:
+    """A tree file's content -> {device type: paths}. Calibrated trees are saved per device type
+    ({"devices": {"cpu": {"paths": [...], ...}}}): a tree that pays on a CPU is far too small for a GPU.
+    A bare list of paths or {"paths": [...]} is one tree for every device (key ANY_DEVICE)."""
+    if isinstance(data, list):
+        return {ANY_DEVICE: [tuple(p) for p in data]}
+    if not isinstance(data, dict) or not ("paths" in data or "devices" in data):
+        raise ValueError('a tree file holds a list of paths, {"paths": [...]} or {"devices": {TYPE: {"paths": [...]}}}')
+    out = {ANY_DEVICE: [tuple(p) for p in data["paths"]]} if "paths" in data else {}
+    for kind, entry in data.get("devices", {}).items():
+        if not isinstance(entry, dict) or "paths" not in entry:
+            raise ValueError(f'tree file: devices.{kind} has no "paths"')
+        out[kind] = [tuple(p) for p in entry["paths"]]
+    return out
+
+
+def tree_for_device(trees: dict[str, list[Path_]], device_type: str) -> list[Path_] | None:
+    """The tree saved for this device type ("cpu", "cuda", ...), else the one for every device, else None."""
+    return trees.get(device_type, trees.get(ANY_DEVICE))
+
+
+def load_tree(spec: str | os.PathLike | list | None, num_heads: int | None = None,
+              device_type: str | None = None) -> list[Path_]:
+    """A preset name, a JSON file (see `trees_from_json`: a per-device file gives `device_type`'s tree), or a
+    list of paths."""
     if spec is None:
         spec = DEFAULT_TREE
     if isinstance(spec, os.PathLike):
@@ -65,13 +91,23 @@ def load_tree(spec: str | os.PathLike | list | None, num_heads: int | None = Non
         if spec in PRESETS:
             paths = PRESETS[spec]
         elif Path(spec).is_file():
-            data = json.loads(Path(spec).read_text())
-            paths = data["paths"] if isinstance(data, dict) else data
+            trees = trees_from_json(json.loads(Path(spec).read_text()))
+            paths = tree_for_device(trees, device_type) if device_type else trees.get(ANY_DEVICE)
+            if paths is None:
+                raise ValueError(f"tree file {spec} has no tree for {device_type or 'every device'} "
+                                 f"(it has: {', '.join(sorted(trees))})")
         else:
             raise ValueError(f"unknown tree {spec!r}: not a preset ({', '.join(PRESETS)}) nor a JSON file")
     else:
         paths = spec
     return validate_tree(paths, num_heads)
+
+
+def trees_to_json(trees: dict[str, list[Path_]]) -> dict:
+    """The inverse of `trees_from_json`."""
+    out = {"paths": [list(p) for p in trees[ANY_DEVICE]]} if ANY_DEVICE in trees else {}
+    devices = {k: {"paths": [list(p) for p in v]} for k, v in trees.items() if k != ANY_DEVICE}
+    return out | ({"devices": devices} if devices else {})
 
 
 def fit_tree_to_heads(paths: list[Path_], num_heads: int) -> list[Path_]:

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from medusa.inference.checkpoint import (OUR_CONFIG, OUR_WEIGHTS, ORIG_CONFIG, ORIG_WEIGHTS, TREE_FILE, build_heads,
-                                         load_heads_checkpoint)
+                                         load_heads_checkpoint, write_trees)
 from medusa.inference.heads import MedusaHeads
 from medusa.inference.loading import resolve_dtype
 from medusa.model import DEFAULT_HEADS_DIR, EMBEDDED_DEFAULT, MedusaModel
@@ -105,8 +105,8 @@ def vllm_config(heads: MedusaHeads, base_name: str | None) -> dict:
 
 
 def _write_tree(out: Path, tree) -> None:
-    if tree is not None:   # ours (engines ignore it): `medusa --model DIR` keeps the tree the heads were tuned with
-        (out / TREE_FILE).write_text(json.dumps({"paths": [list(p) for p in tree]}) + "\n")
+    if tree is not None:   # ours (engines ignore it): `medusa --model DIR` keeps the trees the heads were tuned with
+        write_trees(out, tree)
 
 
 def write_format(heads: MedusaHeads, out_dir: str | Path, fmt: str, *, base_name: str | None,
@@ -159,7 +159,7 @@ def _load(source, fmt: str, base_model, log):
     """-> (heads, base lm_head module or None, tree or None). The base is loaded only when it is needed:
     heads that share its lm_head are written with a copy of it per head (except in our format)."""
     if isinstance(source, MedusaModel):
-        heads, model, tree = source.heads, source, source.tree
+        heads, model, tree = source.heads, source, {source.device_type: source.tree}
     else:
         folder = Path(source).expanduser() if source is not None else DEFAULT_HEADS_DIR
         if source is None and not (folder / OUR_CONFIG).is_file():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from medusa.inference.checkpoint import OUR_CONFIG, build_heads, load_heads_checkpoint
 from medusa.inference.heads import HeadsConfig
-from medusa.inference.tree import validate_tree
+from medusa.inference.tree import ANY_DEVICE, validate_tree
 from medusa.integrations.export import HUB_IDS, hub_base_name
 from medusa.model import EMBEDDED_DEFAULT, MedusaModel
 
@@ -50,13 +50,13 @@ def _check_base(folder: Path, config: HeadsConfig, log) -> str:
     return f"loads with its base model {base}"
 
 
-def validate(folder: str | Path, *, check_base: bool = True, log=None) -> tuple[HeadsConfig, list | None, str]:
-    """-> (config, tree, a note on how the base was checked). Raises if the folder does not load."""
+def validate(folder: str | Path, *, check_base: bool = True, log=None) -> tuple[HeadsConfig, dict | None, str]:
+    """-> (config, trees by device type, a note on how the base was checked). Raises if the folder does not load."""
     folder = Path(folder).expanduser()
     config, state, tree = load_heads_checkpoint(folder)
     build_heads(config, state)                       # the weights match the config, key by key
-    if tree is not None:
-        validate_tree(tree, config.num_heads)
+    for paths in (tree or {}).values():
+        validate_tree(paths, config.num_heads)
     note = _check_base(folder, config, log) if check_base else "base model not checked"
     return config, tree, note
 
@@ -68,7 +68,14 @@ def _front_matter_base(name: str | None) -> str | None:
     return None
 
 
-def model_card(config: HeadsConfig, tree: list | None, repo: str, *, our_format: bool = True) -> str:
+def _describe_trees(trees: dict | None) -> str:
+    if not trees:
+        return "none saved"
+    where = lambda kind: "every device" if kind == ANY_DEVICE else kind
+    return ", ".join(f"{len(p) + 1} nodes for {where(k)}" for k, p in sorted(trees.items())) + " (`tree.json`)"
+
+
+def model_card(config: HeadsConfig, tree: dict | None, repo: str, *, our_format: bool = True) -> str:
     base = hub_base_name(config.base_model_name_or_path)
     hub_base = _front_matter_base(base)
     front = ["---", "library_name: medusa", *([f"base_model: {hub_base}"] if hub_base else []),
@@ -86,7 +93,7 @@ def model_card(config: HeadsConfig, tree: list | None, repo: str, *, our_format:
         f"| residual layers per head | {config.num_layers} |", f"| hidden size | {config.hidden_size} |",
         f"| vocabulary | {config.vocab_size} |", f"| output projection | {projection} |",
         f"| format | {layout} |",
-        f"| candidate tree | {f'{len(tree) + 1} nodes (`tree.json`)' if tree is not None else 'none saved'} |", ""]
+        f"| candidate tree | {_describe_trees(tree)} |", ""]
     if config.base_model_name_or_path in HUB_IDS:
         body += [f"These heads were trained on the Q4_1 GGUF weights of {base} (dequantized; the default model of "
                  "`medusa`), not on the original weights: acceptance with the original weights may differ.", ""]
