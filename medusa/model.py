@@ -16,7 +16,8 @@ from medusa.inference.decode import DecodeOptions, Step, medusa_decode
 from medusa.inference.greedy_head import greedy_head_for
 from medusa.inference.heads import HeadsConfig, MedusaHeads, draft_projection
 from medusa.inference.lookup import DEFAULT as DEFAULT_LOOKUP, LookupOptions, with_max_tokens
-from medusa.inference.tree import DEFAULT_TREE, fit_tree_to_heads, load_tree, tree_buffers, tree_for_device
+from medusa.inference.tree import (DEFAULT_TREE, DynamicTree, fit_tree_to_heads, load_tree, tree_buffers,
+                                   tree_for_device)
 
 EMBEDDED_DEFAULT = "embedded:" + loading.DEFAULT_MODEL_NAME
 DEFAULT_HEADS_DIR = Path(__file__).parent / "default_heads"
@@ -216,7 +217,8 @@ class MedusaModel(nn.Module):
         ids = _as_input_ids(input_ids, self.base_model.get_input_embeddings().weight.device)
         paths = self.tree if tree is None else load_tree(tree, self.heads.num_heads, self.device_type)
         opts = self.decode_options(**options)
-        return medusa_decode(self.base_model, self.heads, ids, tree_buffers(paths), opts,
+        tree = paths if isinstance(paths, DynamicTree) else tree_buffers(paths)
+        return medusa_decode(self.base_model, self.heads, ids, tree, opts,
                              context_limit=self.context_limit, tokenizer=self.tokenizer, draft_head=self.draft_head,
                              lookup=self.lookup if lookup is None else _lookup_options(lookup),
                              forward=self._compiled[0] if self._compiled else None, greedy_head=self.greedy_head)

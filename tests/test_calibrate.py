@@ -10,7 +10,7 @@ import torch
 from conftest import OracleHeads, tiny_model, tiny_tokenizer
 from medusa import MedusaModel
 from medusa.evaluation.calibrate import best_tree, calibrate, expected_tokens, save_tree
-from medusa.inference.tree import validate_tree
+from medusa.inference.tree import DynamicTree, validate_tree
 from medusa.training.data import Example
 
 
@@ -49,7 +49,8 @@ def test_calibrate_saves_a_tree_the_loader_uses(tmp_path):
     mask[10:] = True
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         calibrate(m, [Example(ref, mask)], prompt, budgets=(1, 4), rounds=0, log=lambda s: None)
-    result = calibrate(m, [Example(ref, mask)], prompt, budgets=(1, 4, 8), rounds=2, log=lambda s: None)
+    result = calibrate(m, [Example(ref, mask)], prompt, budgets=(1, 4, 8), rounds=2, dynamic=False,
+                       log=lambda s: None)
     acc = torch.tensor(result["rank_accuracy"])
     assert acc[:, :2].sum(1).min() > 0.5                  # the oracle puts the truth in its top 2 mostly
     assert [r["budget"] for r in result["rows"]] == [1, 4, 8]
@@ -89,4 +90,44 @@ def test_tree_attention_budgets_stop_where_this_machine_loses_exactness(dtype):
     budgets = (1, 4, 16, 48, 96)
     exact = [b for b in budgets if tree_attention.rows_independent(model, b)]
     result = calibrate(m, [Example(ref, mask)], prompt, budgets=budgets, log=lambda s: None)
-    assert [r["budget"] for r in result["rows"]] == exact and exact[0] == 1
+    assert sorted({r["budget"] for r in result["rows"]}) == exact and exact[0] == 1
+
+
+def test_measured_tokens_count_the_deepest_right_path_static_or_dynamic():
+    """Three positions, two heads, two ranks: what each tree would accept, counted by hand."""
+    from medusa.evaluation.calibrate import measured_tokens
+
+    hit = torch.tensor([[[1, 0], [0, 1], [0, 0]],       # head 1: right at rank 0, rank 1, nowhere
+                        [[1, 0], [1, 0], [0, 1]]], dtype=torch.bool)
+    probs = torch.tensor([[[0.9, 0.1], [0.4, 0.5], [0.5, 0.2]],
+                          [[0.8, 0.1], [0.9, 0.1], [0.6, 0.3]]])
+    assert measured_tokens([(0,), (0, 0)], probs, hit) == pytest.approx(1 + (2 + 0 + 0) / 3)
+    assert measured_tokens([(0,), (1,), (1, 0)], probs, hit) == pytest.approx(1 + (1 + 2 + 0) / 3)
+    # dynamic, 3 nodes: (0,) (0,0) at positions 0 and 2; position 1 trusts head 1's rank 1 (0.5): (1,) (1,0)
+    assert measured_tokens(DynamicTree(3), probs, hit) == pytest.approx(1 + (2 + 2 + 0) / 3)
+
+
+def test_calibrate_can_choose_a_dynamic_tree_and_the_loader_uses_it(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    prompt = torch.randint(3, 90, (1, 10), generator=torch.Generator().manual_seed(0))
+    ref = model.generate(prompt, max_new_tokens=150, min_new_tokens=150, do_sample=False, pad_token_id=0)[0]
+    m = MedusaModel(model, OracleHeads(model, ref, max_rank=3, miss_every=4), tok, tree="chain")
+    mask = torch.zeros(ref.numel(), dtype=torch.bool)
+    mask[10:] = True
+    result = calibrate(m, [Example(ref, mask)], prompt, budgets=(1, 2, 6), rounds=1, log=lambda s: None)
+    kinds = [(r["budget"], r["dynamic"]) for r in result["rows"]]
+    assert kinds == [(1, False), (2, False), (6, False), (6, True)]      # no dynamic tree below 3 nodes
+    assert all(r["expected_tokens_per_step"] >= 1 for r in result["rows"])
+    dynamic = next(r for r in result["rows"] if r["dynamic"])
+    static_only = calibrate(m, [Example(ref, mask)], prompt, budgets=(6,), rounds=1, dynamic=False, log=lambda s: None)
+    assert [r["dynamic"] for r in static_only["rows"]] == [False]
+    from medusa.inference.checkpoint import save_heads
+    from medusa.inference.heads import HeadsConfig, MedusaHeads
+    folder = tmp_path / "heads"
+    save_heads(folder, MedusaHeads(HeadsConfig(hidden_size=64, vocab_size=96, base_model_name_or_path="x")))
+    save_tree(folder, {"best": dynamic, "rows": result["rows"]}, "cpu")
+    assert json.loads((folder / "tree.json").read_text())["devices"]["cpu"]["paths"] == "dynamic:6"
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    loaded = MedusaModel.from_pretrained(folder, base_model=str(tmp_path / "base"))
+    assert loaded.tree == DynamicTree(6)

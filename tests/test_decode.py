@@ -309,3 +309,43 @@ def test_only_the_heads_a_tree_reaches_are_run():
     full = heads(hidden, lm_head)
     torch.testing.assert_close(heads(hidden, lm_head, upto=2), full[:2], rtol=1e-5, atol=1e-5)  # other shapes: rounding
     assert tree_buffers(PRESETS["cpu_small"]).max_depth == 4 and tree_buffers([(0,), (1,)]).max_depth == 1
+
+
+@pytest.mark.parametrize("lookup", [0, 6])
+def test_greedy_equals_plain_greedy_dynamic_tree(arch, lookup):
+    """A tree chosen each step from the heads' probabilities: still exactly greedy, with and without context
+    drafts, and its shape really changes from step to step."""
+    model = tiny_model(arch)
+    for heads in (random_heads(), random_heads(next_token=True)):
+        m = MedusaModel(model, heads, tree="dynamic:6", lookup=lookup)
+        ids = _prompt(6)
+        assert torch.equal(m.generate(ids, max_new_tokens=40), _hf_greedy(model, ids, 40))
+        assert {s.tree_size for s in m.stream(ids, max_new_tokens=40, lookup=0)} <= {0, 6}
+
+
+def test_dynamic_tree_follows_the_heads_and_refuses_parent_token_heads():
+    """Each step's paths are the most probable under the heads' softmax (computed here directly) and each
+    node's token its head's rank-th guess; heads that need their parent's token cannot be laid out so."""
+    from medusa.inference.heads import DraftProjection, propose_dynamic
+    from medusa.inference.tree import DynamicTree, most_likely_paths
+
+    model = tiny_model("llama")
+    heads = random_heads(next_token=True)
+    hidden, root, emb = torch.randn(HIDDEN), torch.tensor(7), model.get_input_embeddings()
+    draft = DraftProjection(model.lm_head, torch.arange(5, VOCAB, 2), torch.float32)
+    shapes = set()
+    for seed in range(6):
+        hidden = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(seed)) * 4
+        with torch.no_grad():
+            paths, pick = propose_dynamic(heads, DynamicTree(8), hidden, root, draft, emb)
+            probs = heads(hidden, draft, next_embeds=emb(root)).softmax(-1)        # (K, V')
+            assert list(paths) == most_likely_paths(probs.sort(descending=True).values[:, :10], 8)
+            t = tree_buffers(list(paths))
+            tokens = pick(t)
+            for i in range(1, t.num_nodes):
+                d, r = int(t.head[i]), int(t.rank[i])
+                assert int(tokens[i]) == int(draft.token_ids[probs[d].topk(r + 1).indices[-1]])
+        shapes.add(paths)
+    assert len(shapes) > 1
+    with pytest.raises(ValueError, match="parent's token"):
+        MedusaModel(model, random_heads(parent_token=True), tree="dynamic:6").generate(_prompt(), max_new_tokens=4)

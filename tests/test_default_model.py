@@ -133,8 +133,10 @@ def test_shipped_heads_and_tree_are_used_and_predict(default_model):
     from medusa.model import DEFAULT_HEADS_DIR
 
     m = default_model
-    saved = json.loads((DEFAULT_HEADS_DIR / "tree.json").read_text())["devices"]["cpu"]["paths"]
-    assert m.tree == [tuple(p) for p in saved]
+    from medusa.inference.tree import load_tree
+
+    saved = load_tree(DEFAULT_HEADS_DIR / "tree.json", device_type="cpu")
+    assert m.tree == saved
     assert m.heads.config.extra["result"]["finished"]
     untrained = MedusaModel(m.base_model, _untrained_heads(m), m.tokenizer, tree=saved)
     rates = {}

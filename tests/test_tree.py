@@ -2,7 +2,9 @@
 presets, JSON files and lists load; malformed trees are refused with a message that says why."""
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import random
 
 import pytest
@@ -10,7 +12,8 @@ import torch
 
 from conftest import random_heads, tiny_model
 from medusa import MedusaModel
-from medusa.inference.tree import DEFAULT_TREE, PRESETS, fit_tree_to_heads, load_tree, tree_buffers
+from medusa.inference.tree import (DEFAULT_TREE, PRESETS, DynamicTree, fit_tree_to_heads, load_tree, most_likely_paths,
+                                   tree_buffers, tree_nodes, trees_from_json, trees_to_json)
 
 # Copied from the original Medusa repository (FasterDecoding/Medusa, medusa/model/medusa_choices.py).
 ORIGINAL_MC_SIM_7B_63 = [
@@ -185,3 +188,46 @@ def test_medusa_model_checks_the_tree_against_its_heads():
     assert m.tree == [p for p in PRESETS[DEFAULT_TREE] if len(p) <= 2]
     assert max(len(p) for p in m.tree) == 2
     assert MedusaModel(base, random_heads(num_heads=4)).tree == PRESETS[DEFAULT_TREE]
+
+
+def _brute_force_best(probs: list[list[float]], budget: int) -> list[tuple[int, ...]]:
+    K, R = len(probs), len(probs[0])
+    every = [p for d in range(1, K + 1) for p in itertools.product(range(R), repeat=d)]
+    score = lambda p: math.prod(probs[d][r] for d, r in enumerate(p))
+    return sorted(every, key=lambda p: (-score(p), p))[: budget - 1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_most_likely_paths_are_the_best_by_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(3, 4, generator=g).sort(descending=True).values.tolist()
+    for budget in (1, 2, 5, 12, 30):
+        got = most_likely_paths(probs, budget)
+        assert got == _brute_force_best(probs, budget)
+        assert all(len(p) == 1 or p[:-1] in got for p in got)          # every parent is in
+        load_tree(got)
+
+
+def test_a_dynamic_tree_goes_deep_where_the_heads_are_sure_and_wide_where_they_are_not():
+    sure = [[0.9, 0.05, 0.01], [0.9, 0.05, 0.01], [0.8, 0.1, 0.01]]
+    unsure = [[0.3, 0.25, 0.2], [0.9, 0.05, 0.01], [0.8, 0.1, 0.01]]
+    assert most_likely_paths(sure, 4) == [(0,), (0, 0), (0, 0, 0)]
+    assert most_likely_paths(unsure, 4) == [(0,), (0, 0), (1,)]
+
+
+def test_dynamic_trees_load_save_and_refuse_bad_sizes(tmp_path):
+    assert load_tree("dynamic:6") == DynamicTree(6)
+    assert load_tree(DynamicTree(3), num_heads=2) == DynamicTree(3)
+    assert tree_nodes(DynamicTree(6)) == 6 and tree_nodes([(0,), (1,)]) == 3
+    trees = {"cpu": DynamicTree(6), "cuda": [(0,), (0, 0)]}
+    assert trees_to_json(trees) == {"devices": {"cpu": {"paths": "dynamic:6"}, "cuda": {"paths": [[0], [0, 0]]}}}
+    assert trees_from_json(trees_to_json(trees)) == trees
+    file = tmp_path / "tree.json"
+    file.write_text(json.dumps(trees_to_json(trees)))
+    assert load_tree(str(file), device_type="cpu") == DynamicTree(6)
+    for bad, message in [("dynamic:0", "nodes >= 1"), ("dynamic:six", "dynamic:N"), ("dynamic:", "dynamic:N")]:
+        with pytest.raises(ValueError, match=message):
+            load_tree(bad)
+    file.write_text(json.dumps({"paths": "dynamic-6"}))
+    with pytest.raises(ValueError, match=r'a list of paths or "dynamic:N"'):
+        load_tree(str(file))

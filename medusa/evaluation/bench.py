@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from medusa.evaluation import report
+from medusa.inference.tree import tree_nodes, tree_spec
 from medusa.training.prompts import PromptRecord, read_prompts
 
 METHODS = ("baseline", "medusa", "prompt_lookup", "plain")
@@ -189,7 +190,7 @@ _RESULT_KEYS = ("model_id", "max_new_tokens", "temperature", "top_p", "sampling"
 
 
 def _digest(tree) -> str:
-    return hashlib.sha1(json.dumps([list(p) for p in tree]).encode()).hexdigest()[:12]
+    return hashlib.sha1(json.dumps(tree_spec(tree)).encode()).hexdigest()[:12]
 
 
 def _matches(answers: dict[str, list[Answer]], method: str, cfg: BenchConfig) -> list[bool] | None:
@@ -248,7 +249,7 @@ def run_bench(model, cfg: BenchConfig, *, progress: bool = True, log=None) -> di
     settings = {**{k: v for k, v in asdict(cfg).items() if k in _RESULT_KEYS}, "methods": list(cfg.methods),
                 "dtype": str(base.dtype).removeprefix("torch."), "device": str(base.device),
                 "machine": machine(base.device),
-                "tree_nodes": len(model.tree) + 1, "tree_digest": _digest(model.tree), "lookup": asdict(model.lookup),
+                "tree_nodes": tree_nodes(model.tree), "tree_digest": _digest(model.tree), "lookup": asdict(model.lookup),
                 "compiled": model.is_compiled,
                 "threads": torch.get_num_threads(),
                 "questions_file": str(cfg.questions), "questions": len(questions)}

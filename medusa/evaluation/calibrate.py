@@ -2,40 +2,31 @@
 
 1. Measure how often head i's rank-r guess is the true token (on greedy continuations of calibration data).
 2. For each node budget, build the tree that maximizes the expected tokens per step: the paper's greedy
-   construction, where a path's chance of being accepted is the product of its heads' rank accuracies.
-3. Time real decoding steps with each of those trees on this machine (in `rounds` passes over all budgets, so
-   that a shared machine's drift and bursts fall on every budget alike), and keep the budget with the most
+   construction, where a path's chance of being accepted is the product of its heads' rank accuracies; and
+   a dynamic tree of that size (tree.DynamicTree: the same construction at every step from the heads' own
+   probabilities). Count the tokens each would accept on the calibration data.
+3. Time real decoding steps with each of those trees on this machine (in `rounds` passes over all of them, so
+   that a shared machine's drift and bursts fall on every tree alike), and keep the tree with the most
    expected tokens per second. The tree is saved beside the heads, where the loader picks it up.
 """
 from __future__ import annotations
 
-import heapq
 import json
 import statistics
 from pathlib import Path
 
 import torch
 
+from medusa.inference.tree import DynamicTree, most_likely_paths, tree_nodes, tree_spec
 from medusa.training.data import Example
-from medusa.training.evaluate import rank_accuracy
+from medusa.training.evaluate import guess_table
 
 DEFAULT_BUDGETS = (1, 4, 8, 12, 16, 24, 32, 48, 64)
 
 
 def best_tree(acc: torch.Tensor, budget: int) -> list[tuple[int, ...]]:
-    """The `budget - 1` non-root nodes of highest acceptance probability (products of rank accuracies);
-    children never beat their parent, so every chosen node's parent is chosen before it."""
-    K, R = acc.shape
-    heap = [(-float(acc[0, r]), (r,)) for r in range(R)]
-    heapq.heapify(heap)
-    tree = []
-    while heap and len(tree) < budget - 1:
-        neg, path = heapq.heappop(heap)
-        tree.append(path)
-        if len(path) < K:
-            for r in range(R):
-                heapq.heappush(heap, (neg * float(acc[len(path), r]), path + (r,)))
-    return tree
+    """The `budget - 1` non-root nodes of highest acceptance probability (products of rank accuracies)."""
+    return most_likely_paths(acc, budget)
 
 
 def expected_tokens(tree: list[tuple[int, ...]], acc: torch.Tensor) -> float:
@@ -57,8 +48,35 @@ def time_steps(model, ids: torch.Tensor, tree, *, steps: int = 12) -> list[float
     return times[1: steps + 1] or times
 
 
+def measured_tokens(tree, probs: torch.Tensor, hit: torch.Tensor) -> float:
+    """Mean tokens a step accepts at these positions (`guess_table`'s probs and hit, every head with a target):
+    1 (the root) + the depth of the deepest path whose guesses are all right. `tree`: a static tree's paths,
+    or a DynamicTree, which chooses its paths at each position from the heads' probabilities there."""
+    K, n, _ = hit.shape
+    if n == 0:
+        return 1.0
+    if isinstance(tree, DynamicTree):
+        depth, hits = tree.depth(K), hit.permute(1, 0, 2).tolist()
+        total = 0
+        for p_i, h_i in zip(probs[:, :, : tree.topk].permute(1, 0, 2).tolist(), hits):
+            chosen = most_likely_paths(p_i[:depth], tree.nodes)
+            total += max((len(p) for p in chosen if all(h_i[d][r] for d, r in enumerate(p))), default=0)
+        return 1 + total / n
+    best = torch.zeros(n)
+    for path in tree:
+        ok = torch.ones(n, dtype=torch.bool)
+        for d, r in enumerate(path):
+            ok &= hit[d, :, r]
+        best = torch.maximum(best, ok * float(len(path)))
+    return 1 + float(best.mean())
+
+
 def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budgets=DEFAULT_BUDGETS,
-              max_rank: int = 10, rounds: int = 3, log=print) -> dict:
+              max_rank: int = 10, rounds: int = 3, dynamic: bool = True, log=print) -> dict:
+    """For each budget, the static tree with the most expected tokens per step and (with `dynamic`, for heads
+    that allow it, budgets of 3+ nodes) a DynamicTree of that size; each one's tokens per step measured on the
+    examples' positions and its steps timed here. -> {"best": the row with the most tokens per second, "rows",
+    "rank_accuracy"}."""
     from medusa.inference.tree_attention import rows_independent, uses_tree_attention
 
     if rounds < 1:
@@ -70,20 +88,27 @@ def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budge
             log(f"medusa_tree attention is exact here up to {max(exact, default=1)} nodes: "
                 f"skipping budgets {sorted(set(budgets) - set(exact))}")
         budgets = exact or [1]
-    acc = rank_accuracy(model.base_model, model.heads, examples, max_rank=max_rank)
+    probs, hit, valid = guess_table(model.base_model, model.heads, examples, max_rank=max_rank)
+    acc = hit.float().sum(1) / valid.sum(1).clamp(min=1)[:, None]
     log("rank accuracy (head x rank): " + json.dumps([[round(x, 3) for x in row[:5]] for row in acc.tolist()]))
-    trees = {b: best_tree(acc, b) if b > 1 else [] for b in budgets}
+    full = valid.all(0)                       # positions where a path of any depth can be judged
+    probs, hit = probs[:, full], hit[:, full]
+    dynamic = dynamic and not model.heads.config.parent_token_input
+    trees = [(b, best_tree(acc, b) if b > 1 else []) for b in budgets]
+    trees += [(b, DynamicTree(b, topk=max_rank)) for b in budgets if dynamic and b >= 3]
     time_steps(model, timing_ids, "root", steps=2)  # warm-up
-    times: dict[int, list[float]] = {b: [] for b in budgets}
+    times: dict[int, list[float]] = {i: [] for i in range(len(trees))}
     for _ in range(rounds):
-        for budget, tree in trees.items():
-            times[budget] += time_steps(model, timing_ids, tree or "root")
+        for i, (budget, tree) in enumerate(trees):
+            times[i] += time_steps(model, timing_ids, tree or "root")
     rows = []
-    for budget, tree in trees.items():
-        sec, exp = statistics.median(times[budget]), expected_tokens(tree, acc)
-        rows.append({"budget": budget, "nodes": len(tree) + 1, "expected_tokens_per_step": round(exp, 3),
-                     "step_ms": round(sec * 1000, 2), "expected_tokens_per_s": round(exp / sec, 2), "tree": tree})
-        log(f"budget {budget:3d}: {exp:.2f} tokens/step expected, {sec * 1000:.1f} ms/step, "
+    for i, (budget, tree) in enumerate(trees):
+        sec, exp = statistics.median(times[i]), measured_tokens(tree, probs, hit)
+        kind = "dynamic" if isinstance(tree, DynamicTree) else "static"
+        rows.append({"budget": budget, "nodes": tree_nodes(tree), "dynamic": kind == "dynamic",
+                     "expected_tokens_per_step": round(exp, 3), "step_ms": round(sec * 1000, 2),
+                     "expected_tokens_per_s": round(exp / sec, 2), "tree": tree})
+        log(f"budget {budget:3d} {kind:7s}: {exp:.2f} tokens/step, {sec * 1000:.1f} ms/step, "
             f"{exp / sec:.1f} tokens/s expected")
     best = max(rows, key=lambda r: r["expected_tokens_per_s"])
     return {"best": best, "rows": rows, "rank_accuracy": acc.tolist()}
@@ -98,7 +123,7 @@ def save_tree(folder: str | Path, result: dict, device_type: str) -> Path:
     data = {"paths": data} if isinstance(data, list) else data
     best = result["best"]
     data.setdefault("devices", {})[device_type] = {
-        "paths": [list(p) for p in best["tree"]],
+        "paths": tree_spec(best["tree"]),
         "calibration": {k: v for k, v in best.items() if k != "tree"} |
                        {"budgets": [{k: v for k, v in r.items() if k != "tree"} for r in result["rows"]]}}
     path.write_text(json.dumps(data, indent=1) + "\n")

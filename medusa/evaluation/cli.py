@@ -34,6 +34,7 @@ def add_commands(sub) -> dict:
     c.add_argument("--budgets", default="1,4,8,12,16,24,32,48,64", help="node budgets to time")
     c.add_argument("--rounds", type=int, default=3,
                    help="timing passes over all budgets (12 steps each; medians over all): more on noisy machines")
+    c.add_argument("--no-dynamic", action="store_true", help="static trees only (no dynamic:N trees)")
     c.add_argument("--save-to", help="folder for tree.json (default: the heads folder given by --model)")
     c.add_argument("--threads", type=int, help="torch CPU threads")
     return {"bench": cmd_bench, "calibrate": cmd_calibrate}
@@ -63,10 +64,11 @@ def cmd_calibrate(a) -> int:
         examples = examples_from_prompts(model, read_prompts(a.prompts)[: a.limit])
     timing = encode_prompt(model.tokenizer, [{"role": "user", "content": "Write a story about a lighthouse."}])
     budgets = tuple(int(b) for b in a.budgets.split(","))
-    result = calibrate(model, examples, timing, budgets=budgets, rounds=a.rounds, log=lambda s: print(s, flush=True))
+    result = calibrate(model, examples, timing, budgets=budgets, rounds=a.rounds, dynamic=not a.no_dynamic,
+                       log=lambda s: print(s, flush=True))
     path = save_tree(target, result, model.device_type)
     best = result["best"]
-    print(json.dumps({"saved": str(path), "nodes": best["nodes"], "expected_tokens_per_step":
+    print(json.dumps({"saved": str(path), "nodes": best["nodes"], "dynamic": best["dynamic"], "expected_tokens_per_step":
                       best["expected_tokens_per_step"], "expected_tokens_per_s": best["expected_tokens_per_s"]}))
     return 0
 

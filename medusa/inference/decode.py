@@ -16,10 +16,10 @@ from torch.profiler import record_function
 
 from medusa.inference.acceptance import SamplingOptions, accept, accept_greedy, next_token
 from medusa.inference.cache import TreeCache
-from medusa.inference.heads import propose
+from medusa.inference.heads import propose, propose_dynamic
 from medusa.inference.lookup import ContextIndex, LookupOptions
 from medusa.inference.packed_linear import engaged, padded_rows
-from medusa.inference.tree import TreeBuffers, tree_buffers, with_drafts
+from medusa.inference.tree import DynamicTree, TreeBuffers, tree_buffers, with_drafts
 from medusa.inference.tree_attention import path_groups, step_index, uses_tree_attention
 
 
@@ -55,18 +55,26 @@ class Step:
 
 
 class _Trees:
-    """The step's tree with 0..max_tokens context drafts appended, and its mask or path groups, built once each."""
+    """The step's tree with 0..max_tokens context drafts appended, and its mask or path groups, built once each
+    (a dynamic tree's: once per shape it takes)."""
 
-    def __init__(self, tree: TreeBuffers, device, dtype, tree_attention: bool):
-        self.heads_tree, self.device, self.dtype, self.tree_attention = tree, device, dtype, tree_attention
-        self.cache: dict[int, tuple] = {}
+    def __init__(self, tree: TreeBuffers | DynamicTree, device, dtype, tree_attention: bool):
+        self.tree, self.device, self.dtype, self.tree_attention = tree, device, dtype, tree_attention
+        self.cache: dict[tuple, tuple] = {}
 
-    def get(self, drafted: int) -> tuple[TreeBuffers, object]:
-        """-> (tree, its medusa_tree path groups or its additive (N, N) mask)."""
-        if drafted not in self.cache:
-            t = with_drafts(self.heads_tree, drafted).to(self.device)
-            self.cache[drafted] = (t, path_groups(t) if self.tree_attention else _additive(t, self.dtype))
-        return self.cache[drafted]
+    @property
+    def nodes(self) -> int:
+        return self.tree.num_nodes
+
+    def get(self, drafted: int, paths: tuple = ()) -> tuple[TreeBuffers, object]:
+        """-> (tree, its medusa_tree path groups or its additive (N, N) mask). `paths`: a dynamic tree's
+        choice this step."""
+        key = (paths, drafted)
+        if key not in self.cache:
+            heads_tree = tree_buffers(list(paths)) if isinstance(self.tree, DynamicTree) else self.tree
+            t = with_drafts(heads_tree, drafted).to(self.device)
+            self.cache[key] = (t, path_groups(t) if self.tree_attention else _additive(t, self.dtype))
+        return self.cache[key]
 
 
 class _MaskBuffer:
@@ -124,16 +132,20 @@ def _stop_index(tokenizer, generated: list[int], n_new: int, stop_strings) -> in
 
 
 @torch.inference_mode()
-def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts: DecodeOptions, *,
+def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers | DynamicTree, opts: DecodeOptions, *,
                   context_limit: int, tokenizer=None, draft_head=None,
                   lookup: LookupOptions | None = None, forward=None, greedy_head=None) -> Iterator[Step]:
-    """Yield one Step per decoding step. input_ids: (1, T) on the model's device. `draft_head`: the projection
+    """Yield one Step per decoding step. input_ids: (1, T) on the model's device. `tree`: a static tree's
+    buffers, or a DynamicTree (its paths chosen each step from the heads' probabilities). `draft_head`: the projection
     for the heads' guesses (default: the model's lm_head; see heads.draft_projection). `lookup`: also verify
     tokens copied from the context each step (lookup.py). `forward`: what runs the model's forward passes,
     e.g. `compiled.compile_forward(model)` (default: the model itself). `greedy_head`: the base's argmax at each
     node without its fp32 output projection (greedy_head.py), used for greedy decoding without `forward`."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"medusa decodes one sequence at a time: input_ids must be (1, T), got {tuple(input_ids.shape)}")
+    if isinstance(tree, DynamicTree) and heads.config.parent_token_input:
+        raise ValueError("a dynamic tree needs heads whose guesses do not depend on their parent's token "
+                         "(these were trained with --parent-token-input): use a static tree")
     prompt_len = input_ids.shape[1]
     if prompt_len == 0:
         raise ValueError("empty prompt")
@@ -185,11 +197,16 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers, opts
             # propose: the root is the base's own next token; the heads fill the rest of the tree, and context
             # drafts (if on) add a chain under the root
             with record_function("medusa.propose"):
-                n_tree = source.heads_tree.num_nodes
+                n_tree = source.nodes
                 fill = (lambda n: pad(n_tree + n) - n_tree) if pad is not None else None
                 drafts = context.draft(int(root), room - n_tree, fill) if context is not None else []
-                t, shape = source.get(len(drafts))
-                tokens = propose(heads, t, last_hidden, root, draft_head, embedding)
+                if isinstance(source.tree, DynamicTree) and n_tree > 1:
+                    paths, pick = propose_dynamic(heads, source.tree, last_hidden, root, draft_head, embedding)
+                    t, shape = source.get(len(drafts), paths)
+                    tokens = pick(t)
+                else:
+                    t, shape = source.get(len(drafts))
+                    tokens = propose(heads, t, last_hidden, root, draft_head, embedding)
                 if drafts:
                     tokens = torch.cat([tokens, torch.tensor(drafts, dtype=torch.long, device=device)])  # (N,)
             # verify: one forward over the whole tree

@@ -1,11 +1,13 @@
-"""Candidate trees: named presets, JSON files, and the pure functions that turn a tree into its buffers.
+"""Candidate trees: named presets, JSON files, dynamic trees, and the pure functions that turn a tree into its
+buffers.
 
-A tree is a list of paths. A path `(r1, r2, ..., rd)` is a node at depth d: its token is the r_d-th best
+A tree is a list of paths (or a `DynamicTree`, whose paths are chosen afresh each step). A path `(r1, r2, ..., rd)` is a node at depth d: its token is the r_d-th best
 guess (top-k rank, from 0) of head d-1, and its parent is the path without its last element. The root
 (depth 0, the empty path) is the base model's own next token and is always present.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import os
 from dataclasses import dataclass
@@ -35,10 +37,72 @@ PRESETS: dict[str, list[Path_]] = {
     "root": [],  # no candidates: plain one-token-per-step decoding on the same engine
 }
 DEFAULT_TREE = "mc_sim_7b_63"
+DYNAMIC = "dynamic:"   # "dynamic:N": a DynamicTree of N nodes
 
 
-def validate_tree(paths: list[Path_], num_heads: int | None = None) -> list[Path_]:
+@dataclass(frozen=True)
+class DynamicTree:
+    """A tree of `nodes` nodes (root included) chosen afresh at each step from the heads' own confidence: the
+    `nodes - 1` most probable paths, a path's probability being the product of its heads' probabilities for
+    its guesses (`most_likely_paths`; EAGLE-2's dynamic draft tree, here over Medusa heads' top-k). A static
+    tree spends its nodes where guesses are right on average; this one where this step's guesses look right:
+    a confident head 1 gets a deep chain, an unsure one several siblings. Each head considers its `topk` best
+    guesses. Only for heads whose guesses do not depend on their parent's token."""
+    nodes: int
+    topk: int = 10
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.topk < 1:
+            raise ValueError(f"a dynamic tree needs nodes >= 1 and topk >= 1, got {self.nodes} and {self.topk}")
+
+    @property
+    def num_nodes(self) -> int:
+        return self.nodes
+
+    def depth(self, num_heads: int) -> int:
+        """How many heads a step's tree can use (a chain of nodes - 1 at most)."""
+        return min(num_heads, self.nodes - 1)
+
+    def __str__(self) -> str:
+        return f"{DYNAMIC}{self.nodes}"
+
+
+Tree = list[Path_] | DynamicTree
+
+
+def most_likely_paths(probs, budget: int) -> list[Path_]:
+    """`probs[d][r]`: the chance that head d's rank-r guess is right (a (K, R) tensor or nested lists). -> the
+    `budget - 1` paths of highest probability (products along the path): the paper's greedy tree
+    construction, and a DynamicTree's choice at each step. A child never beats its parent (probabilities are
+    <= 1), so every chosen path's parent is chosen before it; ties go to the lexicographically smaller path."""
+    probs = probs.tolist() if isinstance(probs, torch.Tensor) else probs
+    K = len(probs)
+    heap = [(-p, (r,)) for r, p in enumerate(probs[0])] if K else []
+    heapq.heapify(heap)
+    tree = []
+    while heap and len(tree) < budget - 1:
+        neg, path = heapq.heappop(heap)
+        tree.append(path)
+        if len(path) < K:
+            for r, p in enumerate(probs[len(path)]):
+                heapq.heappush(heap, (neg * p, path + (r,)))
+    return tree
+
+
+def tree_nodes(tree: Tree) -> int:
+    """Nodes a step verifies, root included (a dynamic tree's budget)."""
+    return tree.nodes if isinstance(tree, DynamicTree) else len(tree) + 1
+
+
+def tree_spec(tree: Tree):
+    """What a tree is in JSON: its paths, or "dynamic:N"."""
+    return str(tree) if isinstance(tree, DynamicTree) else [list(p) for p in tree]
+
+
+def validate_tree(paths: Tree, num_heads: int | None = None) -> Tree:
     """Check a tree is well formed: every node's parent is present, ranks are >= 0, no duplicates."""
+    if isinstance(paths, DynamicTree):
+        return paths
     paths = [tuple(int(r) for r in p) for p in paths]
     present = set(paths)
     if len(present) != len(paths):
@@ -58,31 +122,41 @@ def validate_tree(paths: list[Path_], num_heads: int | None = None) -> list[Path
 ANY_DEVICE = "*"
 
 
-def trees_from_json(data) -> dict[str, list[Path_]]:
-    """A tree file's content -> {device type: paths}. Calibrated trees are saved per device type
+def _parse(value) -> Tree:
+    """A tree in JSON: a list of paths, or "dynamic:N"."""
+    if isinstance(value, str):
+        if not value.startswith(DYNAMIC) or not value[len(DYNAMIC):].isdigit():
+            raise ValueError(f'a tree is a list of paths or "{DYNAMIC}N" (N nodes), not {value!r}')
+        return DynamicTree(int(value[len(DYNAMIC):]))
+    return [tuple(p) for p in value]
+
+
+def trees_from_json(data) -> dict[str, Tree]:
+    """A tree file's content -> {device type: tree}. Calibrated trees are saved per device type
     ({"devices": {"cpu": {"paths": [...], ...}}}): a tree that pays on a CPU is far too small for a GPU.
-    A bare list of paths or {"paths": [...]} is one tree for every device (key ANY_DEVICE)."""
+    A bare list of paths or {"paths": [...]} is one tree for every device (key ANY_DEVICE). "paths" may
+    also be "dynamic:N" (a DynamicTree)."""
     if isinstance(data, list):
-        return {ANY_DEVICE: [tuple(p) for p in data]}
+        return {ANY_DEVICE: _parse(data)}
     if not isinstance(data, dict) or not ("paths" in data or "devices" in data):
         raise ValueError('a tree file holds a list of paths, {"paths": [...]} or {"devices": {TYPE: {"paths": [...]}}}')
-    out = {ANY_DEVICE: [tuple(p) for p in data["paths"]]} if "paths" in data else {}
+    out = {ANY_DEVICE: _parse(data["paths"])} if "paths" in data else {}
     for kind, entry in data.get("devices", {}).items():
         if not isinstance(entry, dict) or "paths" not in entry:
             raise ValueError(f'tree file: devices.{kind} has no "paths"')
-        out[kind] = [tuple(p) for p in entry["paths"]]
+        out[kind] = _parse(entry["paths"])
     return out
 
 
-def tree_for_device(trees: dict[str, list[Path_]], device_type: str) -> list[Path_] | None:
+def tree_for_device(trees: dict[str, Tree], device_type: str) -> Tree | None:
     """The tree saved for this device type ("cpu", "cuda", ...), else the one for every device, else None."""
     return trees.get(device_type, trees.get(ANY_DEVICE))
 
 
-def load_tree(spec: str | os.PathLike | list | None, num_heads: int | None = None,
-              device_type: str | None = None) -> list[Path_]:
-    """A preset name, a JSON file (see `trees_from_json`: a per-device file gives `device_type`'s tree), or a
-    list of paths."""
+def load_tree(spec: str | os.PathLike | list | DynamicTree | None, num_heads: int | None = None,
+              device_type: str | None = None) -> Tree:
+    """A preset name, "dynamic:N", a JSON file (see `trees_from_json`: a per-device file gives `device_type`'s
+    tree), a list of paths or a DynamicTree."""
     if spec is None:
         spec = DEFAULT_TREE
     if isinstance(spec, os.PathLike):
@@ -90,6 +164,8 @@ def load_tree(spec: str | os.PathLike | list | None, num_heads: int | None = Non
     if isinstance(spec, str):
         if spec in PRESETS:
             paths = PRESETS[spec]
+        elif spec.startswith(DYNAMIC) and not Path(spec).is_file():
+            paths = _parse(spec)
         elif Path(spec).is_file():
             trees = trees_from_json(json.loads(Path(spec).read_text()))
             paths = tree_for_device(trees, device_type) if device_type else trees.get(ANY_DEVICE)
@@ -97,21 +173,24 @@ def load_tree(spec: str | os.PathLike | list | None, num_heads: int | None = Non
                 raise ValueError(f"tree file {spec} has no tree for {device_type or 'every device'} "
                                  f"(it has: {', '.join(sorted(trees))})")
         else:
-            raise ValueError(f"unknown tree {spec!r}: not a preset ({', '.join(PRESETS)}) nor a JSON file")
+            raise ValueError(f"unknown tree {spec!r}: not a preset ({', '.join(PRESETS)}), nor {DYNAMIC}N, "
+                             f"nor a JSON file")
     else:
         paths = spec
     return validate_tree(paths, num_heads)
 
 
-def trees_to_json(trees: dict[str, list[Path_]]) -> dict:
+def trees_to_json(trees: dict[str, Tree]) -> dict:
     """The inverse of `trees_from_json`."""
-    out = {"paths": [list(p) for p in trees[ANY_DEVICE]]} if ANY_DEVICE in trees else {}
-    devices = {k: {"paths": [list(p) for p in v]} for k, v in trees.items() if k != ANY_DEVICE}
+    out = {"paths": tree_spec(trees[ANY_DEVICE])} if ANY_DEVICE in trees else {}
+    devices = {k: {"paths": tree_spec(v)} for k, v in trees.items() if k != ANY_DEVICE}
     return out | ({"devices": devices} if devices else {})
 
 
-def fit_tree_to_heads(paths: list[Path_], num_heads: int) -> list[Path_]:
+def fit_tree_to_heads(paths: Tree, num_heads: int) -> Tree:
     """Drop nodes deeper than the number of heads (used when a preset meets fewer heads)."""
+    if isinstance(paths, DynamicTree):
+        return paths
     return [p for p in paths if len(p) <= num_heads]
 
 

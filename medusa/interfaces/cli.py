@@ -54,8 +54,11 @@ class LoadOptions:
             t1 = time.perf_counter()
             model.warm_up()
             log(f"Compiled in {time.perf_counter() - t1:.0f} s")
+        from medusa.inference.tree import DynamicTree, tree_nodes
+
+        dynamic = " (dynamic)" if isinstance(model.tree, DynamicTree) else ""
         log(f"Ready in {time.perf_counter() - t0:.1f} s: {model.heads.num_heads} heads, "
-            f"tree of {len(model.tree) + 1} nodes, {model.base_model.dtype}, {model.base_model.device}")
+            f"tree of {tree_nodes(model.tree)} nodes{dynamic}, {model.base_model.dtype}, {model.base_model.device}")
         return model
 
 
@@ -69,7 +72,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="heads folder (ours or original Medusa format), or a base model "
                                    "(Hub id, folder, .gguf); default: the embedded SmolLM2-135M-Instruct")
     g.add_argument("--base-model", help="override the base model named in a heads checkpoint")
-    g.add_argument("--tree", help="tree preset name or JSON file of paths (default: the heads' own or mc_sim_7b_63)")
+    g.add_argument("--tree", help="tree preset name, dynamic:N (N nodes chosen each step from the heads' confidence) or JSON file of "
+                   "paths (default: the heads' own or mc_sim_7b_63)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
     g.add_argument("--attn", help="attention implementation: sdpa, eager, or medusa_tree (each tree node "

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from medusa.inference.heads import draft_projection, guess, true_inputs
+from medusa.inference.heads import draft_projection, true_inputs
 from medusa.training.data import Example, collate
 from medusa.training.losses import targets
 
@@ -23,18 +23,20 @@ def head_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor, num_heads: in
 
 
 @torch.inference_mode()
-def rank_accuracy(base, heads, examples: list[Example], *, max_rank: int = 10, batch_size: int = 8,
-                  chunk: int = 256) -> torch.Tensor:
-    """(K, max_rank): the fraction of assistant tokens t+2+i that head i ranks exactly r-th (from 0).
-    Heads guess as at decode time (`guess` through `draft_projection`: a draft vocabulary's tokens only), a
-    chunk at a time; heads that take the next token get the true one (at decode
-    time: the root, the base's own next token), and heads that take their parent's token the true one too
-    (what a path still being accepted holds), so their accuracy is conditional on the path so far."""
+def guess_table(base, heads, examples: list[Example], *, max_rank: int = 10, batch_size: int = 8,
+                chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per assistant position with a target for some head (n of them): (probs, hit, valid); probs and hit
+    (K, n, max_rank): head i's probability for its rank-r guess (softmax, over the draft vocabulary where there
+    is one) and whether that guess is token t+2+i; valid (K, n): whether head i has a target there. Heads guess as at decode time (through `draft_projection`), a chunk at a time; heads
+    that take the next token get the true one (at decode time: the root, the base's own next token), and heads
+    that take their parent's token the true one too (what a path still being accepted holds), so their
+    accuracy is conditional on the path so far."""
     embedding = base.get_input_embeddings()
     device = embedding.weight.device
     lm_head = draft_projection(base.get_output_embeddings(), heads)
+    ids = getattr(lm_head, "token_ids", None)
     K = heads.num_heads
-    hits, counts = torch.zeros(K, max_rank), torch.zeros(K)
+    probs, hits, valid = [], [], []
     for s in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[s:s + batch_size]).items()}
         hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -45,11 +47,23 @@ def rank_accuracy(base, heads, examples: list[Example], *, max_rank: int = 10, b
         inputs = true_inputs(heads, embedding, batch["input_ids"], used)                # (n, H), (K-1, n, H)
         for c in range(0, h.shape[0], chunk):
             part = {k: v[..., c:c + chunk, :] for k, v in inputs.items()}
-            top = guess(heads, h[c:c + chunk], lm_head, max_rank, **part)                           # (K, n, R)
+            logits = heads(h[c:c + chunk], lm_head, **part).float()                    # (K, n, V')
+            p, top = logits.log_softmax(-1).topk(max_rank, dim=-1)
+            top = top if ids is None else ids[top]
+            probs.append(p.exp().cpu())
             t = tgt[:, c:c + chunk]
-            hits += ((top == t[..., None]) & (t[..., None] >= 0)).float().sum(1).cpu()
-            counts += (t >= 0).sum(1).float().cpu()
-    return hits / counts.clamp(min=1)[:, None]
+            hits.append(((top == t[..., None]) & (t[..., None] >= 0)).cpu())
+            valid.append((t >= 0).cpu())
+    if not probs:
+        return (torch.zeros(K, 0, max_rank), torch.zeros(K, 0, max_rank, dtype=torch.bool),
+                torch.zeros(K, 0, dtype=torch.bool))
+    return torch.cat(probs, 1), torch.cat(hits, 1), torch.cat(valid, 1)
+
+
+def rank_accuracy(base, heads, examples: list[Example], *, max_rank: int = 10, batch_size: int = 8) -> torch.Tensor:
+    """(K, max_rank): the fraction of assistant tokens t+2+i that head i ranks exactly r-th (from 0)."""
+    _, hit, valid = guess_table(base, heads, examples, max_rank=max_rank, batch_size=batch_size)
+    return hit.float().sum(1) / valid.sum(1).clamp(min=1)[:, None]
 
 
 def head_accuracy(base, heads, examples: list[Example], *, ks=(1, 5, 10), batch_size: int = 8) -> dict:
