@@ -283,7 +283,8 @@ def test_push_uploads_the_folder_with_a_model_card(tmp_path, monkeypatch, no_hub
     folder = tmp_path / "heads"
     heads = make_heads(2, 1, shared=False, base="org/not-cached-anywhere")
     heads.config.extra = {"trained_on": "sharegpt", "steps": 1200}
-    save_heads(folder, heads, {"cpu": PATHS[:5], "cuda": PATHS[:2]})   # 2 levels at most: one per head
+    from medusa.inference.tree import DynamicTree
+    save_heads(folder, heads, {"cpu": PATHS[:5], "cuda": PATHS[:2], "mps": DynamicTree(6)})   # 2 heads: 2 levels
     seen = {}
 
     def create_repo(self, repo_id, **kw):
@@ -304,7 +305,7 @@ def test_push_uploads_the_folder_with_a_model_card(tmp_path, monkeypatch, no_hub
     assert card.startswith("---\nlibrary_name: medusa\nbase_model: org/not-cached-anywhere\ntags:\n- medusa\n"
                            "- speculative-decoding\n---\n")
     assert "- trained_on: sharegpt" in card and "- steps: 1200" in card
-    assert "| candidate tree | 6 nodes for cpu, 3 nodes for cuda (`tree.json`) |" in card
+    assert "| candidate tree | 6 nodes for cpu, 3 nodes for cuda, 6 nodes (dynamic) for mps (`tree.json`) |" in card
     (folder / "README.md").write_text("# my own card\n")                   # a card without our mark is kept
     push(folder, "me/heads", token="hf_test", log=logs.append)
     assert (folder / "README.md").read_text() == "# my own card\n"
