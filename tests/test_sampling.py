@@ -52,18 +52,20 @@ def _sample(m, prompt, mode, temperature=0.8, top_p=1.0):
     return out, accepted_any / N_SAMPLES
 
 
-def _medusa_with_good_guesses():
+def _medusa_with_good_guesses(tree="cpu_small"):
     """A tiny model and heads that put its greedy continuation near the top: many candidates get accepted
     under sampling too, so both acceptance and rejection are exercised."""
     model = tiny_model("qwen2", seed=3)
     prompt = torch.tensor([[5, 17, 42, 8, 23, 61]])
     ref = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    return model, MedusaModel(model, OracleHeads(model, ref[0], max_rank=2, miss_every=1000), tree="cpu_small"), prompt
+    return model, MedusaModel(model, OracleHeads(model, ref[0], max_rank=2, miss_every=1000), tree=tree), prompt
 
 
-@pytest.mark.parametrize("temperature,top_p", [(0.8, 1.0), (0.6, 0.9)])
-def test_lossless_sampling_follows_plain_sampling(temperature, top_p):
-    model, m, prompt = _medusa_with_good_guesses()
+@pytest.mark.parametrize("temperature,top_p,tree", [(0.8, 1.0, "cpu_small"), (0.6, 0.9, "cpu_small"),
+                                                    (0.8, 1.0, "dynamic:8")])
+def test_lossless_sampling_follows_plain_sampling(temperature, top_p, tree):
+    """Also with a dynamic tree: its shape is a function of the context alone, so acceptance stays lossless."""
+    model, m, prompt = _medusa_with_good_guesses(tree)
     samples, accept_rate = _sample(m, prompt, "lossless", temperature=temperature, top_p=top_p)
     assert 0.2 < accept_rate < 0.9             # candidates were accepted and rejected
     p, n_bins = _goodness_of_fit(model, prompt, samples, SamplingOptions(temperature=temperature, top_p=top_p))
