@@ -17,6 +17,7 @@ DATA=${MEDUSA_DATA:-$HOME/medusa-data}
 SHARED=${MEDUSA_SHARED:-../shared/data}
 THREADS=${THREADS:-2}              # the shipped heads and tree: 2 (THREADS=1 to distill beside other work)
 TRAIN_LIMIT=${TRAIN_LIMIT:-7500}   # conversations after these are held out for calibration
+BATCH=${BATCH:-16}                 # distill batch: 16 on a 2-core CPU; a GPU wants hundreds (BATCH=256)
 HEADS=${HEADS:-$DATA/heads}        # training output (a new folder for a new run; link an old features-* in to reuse it)
 mkdir -p "$DATA"
 export OMP_NUM_THREADS=$THREADS
@@ -28,7 +29,7 @@ case "${1:-}" in
     # greedy answers, bf16 (faster than fp32 on CPUs with AMX or avx512_bf16: on the 2-core AMD EPYC Zen 4,
     # 88 vs 48 tokens/s over 32 prompts; batch 32 was slower than 16), 256 new tokens at most
     medusa distill --input "$DATA/distill_prompts.jsonl" --output "$DATA/distill_smollm2.jsonl" \
-        --max-new-tokens 256 --batch-size 16 --temperature 0 --dtype bfloat16 --threads "$THREADS" ;;
+        --max-new-tokens 256 --batch-size "$BATCH" --temperature 0 --dtype bfloat16 --threads "$THREADS" ;;
   train)
     # shipped heads: 2 blocks, heads that also see the next token, 2 epochs, lr 2e-3, 2 threads: 1,860 steps
     medusa train --next-token-input --num-layers 2 --data "$DATA/distill_smollm2.jsonl" --output "$HEADS" --mixed-precision bf16 \
