@@ -71,6 +71,10 @@ def _heads_folder(name) -> Path | None:
     return fetch_heads_repo(str(name))
 
 
+def _device_type(base_model) -> str:
+    return base_model.get_input_embeddings().weight.device.type
+
+
 def _lookup_options(lookup) -> LookupOptions:
     """None: the default (up to 10 tokens, 2 after a weak match); an int: at most that many context-draft
     tokens per step (0 = off); or LookupOptions as they are."""
@@ -100,7 +104,7 @@ class MedusaModel(nn.Module):
     @property
     def device_type(self) -> str:
         """Where decoding runs ("cpu", "cuda", ...): trees are calibrated per device type."""
-        return self.base_model.get_input_embeddings().weight.device.type
+        return _device_type(self.base_model)
 
     @property
     def is_compiled(self) -> bool:
@@ -114,9 +118,8 @@ class MedusaModel(nn.Module):
     def _check_compatible(self) -> None:
         cfg = self.base_model.config.get_text_config(decoder=True)
         hc = self.heads.config
-        if isinstance(self.tree, DynamicTree) and hc.parent_token_input:
-            raise ValueError(f"tree {self.tree} needs heads whose guesses do not depend on their parent's token "
-                             f"(these were trained with --parent-token-input): use a static tree")
+        if isinstance(self.tree, DynamicTree):
+            self.tree.check_heads(hc)
         if hc.hidden_size != cfg.hidden_size:
             raise ValueError(f"heads have hidden size {hc.hidden_size} but the base model's is {cfg.hidden_size}")
         vocab = self.base_model.get_output_embeddings().weight.shape[0]
@@ -184,7 +187,7 @@ class MedusaModel(nn.Module):
         head_dtype = model.dtype if model.dtype.is_floating_point else torch.float16
         heads.to(device=model.get_output_embeddings().weight.device, dtype=head_dtype).eval()
         if tree is None and saved_tree is not None:
-            kind = model.get_input_embeddings().weight.device.type
+            kind = _device_type(model)
             tree = tree_for_device(saved_tree, kind)
             if tree is None:
                 log(f"The heads' trees were calibrated for {', '.join(sorted(saved_tree))}, not {kind}: using the "

@@ -19,7 +19,7 @@ import torch
 
 from medusa.inference.tree import DynamicTree, most_likely_paths, tree_nodes, tree_spec
 from medusa.training.data import Example
-from medusa.training.evaluate import guess_table
+from medusa.training.evaluate import accuracy_by_rank, guess_table
 
 DEFAULT_BUDGETS = (1, 4, 8, 12, 16, 24, 32, 48, 64)
 
@@ -89,7 +89,7 @@ def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budge
                 f"skipping budgets {sorted(set(budgets) - set(exact))}")
         budgets = exact or [1]
     probs, hit, valid = guess_table(model.base_model, model.heads, examples, max_rank=max_rank)
-    acc = hit.float().sum(1) / valid.sum(1).clamp(min=1)[:, None]
+    acc = accuracy_by_rank(hit, valid)
     log("rank accuracy (head x rank): " + json.dumps([[round(x, 3) for x in row[:5]] for row in acc.tolist()]))
     full = valid.all(0)                       # positions where a path of any depth can be judged
     probs, hit = probs[:, full], hit[:, full]
@@ -97,9 +97,9 @@ def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budge
     trees = [(b, best_tree(acc, b) if b > 1 else []) for b in budgets]
     trees += [(b, DynamicTree(b, topk=max_rank)) for b in budgets if dynamic and b >= 3]
     time_steps(model, timing_ids, "root", steps=2)  # warm-up
-    times: dict[int, list[float]] = {i: [] for i in range(len(trees))}
+    times: list[list[float]] = [[] for _ in trees]
     for _ in range(rounds):
-        for i, (budget, tree) in enumerate(trees):
+        for i, (_, tree) in enumerate(trees):
             times[i] += time_steps(model, timing_ids, tree or "root")
     rows = []
     for i, (budget, tree) in enumerate(trees):

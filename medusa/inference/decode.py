@@ -143,9 +143,8 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers | Dyn
     node without its fp32 output projection (greedy_head.py), used for greedy decoding without `forward`."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"medusa decodes one sequence at a time: input_ids must be (1, T), got {tuple(input_ids.shape)}")
-    if isinstance(tree, DynamicTree) and heads.config.parent_token_input:
-        raise ValueError("a dynamic tree needs heads whose guesses do not depend on their parent's token "
-                         "(these were trained with --parent-token-input): use a static tree")
+    if isinstance(tree, DynamicTree):
+        tree.check_heads(heads.config)
     prompt_len = input_ids.shape[1]
     if prompt_len == 0:
         raise ValueError("empty prompt")

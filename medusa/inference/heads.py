@@ -236,11 +236,22 @@ def guess(heads: MedusaHeads, hidden: torch.Tensor, draft_head: nn.Module, k: in
     return _best(heads(hidden, draft_head, upto=upto, next_embeds=next_embeds, parent_embeds=parent_embeds), draft_head, k)
 
 
-def _best(logits: torch.Tensor, draft_head: nn.Module, k: int) -> torch.Tensor:
-    """The k best outputs of `draft_head` as token ids (a draft vocabulary's rows -> their tokens)."""
-    top = logits.topk(k, dim=-1).indices
+def _token_ids(rows: torch.Tensor, draft_head: nn.Module) -> torch.Tensor:
+    """`draft_head`'s output rows -> token ids (a draft vocabulary's rows -> their tokens)."""
     ids = getattr(draft_head, "token_ids", None)
-    return top if ids is None else ids[top]
+    return rows if ids is None else ids[rows]
+
+
+def _best(logits: torch.Tensor, draft_head: nn.Module, k: int) -> torch.Tensor:
+    """The k best outputs of `draft_head` as token ids."""
+    return _token_ids(logits.topk(k, dim=-1).indices, draft_head)
+
+
+def ranked_guesses(logits: torch.Tensor, draft_head: nn.Module, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., V') logits through `draft_head` -> (probabilities, token ids), each (..., k): the k best guesses and
+    their softmax probabilities (over the draft vocabulary where there is one)."""
+    logp, top = logits.float().log_softmax(-1).topk(min(k, logits.shape[-1]), dim=-1)
+    return logp.exp(), _token_ids(top, draft_head)
 
 
 def propose(heads: MedusaHeads, tree, hidden: torch.Tensor, root: torch.Tensor, draft_head: nn.Module,
@@ -275,10 +286,8 @@ def propose_dynamic(heads: MedusaHeads, tree, hidden: torch.Tensor, root: torch.
     than running only the heads a step's tree turns out to reach, one by one."""
     depth = tree.depth(heads.num_heads)
     logits = heads(hidden, draft_head, upto=depth, next_embeds=next_token_embeds(heads, embedding, root))
-    logp, top = logits[:depth].float().log_softmax(-1).topk(min(tree.topk, logits.shape[-1]), dim=-1)
-    ids = getattr(draft_head, "token_ids", None)
-    ids = top if ids is None else ids[top]                                               # (depth, topk)
-    paths = tuple(most_likely_paths(logp.exp().tolist(), tree.nodes))
+    probs, ids = ranked_guesses(logits[:depth], draft_head, tree.topk)                  # (depth, topk) each
+    paths = tuple(most_likely_paths(probs.tolist(), tree.nodes))
     return paths, lambda t: torch.cat([root.view(1), ids[t.head[1:t.head_nodes], t.rank[1:t.head_nodes]]])
 
 

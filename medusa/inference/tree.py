@@ -59,6 +59,12 @@ class DynamicTree:
     def num_nodes(self) -> int:
         return self.nodes
 
+    def check_heads(self, config) -> None:
+        """Refuse heads (a HeadsConfig) whose guesses depend on their parent's token: their tree is the path."""
+        if config.parent_token_input:
+            raise ValueError(f"tree {self} needs heads whose guesses do not depend on their parent's token "
+                             f"(these were trained with --parent-token-input): use a static tree")
+
     def depth(self, num_heads: int) -> int:
         """How many heads a step's tree can use (a chain of nodes - 1 at most)."""
         return min(num_heads, self.nodes - 1)

@@ -72,7 +72,8 @@ def _describe_trees(trees: dict | None) -> str:
     if not trees:
         return "none saved"
     where = lambda kind: "every device" if kind == ANY_DEVICE else kind
-    return ", ".join(f"{tree_nodes(p)} nodes{' (dynamic)' * isinstance(p, DynamicTree)} for {where(k)}" for k, p in sorted(trees.items())) + " (`tree.json`)"
+    kind = lambda tree: " (dynamic)" if isinstance(tree, DynamicTree) else ""
+    return ", ".join(f"{tree_nodes(p)} nodes{kind(p)} for {where(k)}" for k, p in sorted(trees.items())) + " (`tree.json`)"
 
 
 def model_card(config: HeadsConfig, tree: dict | None, repo: str, *, our_format: bool = True) -> str:

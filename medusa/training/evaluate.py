@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from medusa.inference.heads import draft_projection, true_inputs
+from medusa.inference.heads import draft_projection, ranked_guesses, true_inputs
 from medusa.training.data import Example, collate
 from medusa.training.losses import targets
 
@@ -27,14 +27,14 @@ def guess_table(base, heads, examples: list[Example], *, max_rank: int = 10, bat
                 chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per assistant position with a target for some head (n of them): (probs, hit, valid); probs and hit
     (K, n, max_rank): head i's probability for its rank-r guess (softmax, over the draft vocabulary where there
-    is one) and whether that guess is token t+2+i; valid (K, n): whether head i has a target there. Heads guess as at decode time (through `draft_projection`), a chunk at a time; heads
-    that take the next token get the true one (at decode time: the root, the base's own next token), and heads
+    is one) and whether that guess is token t+2+i; valid (K, n): whether head i has a target there. Heads
+    guess as at decode time (through `draft_projection`), a chunk at a time; heads that take the next token
+    get the true one (at decode time: the root, the base's own next token), and heads
     that take their parent's token the true one too (what a path still being accepted holds), so their
     accuracy is conditional on the path so far."""
     embedding = base.get_input_embeddings()
     device = embedding.weight.device
     lm_head = draft_projection(base.get_output_embeddings(), heads)
-    ids = getattr(lm_head, "token_ids", None)
     K = heads.num_heads
     probs, hits, valid = [], [], []
     for s in range(0, len(examples), batch_size):
@@ -47,10 +47,8 @@ def guess_table(base, heads, examples: list[Example], *, max_rank: int = 10, bat
         inputs = true_inputs(heads, embedding, batch["input_ids"], used)                # (n, H), (K-1, n, H)
         for c in range(0, h.shape[0], chunk):
             part = {k: v[..., c:c + chunk, :] for k, v in inputs.items()}
-            logits = heads(h[c:c + chunk], lm_head, **part).float()                    # (K, n, V')
-            p, top = logits.log_softmax(-1).topk(max_rank, dim=-1)
-            top = top if ids is None else ids[top]
-            probs.append(p.exp().cpu())
+            p, top = ranked_guesses(heads(h[c:c + chunk], lm_head, **part), lm_head, max_rank)   # (K, n, R)
+            probs.append(p.cpu())
             t = tgt[:, c:c + chunk]
             hits.append(((top == t[..., None]) & (t[..., None] >= 0)).cpu())
             valid.append((t >= 0).cpu())
@@ -63,6 +61,11 @@ def guess_table(base, heads, examples: list[Example], *, max_rank: int = 10, bat
 def rank_accuracy(base, heads, examples: list[Example], *, max_rank: int = 10, batch_size: int = 8) -> torch.Tensor:
     """(K, max_rank): the fraction of assistant tokens t+2+i that head i ranks exactly r-th (from 0)."""
     _, hit, valid = guess_table(base, heads, examples, max_rank=max_rank, batch_size=batch_size)
+    return accuracy_by_rank(hit, valid)
+
+
+def accuracy_by_rank(hit: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`guess_table`'s hit and valid -> (K, R): the fraction of each head's targets it ranks exactly r-th."""
     return hit.float().sum(1) / valid.sum(1).clamp(min=1)[:, None]
 
 
