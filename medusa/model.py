@@ -118,8 +118,6 @@ class MedusaModel(nn.Module):
     def _check_compatible(self) -> None:
         cfg = self.base_model.config.get_text_config(decoder=True)
         hc = self.heads.config
-        if isinstance(self.tree, DynamicTree):
-            self.tree.check_heads(hc)
         if hc.hidden_size != cfg.hidden_size:
             raise ValueError(f"heads have hidden size {hc.hidden_size} but the base model's is {cfg.hidden_size}")
         vocab = self.base_model.get_output_embeddings().weight.shape[0]

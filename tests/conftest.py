@@ -65,6 +65,18 @@ def random_heads(num_heads: int = 4, seed: int = 1, shared: bool = True, next_to
     return heads.eval()
 
 
+
+def parent_heads_ignoring_parent() -> tuple[MedusaHeads, MedusaHeads]:
+    """(parent-token heads whose parent weights are zero, plain next-token heads with the same other weights):
+    the two guess alike, by two different code paths."""
+    heads, plain = random_heads(parent_token=True), random_heads(next_token=True)
+    with torch.no_grad():
+        for h in heads.heads:
+            if h.parent is not None:
+                h.parent.weight.zero_()
+    plain.load_state_dict({k: v for k, v in heads.state_dict().items() if ".parent." not in k})
+    return heads, plain
+
 class OracleHeads(nn.Module):
     """Heads that know the reference greedy continuation. At the position whose hidden state is nearest,
     head i puts the true token t+2+i at a chosen top-k rank. With `tree`, successive calls walk the tree's

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import OracleHeads, tiny_model, tiny_tokenizer
+from conftest import OracleHeads, parent_heads_ignoring_parent, tiny_model, tiny_tokenizer
 from medusa import MedusaModel
 from medusa.evaluation.calibrate import best_tree, calibrate, expected_tokens, save_tree
 from medusa.inference.tree import DynamicTree, validate_tree
@@ -131,3 +131,36 @@ def test_calibrate_can_choose_a_dynamic_tree_and_the_loader_uses_it(tmp_path):
     tok.save_pretrained(tmp_path / "base")
     loaded = MedusaModel.from_pretrained(folder, base_model=str(tmp_path / "base"))
     assert loaded.tree == DynamicTree(6)
+
+
+def test_dynamic_trees_of_parent_token_heads_are_measured_by_growing_them():
+    """Parent-token heads whose parent weights are zero guess as plain heads: the level-by-level measure of
+    their dynamic trees equals the one from the plain heads' probability table. The text follows head 0's
+    rank (t mod 3) guess at each position, so depth-1 nodes are accepted when the tree holds that rank.
+    calibrate measures dynamic trees for parent-token heads this way."""
+    from medusa.evaluation.calibrate import measured_tokens
+    from medusa.training.evaluate import dynamic_parent_tokens, guess_table
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    heads, plain = parent_heads_ignoring_parent()
+    emb, text = model.get_input_embeddings(), [5, 9]
+    with torch.no_grad():
+        while len(text) < 120:
+            hidden = model(torch.tensor([text[:-1]]), output_hidden_states=True).hidden_states[-1][0, -1]
+            top = plain.head_logits(0, hidden, model.lm_head, emb(torch.tensor(text[-1]))).topk(3).indices
+            text.append(int(top[len(text) % 3]))
+    ref = torch.tensor(text)
+    mask = torch.zeros(ref.numel(), dtype=torch.bool)
+    mask[2:] = True
+    budgets = (3, 6, 10, 20)
+    with torch.no_grad():
+        grown = dynamic_parent_tokens(model, heads, [Example(ref, mask)], budgets)
+        probs, hit, valid = guess_table(model, plain, [Example(ref, mask)])
+    full = valid.all(0)
+    flat = {b: measured_tokens(DynamicTree(b), probs[:, full], hit[:, full]) for b in budgets}
+    assert grown == pytest.approx(flat)
+    assert 1.3 < grown[3] < grown[6] < grown[10] < grown[20]
+    m = MedusaModel(model, heads, tok, tree="chain")
+    result = calibrate(m, [Example(ref, mask)], ref[None, :10], budgets=(1, 6), rounds=1, log=lambda s: None)
+    row = next(r for r in result["rows"] if r["dynamic"])
+    assert row["expected_tokens_per_step"] == pytest.approx(grown[6], abs=1e-3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HIDDEN, VOCAB, OracleHeads, random_heads, tiny_model
+from conftest import HIDDEN, VOCAB, OracleHeads, parent_heads_ignoring_parent, random_heads, tiny_model
 from medusa import MedusaModel
 from medusa.inference.cache import TreeCache
 from medusa.inference.decode import PromptTooLongError
@@ -316,17 +316,18 @@ def test_greedy_equals_plain_greedy_dynamic_tree(arch, lookup):
     """A tree chosen each step from the heads' probabilities: still exactly greedy, with and without context
     drafts, and its shape really changes from step to step."""
     model = tiny_model(arch)
-    for heads in (random_heads(), random_heads(next_token=True)):
+    for heads in (random_heads(), random_heads(next_token=True), random_heads(parent_token=True)):
         m = MedusaModel(model, heads, tree="dynamic:6", lookup=lookup)
         ids = _prompt(6)
         assert torch.equal(m.generate(ids, max_new_tokens=40), _hf_greedy(model, ids, 40))
         assert {s.tree_size for s in m.stream(ids, max_new_tokens=40, lookup=0)} <= {0, 6}
 
 
-def test_dynamic_tree_follows_the_heads_and_refuses_parent_token_heads():
+def test_dynamic_tree_follows_the_heads():
     """Each step's paths are the most probable under the heads' softmax (computed here directly) and each
-    node's token its head's rank-th guess; heads that need their parent's token cannot be laid out so."""
-    from medusa.inference.heads import DraftProjection, propose_dynamic
+    node's token its head's rank-th guess."""
+    from medusa.inference.dynamic import propose_dynamic
+    from medusa.inference.heads import DraftProjection
     from medusa.inference.tree import DynamicTree, most_likely_paths
 
     model = tiny_model("llama")
@@ -347,5 +348,65 @@ def test_dynamic_tree_follows_the_heads_and_refuses_parent_token_heads():
                 assert int(tokens[i]) == int(draft.token_ids[probs[d].topk(r + 1).indices[-1]])
         shapes.add(paths)
     assert len(shapes) > 1
-    with pytest.raises(ValueError, match="parent's token"):
-        MedusaModel(model, random_heads(parent_token=True), tree="dynamic:6").generate(_prompt(), max_new_tokens=4)
+
+
+def _all_paths(heads, hidden, root, draft, emb, depth: int, k: int) -> dict:
+    """Brute force for parent-token heads: every path of up to `depth` ranks below k -> (its probability, its
+    token), each node's guesses computed after its own parent's token, one node at a time."""
+    out, ids = {(): (1.0, root)}, getattr(draft, "token_ids", torch.arange(VOCAB))
+    for d in range(depth):
+        for path in [p for p in list(out) if len(p) == d]:
+            p, tok = out[path]
+            par = emb(tok) if d > 0 else None
+            probs = heads.head_logits(d, hidden, draft, emb(root), par).softmax(-1)
+            top = probs.topk(k)
+            for r in range(k):
+                out[path + (r,)] = (p * float(top.values[r]), ids[top.indices[r]])
+    del out[()]
+    return out
+
+
+@pytest.mark.parametrize("nodes", [3, 6, 12])
+def test_dynamic_tree_of_parent_token_heads_is_the_most_probable_by_brute_force(nodes):
+    """Heads whose guesses follow their parent's token: the tree grown level by level holds the `nodes - 1`
+    paths of highest probability among all paths (each node's children computed after its own token), and
+    each node's token is its head's rank-th guess after its parent."""
+    from medusa.inference.dynamic import propose_dynamic
+    from medusa.inference.heads import DraftProjection
+    from medusa.inference.tree import DynamicTree
+
+    model = tiny_model("llama")
+    heads = random_heads(num_heads=3, parent_token=True)
+    root, emb = torch.tensor(7), model.get_input_embeddings()
+    shapes = set()
+    for draft in (model.lm_head, DraftProjection(model.lm_head, torch.arange(5, VOCAB, 2), torch.float32)):
+        for seed in range(4):
+            hidden = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(seed)) * 4
+            with torch.no_grad():
+                paths, pick = propose_dynamic(heads, DynamicTree(nodes, topk=4), hidden, root, draft, emb)
+                every = _all_paths(heads, hidden, root, draft, emb, depth=min(3, nodes - 1), k=4)
+            best = sorted(every, key=lambda p: -every[p][0])[: nodes - 1]
+            assert set(paths) == set(best)
+            t = tree_buffers(list(paths))
+            tokens = pick(t)
+            assert [int(x) for x in tokens[1:]] == [int(every[p][1]) for p in t.paths]
+            shapes.add(paths)
+    assert len(shapes) > 1 or nodes == 3     # 3 nodes: these confident heads always pick the chain
+
+
+def test_dynamic_tree_of_parent_token_heads_that_ignore_the_parent_is_the_plain_one():
+    """With the parent's weights at zero, parent-token heads guess as heads without them: the tree grown level
+    by level is the one built from all heads' probabilities at once."""
+    from medusa.inference.dynamic import propose_dynamic
+    from medusa.inference.tree import DynamicTree
+
+    model = tiny_model("llama")
+    heads, plain = parent_heads_ignoring_parent()
+    emb = model.get_input_embeddings()
+    for seed in range(4):
+        hidden = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(seed)) * 4
+        with torch.no_grad():
+            grown, pick = propose_dynamic(heads, DynamicTree(10), hidden, torch.tensor(9), model.lm_head, emb)
+            flat, pick_flat = propose_dynamic(plain, DynamicTree(10), hidden, torch.tensor(9), model.lm_head, emb)
+        t = tree_buffers(list(flat))
+        assert set(grown) == set(flat) and torch.equal(pick(t), pick_flat(t))

@@ -19,7 +19,7 @@ import torch
 
 from medusa.inference.tree import DynamicTree, most_likely_paths, tree_nodes, tree_spec
 from medusa.training.data import Example
-from medusa.training.evaluate import accuracy_by_rank, guess_table
+from medusa.training.evaluate import accuracy_by_rank, dynamic_parent_tokens, guess_table
 
 DEFAULT_BUDGETS = (1, 4, 8, 12, 16, 24, 32, 48, 64)
 
@@ -93,9 +93,11 @@ def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budge
     log("rank accuracy (head x rank): " + json.dumps([[round(x, 3) for x in row[:5]] for row in acc.tolist()]))
     full = valid.all(0)                       # positions where a path of any depth can be judged
     probs, hit = probs[:, full], hit[:, full]
-    dynamic = dynamic and not model.heads.config.parent_token_input
     trees = [(b, best_tree(acc, b) if b > 1 else []) for b in budgets]
     trees += [(b, DynamicTree(b, topk=max_rank)) for b in budgets if dynamic and b >= 3]
+    # heads that follow their parent's token: a dynamic tree's children hang on tokens off the text, grown here
+    grown = [b for b, t in trees if isinstance(t, DynamicTree) and model.heads.config.parent_token_input]
+    grown = dynamic_parent_tokens(model.base_model, model.heads, examples, grown, topk=max_rank) if grown else {}
     time_steps(model, timing_ids, "root", steps=2)  # warm-up
     times: list[list[float]] = [[] for _ in trees]
     for _ in range(rounds):
@@ -103,7 +105,8 @@ def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budge
             times[i] += time_steps(model, timing_ids, tree or "root")
     rows = []
     for i, (budget, tree) in enumerate(trees):
-        sec, exp = statistics.median(times[i]), measured_tokens(tree, probs, hit)
+        sec = statistics.median(times[i])
+        exp = grown[budget] if isinstance(tree, DynamicTree) and grown else measured_tokens(tree, probs, hit)
         kind = "dynamic" if isinstance(tree, DynamicTree) else "static"
         rows.append({"budget": budget, "nodes": tree_nodes(tree), "dynamic": kind == "dynamic",
                      "expected_tokens_per_step": round(exp, 3), "step_ms": round(sec * 1000, 2),

@@ -16,7 +16,8 @@ from torch.profiler import record_function
 
 from medusa.inference.acceptance import SamplingOptions, accept, accept_greedy, next_token
 from medusa.inference.cache import TreeCache
-from medusa.inference.heads import propose, propose_dynamic
+from medusa.inference.dynamic import propose_dynamic
+from medusa.inference.heads import propose
 from medusa.inference.lookup import ContextIndex, LookupOptions
 from medusa.inference.packed_linear import engaged, padded_rows
 from medusa.inference.tree import DynamicTree, TreeBuffers, tree_buffers, with_drafts
@@ -143,8 +144,6 @@ def medusa_decode(model, heads, input_ids: torch.Tensor, tree: TreeBuffers | Dyn
     node without its fp32 output projection (greedy_head.py), used for greedy decoding without `forward`."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"medusa decodes one sequence at a time: input_ids must be (1, T), got {tuple(input_ids.shape)}")
-    if isinstance(tree, DynamicTree):
-        tree.check_heads(heads.config)
     prompt_len = input_ids.shape[1]
     if prompt_len == 0:
         raise ValueError("empty prompt")

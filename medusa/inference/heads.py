@@ -27,7 +27,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from medusa.inference.tree import most_likely_paths
 
 
 @dataclass
@@ -275,20 +274,6 @@ def propose(heads: MedusaHeads, tree, hidden: torch.Tensor, root: torch.Tensor, 
         top = _best(heads.head_logits(d, hidden.expand(m, -1), draft_head, nxt.expand(m, -1), par), draft_head, k)
         tokens[nodes] = top[rows, tree.rank[nodes]]
     return tokens
-
-
-def propose_dynamic(heads: MedusaHeads, tree, hidden: torch.Tensor, root: torch.Tensor, draft_head: nn.Module,
-                    embedding: nn.Module):
-    """A DynamicTree's step: -> (its paths this step, a function from the step's TreeBuffers to its tokens as in
-    `propose`). The paths are the tree's `nodes - 1` most probable ones (`most_likely_paths`), a guess's
-    probability its head's softmax (over the draft vocabulary where there is one). Every head the tree can
-    reach runs, in one call: on a CPU the projection's weights are read once for all of them, which costs less
-    than running only the heads a step's tree turns out to reach, one by one."""
-    depth = tree.depth(heads.num_heads)
-    logits = heads(hidden, draft_head, upto=depth, next_embeds=next_token_embeds(heads, embedding, root))
-    probs, ids = ranked_guesses(logits[:depth], draft_head, tree.topk)                  # (depth, topk) each
-    paths = tuple(most_likely_paths(probs.tolist(), tree.nodes))
-    return paths, lambda t: torch.cat([root.view(1), ids[t.head[1:t.head_nodes], t.rank[1:t.head_nodes]]])
 
 
 def draft_projection(lm_head: nn.Module, heads: MedusaHeads) -> nn.Module:

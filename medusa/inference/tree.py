@@ -47,7 +47,8 @@ class DynamicTree:
     its guesses (`most_likely_paths`; EAGLE-2's dynamic draft tree, here over Medusa heads' top-k). A static
     tree spends its nodes where guesses are right on average; this one where this step's guesses look right:
     a confident head 1 gets a deep chain, an unsure one several siblings. Each head considers its `topk` best
-    guesses. Only for heads whose guesses do not depend on their parent's token."""
+    guesses. For heads whose guesses follow their parent's token, a node's children are its head's guesses
+    after that node's own token (dynamic.py grows such trees level by level)."""
     nodes: int
     topk: int = 10
 
@@ -58,12 +59,6 @@ class DynamicTree:
     @property
     def num_nodes(self) -> int:
         return self.nodes
-
-    def check_heads(self, config) -> None:
-        """Refuse heads (a HeadsConfig) whose guesses depend on their parent's token: their tree is the path."""
-        if config.parent_token_input:
-            raise ValueError(f"tree {self} needs heads whose guesses do not depend on their parent's token "
-                             f"(these were trained with --parent-token-input): use a static tree")
 
     def depth(self, num_heads: int) -> int:
         """How many heads a step's tree can use (a chain of nodes - 1 at most)."""

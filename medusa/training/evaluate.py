@@ -22,6 +22,20 @@ def head_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor, num_heads: in
     return out
 
 
+def _positions(base, heads, examples: list[Example], batch_size: int):
+    """Per batch of examples, the assistant positions with a target for some head (n of them): (the base's last
+    hidden state (n, H), each head's target (K, n), -1 where none, the heads' true token inputs there)."""
+    embedding = base.get_input_embeddings()
+    device = embedding.weight.device
+    for s in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[s:s + batch_size]).items()}
+        hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=True).hidden_states[-1]
+        tgt = head_targets(batch["input_ids"], batch["loss_mask"], heads.num_heads)   # (K, B, T)
+        used = (tgt >= 0).any(0)                                                       # (B, T)
+        yield hidden[used], tgt[:, used], true_inputs(heads, embedding, batch["input_ids"], used)
+
+
 @torch.inference_mode()
 def guess_table(base, heads, examples: list[Example], *, max_rank: int = 10, batch_size: int = 8,
                 chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,19 +46,10 @@ def guess_table(base, heads, examples: list[Example], *, max_rank: int = 10, bat
     get the true one (at decode time: the root, the base's own next token), and heads
     that take their parent's token the true one too (what a path still being accepted holds), so their
     accuracy is conditional on the path so far."""
-    embedding = base.get_input_embeddings()
-    device = embedding.weight.device
     lm_head = draft_projection(base.get_output_embeddings(), heads)
     K = heads.num_heads
     probs, hits, valid = [], [], []
-    for s in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[s:s + batch_size]).items()}
-        hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      output_hidden_states=True).hidden_states[-1]
-        tgt = head_targets(batch["input_ids"], batch["loss_mask"], K)                  # (K, B, T)
-        used = (tgt >= 0).any(0)                                                       # (B, T)
-        h, tgt = hidden[used], tgt[:, used]                                            # (n, H), (K, n)
-        inputs = true_inputs(heads, embedding, batch["input_ids"], used)                # (n, H), (K-1, n, H)
+    for h, tgt, inputs in _positions(base, heads, examples, batch_size):              # (n, H), (K, n)
         for c in range(0, h.shape[0], chunk):
             part = {k: v[..., c:c + chunk, :] for k, v in inputs.items()}
             p, top = ranked_guesses(heads(h[c:c + chunk], lm_head, **part), lm_head, max_rank)   # (K, n, R)
@@ -56,6 +61,36 @@ def guess_table(base, heads, examples: list[Example], *, max_rank: int = 10, bat
         return (torch.zeros(K, 0, max_rank), torch.zeros(K, 0, max_rank, dtype=torch.bool),
                 torch.zeros(K, 0, dtype=torch.bool))
     return torch.cat(probs, 1), torch.cat(hits, 1), torch.cat(valid, 1)
+
+
+@torch.inference_mode()
+def dynamic_parent_tokens(base, heads, examples: list[Example], budgets, *, topk: int = 10, batch_size: int = 8,
+                          chunk: int = 64) -> dict[int, float]:
+    """Heads that take their parent's token with a DynamicTree of each budget (nodes): the mean tokens a step
+    accepts at the positions where every head has a target. As at decode time (dynamic.grow, one growth wide
+    enough for the largest budget serves all), each node's children follow that node's own token, right or
+    wrong; a step accepts 1 (the root) + the depth of the deepest chosen path whose tokens are all the text's."""
+    from medusa.inference.dynamic import grow
+
+    lm_head = draft_projection(base.get_output_embeddings(), heads)
+    embedding, K, most = base.get_input_embeddings(), heads.num_heads, max(budgets)
+    total, n = {b: 0.0 for b in budgets}, 0
+    for h, tgt, inputs in _positions(base, heads, examples, batch_size):
+        full = (tgt >= 0).all(0)
+        h, tgt, nxt = h[full], tgt[:, full], inputs["next_embeds"][full]
+        for c in range(0, h.shape[0], chunk):
+            g = grow(heads, h[c:c + chunk], nxt[c:c + chunk], lm_head, embedding, depth=min(K, most - 1),
+                     width=most - 1, topk=topk)
+            right, depths = [], []
+            for d, ids in enumerate(g.ids):
+                ok = ids == tgt[d, c:c + chunk, None]
+                right.append(ok if d == 0 else ok & right[-1].gather(1, g.parent[d]))
+                depths.append(right[-1] * (d + 1))
+            accepted = torch.cat(depths, 1).gather(1, g.order())                   # in choice order
+            for b in budgets:
+                total[b] += float(accepted[:, : b - 1].amax(1).sum()) if b > 1 else 0.0
+            n += accepted.shape[0]
+    return {b: 1 + total[b] / max(n, 1) for b in budgets}
 
 
 def rank_accuracy(base, heads, examples: list[Example], *, max_rank: int = 10, batch_size: int = 8) -> torch.Tensor:
