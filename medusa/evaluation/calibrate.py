@@ -19,7 +19,7 @@ import torch
 
 from medusa.inference.tree import DynamicTree, most_likely_paths, tree_nodes, tree_spec
 from medusa.training.data import Example
-from medusa.training.evaluate import accuracy_by_rank, dynamic_parent_tokens, guess_table
+from medusa.training.evaluate import accuracy_by_rank, assistant_positions, dynamic_parent_tokens, guess_table
 
 DEFAULT_BUDGETS = (1, 4, 8, 12, 16, 24, 32, 48, 64)
 
@@ -88,16 +88,21 @@ def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budge
             log(f"medusa_tree attention is exact here up to {max(exact, default=1)} nodes: "
                 f"skipping budgets {sorted(set(budgets) - set(exact))}")
         budgets = exact or [1]
-    probs, hit, valid = guess_table(model.base_model, model.heads, examples, max_rank=max_rank)
+    # heads that follow their parent's token: a dynamic tree's children hang on tokens off the text, grown
+    # below from the same pass of the base model over the examples
+    dynamic_budgets = [b for b in budgets if dynamic and b >= 3]
+    grow_budgets = dynamic_budgets if model.heads.config.parent_token_input else []
+    with torch.inference_mode():
+        positions = list(assistant_positions(model.base_model, model.heads, examples)) if grow_budgets else None
+    probs, hit, valid = guess_table(model.base_model, model.heads, examples, max_rank=max_rank, positions=positions)
     acc = accuracy_by_rank(hit, valid)
     log("rank accuracy (head x rank): " + json.dumps([[round(x, 3) for x in row[:5]] for row in acc.tolist()]))
     full = valid.all(0)                       # positions where a path of any depth can be judged
     probs, hit = probs[:, full], hit[:, full]
     trees = [(b, best_tree(acc, b) if b > 1 else []) for b in budgets]
-    trees += [(b, DynamicTree(b, topk=max_rank)) for b in budgets if dynamic and b >= 3]
-    # heads that follow their parent's token: a dynamic tree's children hang on tokens off the text, grown here
-    grown = [b for b, t in trees if isinstance(t, DynamicTree) and model.heads.config.parent_token_input]
-    grown = dynamic_parent_tokens(model.base_model, model.heads, examples, grown, topk=max_rank) if grown else {}
+    trees += [(b, DynamicTree(b, topk=max_rank)) for b in dynamic_budgets]
+    grown = dynamic_parent_tokens(model.base_model, model.heads, examples, grow_budgets, topk=max_rank,
+                                  positions=positions) if grow_budgets else {}
     time_steps(model, timing_ids, "root", steps=2)  # warm-up
     times: list[list[float]] = [[] for _ in trees]
     for _ in range(rounds):

@@ -28,7 +28,6 @@ from torch import nn
 import torch.nn.functional as F
 
 
-
 @dataclass
 class HeadsConfig:
     hidden_size: int

@@ -95,6 +95,11 @@ def tree_nodes(tree: Tree) -> int:
     return tree.nodes if isinstance(tree, DynamicTree) else len(tree) + 1
 
 
+def tree_label(tree: Tree) -> str:
+    """A tree's size for people: "6 nodes", or "6 nodes (dynamic)"."""
+    return f"{tree_nodes(tree)} nodes" + (" (dynamic)" if isinstance(tree, DynamicTree) else "")
+
+
 def tree_spec(tree: Tree):
     """What a tree is in JSON: its paths, or "dynamic:N"."""
     return str(tree) if isinstance(tree, DynamicTree) else [list(p) for p in tree]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from medusa.inference.checkpoint import OUR_CONFIG, build_heads, load_heads_checkpoint
 from medusa.inference.heads import HeadsConfig
-from medusa.inference.tree import ANY_DEVICE, DynamicTree, tree_nodes, validate_tree
+from medusa.inference.tree import ANY_DEVICE, tree_label, validate_tree
 from medusa.integrations.export import HUB_IDS, hub_base_name
 from medusa.model import EMBEDDED_DEFAULT, MedusaModel
 
@@ -72,8 +72,7 @@ def _describe_trees(trees: dict | None) -> str:
     if not trees:
         return "none saved"
     where = lambda kind: "every device" if kind == ANY_DEVICE else kind
-    kind = lambda tree: " (dynamic)" if isinstance(tree, DynamicTree) else ""
-    return ", ".join(f"{tree_nodes(p)} nodes{kind(p)} for {where(k)}" for k, p in sorted(trees.items())) + " (`tree.json`)"
+    return ", ".join(f"{tree_label(p)} for {where(k)}" for k, p in sorted(trees.items())) + " (`tree.json`)"
 
 
 def model_card(config: HeadsConfig, tree: dict | None, repo: str, *, our_format: bool = True) -> str:

@@ -54,11 +54,10 @@ class LoadOptions:
             t1 = time.perf_counter()
             model.warm_up()
             log(f"Compiled in {time.perf_counter() - t1:.0f} s")
-        from medusa.inference.tree import DynamicTree, tree_nodes
+        from medusa.inference.tree import tree_label
 
-        dynamic = " (dynamic)" if isinstance(model.tree, DynamicTree) else ""
         log(f"Ready in {time.perf_counter() - t0:.1f} s: {model.heads.num_heads} heads, "
-            f"tree of {tree_nodes(model.tree)} nodes{dynamic}, {model.base_model.dtype}, {model.base_model.device}")
+            f"tree of {tree_label(model.tree)}, {model.base_model.dtype}, {model.base_model.device}")
         return model
 
 

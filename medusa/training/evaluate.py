@@ -22,9 +22,10 @@ def head_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor, num_heads: in
     return out
 
 
-def _positions(base, heads, examples: list[Example], batch_size: int):
+def assistant_positions(base, heads, examples: list[Example], batch_size: int = 8):
     """Per batch of examples, the assistant positions with a target for some head (n of them): (the base's last
-    hidden state (n, H), each head's target (K, n), -1 where none, the heads' true token inputs there)."""
+    hidden state (n, H), each head's target (K, n), -1 where none, the heads' true token inputs there). Run
+    under torch.inference_mode(); `list()` it to hand one pass of the base model to several measures."""
     embedding = base.get_input_embeddings()
     device = embedding.weight.device
     for s in range(0, len(examples), batch_size):
@@ -38,18 +39,19 @@ def _positions(base, heads, examples: list[Example], batch_size: int):
 
 @torch.inference_mode()
 def guess_table(base, heads, examples: list[Example], *, max_rank: int = 10, batch_size: int = 8,
-                chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                chunk: int = 256, positions=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per assistant position with a target for some head (n of them): (probs, hit, valid); probs and hit
     (K, n, max_rank): head i's probability for its rank-r guess (softmax, over the draft vocabulary where there
     is one) and whether that guess is token t+2+i; valid (K, n): whether head i has a target there. Heads
     guess as at decode time (through `draft_projection`), a chunk at a time; heads that take the next token
     get the true one (at decode time: the root, the base's own next token), and heads
     that take their parent's token the true one too (what a path still being accepted holds), so their
-    accuracy is conditional on the path so far."""
+    accuracy is conditional on the path so far. `positions`: `assistant_positions` already run, else run here."""
     lm_head = draft_projection(base.get_output_embeddings(), heads)
     K = heads.num_heads
     probs, hits, valid = [], [], []
-    for h, tgt, inputs in _positions(base, heads, examples, batch_size):              # (n, H), (K, n)
+    positions = positions if positions is not None else assistant_positions(base, heads, examples, batch_size)
+    for h, tgt, inputs in positions:                                                   # (n, H), (K, n)
         for c in range(0, h.shape[0], chunk):
             part = {k: v[..., c:c + chunk, :] for k, v in inputs.items()}
             p, top = ranked_guesses(heads(h[c:c + chunk], lm_head, **part), lm_head, max_rank)   # (K, n, R)
@@ -65,17 +67,19 @@ def guess_table(base, heads, examples: list[Example], *, max_rank: int = 10, bat
 
 @torch.inference_mode()
 def dynamic_parent_tokens(base, heads, examples: list[Example], budgets, *, topk: int = 10, batch_size: int = 8,
-                          chunk: int = 64) -> dict[int, float]:
+                          chunk: int = 64, positions=None) -> dict[int, float]:
     """Heads that take their parent's token with a DynamicTree of each budget (nodes): the mean tokens a step
     accepts at the positions where every head has a target. As at decode time (dynamic.grow, one growth wide
     enough for the largest budget serves all), each node's children follow that node's own token, right or
-    wrong; a step accepts 1 (the root) + the depth of the deepest chosen path whose tokens are all the text's."""
+    wrong; a step accepts 1 (the root) + the depth of the deepest chosen path whose tokens are all the text's.
+    `positions`: `assistant_positions` already run, else run here."""
     from medusa.inference.dynamic import grow
 
     lm_head = draft_projection(base.get_output_embeddings(), heads)
     embedding, K, most = base.get_input_embeddings(), heads.num_heads, max(budgets)
     total, n = {b: 0.0 for b in budgets}, 0
-    for h, tgt, inputs in _positions(base, heads, examples, batch_size):
+    positions = positions if positions is not None else assistant_positions(base, heads, examples, batch_size)
+    for h, tgt, inputs in positions:
         full = (tgt >= 0).all(0)
         h, tgt, nxt = h[full], tgt[:, full], inputs["next_embeds"][full]
         for c in range(0, h.shape[0], chunk):
