@@ -362,3 +362,19 @@ def test_feature_cache_grows_with_the_data(distilled, tmp_path):
         assert torch.equal(first[k]["hidden"], grown[k]["hidden"])
     twice = FeatureDataset(tmp_path, examples[:3] + examples[:1])     # a repeated conversation
     assert torch.equal(twice[3]["hidden"], twice[0]["hidden"])
+
+
+def test_last_hidden_skips_the_output_projection_only(arch):
+    from medusa.training.features import last_hidden
+
+    model = tiny_model(arch)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    attn = torch.ones_like(ids)
+    attn[1, :3] = 0                                                   # a left-padded row
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+        hidden, logits = last_hidden(model, ids, attn)
+        hidden2, logits2 = last_hidden(model, ids, attn, logits=True)
+    assert logits is None
+    assert torch.equal(hidden, full.hidden_states[-1]) and torch.equal(hidden2, full.hidden_states[-1])
+    assert torch.equal(logits2, full.logits)

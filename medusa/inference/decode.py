@@ -99,7 +99,7 @@ def _additive(tree: TreeBuffers, dtype) -> torch.Tensor:
     return torch.where(tree.attn_mask, zero, torch.finfo(dtype).min)
 
 
-_NO_LOGITS = torch.empty(0, dtype=torch.long)   # logits_to_keep for a forward whose logits nobody reads
+NO_LOGITS = torch.empty(0, dtype=torch.long)   # logits_to_keep for a forward whose logits nobody reads
 
 
 def _forward(model, ids, cache, positions, mask=None, logits_to_keep=0, **extra):
@@ -115,7 +115,7 @@ def _verify(run, greedy_head, tokens, cache, positions, **extra):
     With `greedy_head` (greedy decoding, greedy_head.py) the model skips its output projection."""
     if greedy_head is None:
         return (*_forward(run, tokens[None], cache, positions, **extra), None)
-    _, hidden = _forward(run, tokens[None], cache, positions, logits_to_keep=_NO_LOGITS, **extra)
+    _, hidden = _forward(run, tokens[None], cache, positions, logits_to_keep=NO_LOGITS, **extra)
     return None, hidden, greedy_head(hidden)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from medusa.inference.heads import draft_projection, ranked_guesses, true_inputs
 from medusa.training.data import Example, collate
+from medusa.training.features import last_hidden
 from medusa.training.losses import targets
 
 
@@ -30,8 +31,7 @@ def assistant_positions(base, heads, examples: list[Example], batch_size: int = 
     device = embedding.weight.device
     for s in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[s:s + batch_size]).items()}
-        hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      output_hidden_states=True).hidden_states[-1]
+        hidden, _ = last_hidden(base, batch["input_ids"], batch["attention_mask"])
         tgt = head_targets(batch["input_ids"], batch["loss_mask"], heads.num_heads)   # (K, B, T)
         used = (tgt >= 0).any(0)                                                       # (B, T)
         yield hidden[used], tgt[:, used], true_inputs(heads, embedding, batch["input_ids"], used)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from medusa.inference.decode import NO_LOGITS
 from medusa.training.data import Example, collate
 
 SHARD = 64  # examples per shard
@@ -41,6 +42,14 @@ def _cached_keys(folder: Path) -> set[str]:
     return keys
 
 
+def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, logits: bool = False):
+    """The base's last hidden state (B, T, H) -- the heads' input -- and its logits (B, T, V) if `logits`, else
+    None: the output projection is then skipped (a fifth of SmolLM2's forward, and a (B, T, 49152) tensor)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                logits_to_keep=0 if logits else NO_LOGITS)
+    return out.hidden_states[-1], out.logits if logits else None
+
+
 @torch.inference_mode()
 def _compute(model, examples: list[Example], topk: int, dtype: torch.dtype, batch_size: int) -> dict:
     out = {}
@@ -49,14 +58,13 @@ def _compute(model, examples: list[Example], topk: int, dtype: torch.dtype, batc
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         batch = collate([examples[k] for k in idx])
-        res = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                    output_hidden_states=True)
-        hidden = res.hidden_states[-1]
+        hidden, logits = last_hidden(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                     logits=topk > 0)
         for row, k in enumerate(idx):
             n = examples[k].input_ids.numel()
             out[f"hidden.{k}"] = hidden[row, :n].to(dtype).cpu().contiguous()
             if topk:
-                lp = torch.log_softmax(res.logits[row, :n].float(), dim=-1).topk(topk, dim=-1)
+                lp = torch.log_softmax(logits[row, :n].float(), dim=-1).topk(topk, dim=-1)
                 out[f"topk_logp.{k}"] = lp.values.half().cpu().contiguous()
                 out[f"topk_idx.{k}"] = lp.indices.int().cpu().contiguous()
     return out
