@@ -248,7 +248,8 @@ def test_parent_token_input_needs_next_token_input():
 
 def test_evaluate_command_on_trained_heads(distilled, tmp_path, capsys):
     """`medusa evaluate` on a heads folder: per-head accuracy on held-out conversations and tokens per step on
-    prompts, the same figures as the functions behind it; a bad draft length is refused before loading."""
+    prompts (overall and per category), the same figures as the functions behind it; a bad draft length is
+    refused before loading."""
     from medusa.interfaces.cli import main
     from medusa.training.evaluate import head_accuracy, tokens_per_step
     from medusa.training.prompts import read_prompts
@@ -258,7 +259,7 @@ def test_evaluate_command_on_trained_heads(distilled, tmp_path, capsys):
     model.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": str(k), "category": "x", "prompt": f"say {k} and {k + 7}"}) + "\n"
+    prompts.write_text("".join(json.dumps({"id": str(k), "category": "xy"[k % 2], "prompt": f"say {k} and {k + 7}"}) + "\n"
                                for k in range(4)))
     args = ["evaluate", "--model", str(tmp_path / "h"), "--base-model", str(tmp_path / "base"), "--data",
             str(distilled), "--limit", "4", "--prompts", str(prompts), "--max-new-tokens", "16"]
@@ -269,8 +270,12 @@ def test_evaluate_command_on_trained_heads(distilled, tmp_path, capsys):
     m = MedusaModel.from_pretrained(tmp_path / "h", base_model=str(tmp_path / "base"))
     examples = [tokenize_conversation(m.tokenizer, c, 1024) for c in read_conversations(distilled)[:4]]
     assert report["head_accuracy"] == head_accuracy(m.base_model, m.heads, examples)
-    want = tokens_per_step(m, read_prompts(str(prompts)), max_new_tokens=16, lookup=0)
+    recs = read_prompts(str(prompts))
+    want = tokens_per_step(m, recs, max_new_tokens=16, lookup=0)
     assert {k: report["greedy"][k] for k in ("new_tokens", "steps")} == {k: want[k] for k in ("new_tokens", "steps")}
+    for cat in "xy":
+        alone = tokens_per_step(m, [r for r in recs if r.category == cat], max_new_tokens=16, lookup=0)
+        assert report["greedy"]["by_category"][cat] == alone["tokens_per_step"]
     drafts = report["greedy_with_context_drafts"]
     assert drafts["lookup"] == drafts["lookup_short"] == 4 and drafts["tokens_per_step"] >= 1.0
     assert main(args + ["--lookup", "3", "--lookup-short", "5"]) == 2

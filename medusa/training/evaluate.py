@@ -119,17 +119,24 @@ def head_accuracy(base, heads, examples: list[Example], *, ks=(1, 5, 10), batch_
 
 def tokens_per_step(model, prompts, *, max_new_tokens: int = 256, tree=None, lookup=None, log=None) -> dict:
     """Greedy decoding of each prompt's first turn with the model's chat template. `lookup=0`: the heads alone,
-    no context drafts (None: the model's setting)."""
+    no context drafts (None: the model's setting). Prompts with a category (dev prompts, Spec-Bench) also get
+    the figure per category."""
     from medusa.interfaces.chat import encode_prompt
 
-    tokens = steps = 0
+    counts: dict[str | None, list[int]] = {}       # category -> [tokens, steps]
     t0 = time.perf_counter()
     for n, rec in enumerate(prompts, 1):
         ids = encode_prompt(model.tokenizer, [{"role": "user", "content": rec.turns[0]}])
+        c = counts.setdefault(rec.category, [0, 0])
         for step in model.stream(ids, max_new_tokens=max_new_tokens, tree=tree, lookup=lookup):
-            tokens += step.accepted
-            steps += 1
+            c[0] += step.accepted
+            c[1] += 1
         if log:
+            tokens, steps = (sum(v[i] for v in counts.values()) for i in (0, 1))
             log(f"{n}/{len(prompts)}: {tokens / max(steps, 1):.3f} tokens/step so far")
-    return {"prompts": len(prompts), "new_tokens": tokens, "steps": steps,
-            "tokens_per_step": round(tokens / max(steps, 1), 4), "seconds": round(time.perf_counter() - t0, 1)}
+    tokens, steps = (sum(v[i] for v in counts.values()) for i in (0, 1))
+    report = {"prompts": len(prompts), "new_tokens": tokens, "steps": steps,
+              "tokens_per_step": round(tokens / max(steps, 1), 4), "seconds": round(time.perf_counter() - t0, 1)}
+    if any(cat is not None for cat in counts):
+        report["by_category"] = {str(cat): round(t / max(s, 1), 4) for cat, (t, s) in sorted(counts.items(), key=str)}
+    return report
