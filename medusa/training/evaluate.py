@@ -123,20 +123,23 @@ def tokens_per_step(model, prompts, *, max_new_tokens: int = 256, tree=None, loo
     the figure per category."""
     from medusa.interfaces.chat import encode_prompt
 
-    counts: dict[str | None, list[int]] = {}       # category -> [tokens, steps]
+    tokens = steps = 0
+    by_category: dict[str, list[int]] = {}          # category -> [tokens, steps]
     t0 = time.perf_counter()
     for n, rec in enumerate(prompts, 1):
         ids = encode_prompt(model.tokenizer, [{"role": "user", "content": rec.turns[0]}])
-        c = counts.setdefault(rec.category, [0, 0])
+        before = tokens, steps
         for step in model.stream(ids, max_new_tokens=max_new_tokens, tree=tree, lookup=lookup):
-            c[0] += step.accepted
-            c[1] += 1
+            tokens += step.accepted
+            steps += 1
+        if rec.category is not None:
+            c = by_category.setdefault(rec.category, [0, 0])
+            c[0] += tokens - before[0]
+            c[1] += steps - before[1]
         if log:
-            tokens, steps = (sum(v[i] for v in counts.values()) for i in (0, 1))
             log(f"{n}/{len(prompts)}: {tokens / max(steps, 1):.3f} tokens/step so far")
-    tokens, steps = (sum(v[i] for v in counts.values()) for i in (0, 1))
     report = {"prompts": len(prompts), "new_tokens": tokens, "steps": steps,
               "tokens_per_step": round(tokens / max(steps, 1), 4), "seconds": round(time.perf_counter() - t0, 1)}
-    if any(cat is not None for cat in counts):
-        report["by_category"] = {str(cat): round(t / max(s, 1), 4) for cat, (t, s) in sorted(counts.items(), key=str)}
+    if by_category:
+        report["by_category"] = {cat: round(t / max(s, 1), 4) for cat, (t, s) in sorted(by_category.items())}
     return report
