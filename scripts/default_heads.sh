@@ -19,6 +19,10 @@ THREADS=${THREADS:-2}              # the shipped heads and tree: 2 (THREADS=1 to
 TRAIN_LIMIT=${TRAIN_LIMIT:-7500}   # conversations after these are held out for calibration
 BATCH=${BATCH:-16}                 # distill batch: 16 on a 2-core CPU; a GPU wants hundreds (BATCH=256)
 HEADS=${HEADS:-$DATA/heads}        # training output (a new folder for a new run; link an old features-* in to reuse it)
+# bf16 only where the CPU multiplies it natively (AVX512-BF16, AMX): on an AVX2-only CPU it is several times
+# slower than fp32 (2-core AMD EPYC Zen 3, distill: 22 tokens/s in bf16, 64 in fp32)
+DTYPE=${DTYPE:-$(python -c "from medusa.inference.greedy_head import native_bf16; print('bfloat16' if native_bf16() else 'float32')")}
+MIXED=$([ "$DTYPE" = bfloat16 ] && echo bf16 || echo no)
 mkdir -p "$DATA"
 export OMP_NUM_THREADS=$THREADS
 
@@ -26,14 +30,14 @@ case "${1:-}" in
   distill)
     [ -f "$DATA/distill_prompts.jsonl" ] || medusa compose-prompts --input "$SHARED/train_prompts.jsonl" \
         --output "$DATA/distill_prompts.jsonl" --per-task 500
-    # greedy answers, bf16 (faster than fp32 on CPUs with AMX or avx512_bf16: on the 2-core AMD EPYC Zen 4,
-    # 88 vs 48 tokens/s over 32 prompts; batch 32 was slower than 16), 256 new tokens at most
+    # greedy answers in $DTYPE (bf16 where native: on the 2-core AMD EPYC Zen 4, 88 vs 48 tokens/s over 32
+    # prompts; batch 32 was slower than 16), 256 new tokens at most
     medusa distill --input "$DATA/distill_prompts.jsonl" --output "$DATA/distill_smollm2.jsonl" \
-        --max-new-tokens 256 --batch-size "$BATCH" --temperature 0 --dtype bfloat16 --threads "$THREADS" ;;
+        --max-new-tokens 256 --batch-size "$BATCH" --temperature 0 --dtype "$DTYPE" --threads "$THREADS" ;;
   train)
     # shipped heads: 2 blocks, heads that also see the next token, 2 epochs, lr 2e-3, 2 threads: 1,860 steps
-    medusa train --next-token-input --num-layers 2 --data "$DATA/distill_smollm2.jsonl" --output "$HEADS" --mixed-precision bf16 \
-        --base-dtype bfloat16 --threads "$THREADS" --batch-size 8 --epochs "${EPOCHS:-2}" --max-length 768 \
+    medusa train --next-token-input --num-layers 2 --data "$DATA/distill_smollm2.jsonl" --output "$HEADS" --mixed-precision "$MIXED" \
+        --base-dtype "$DTYPE" --threads "$THREADS" --batch-size 8 --epochs "${EPOCHS:-2}" --max-length 768 \
         --val-examples 64 --limit "$TRAIN_LIMIT" --lr 2e-3 --checkpoint-every 50 ${TRAIN_ARGS:-} ;;
   ship)
     python - "$HEADS" <<'PY'

@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import random_heads, tiny_model
 from medusa import MedusaModel
-from medusa.inference.greedy_head import GreedyHead, greedy_head_for
+from medusa.inference.greedy_head import GreedyHead, greedy_head_for, native_bf16
 
 
 def _projection(vocab=512, hidden=64, bias=False, seed=0):
@@ -37,10 +37,13 @@ def test_argmax_equals_the_fp32_one_even_between_near_twins():
         assert not torch.equal(approx.float().argmax(-1), want)     # bf16 alone gets some twins wrong
 
 
-def test_used_only_where_the_projection_gives_the_logits():
-    assert isinstance(greedy_head_for(tiny_model("llama")), GreedyHead)
-    assert greedy_head_for(tiny_model("gemma2")) is None            # soft-capped logits
-    assert greedy_head_for(tiny_model("llama").to(torch.bfloat16)) is None
+def test_used_only_where_the_projection_gives_the_logits_and_bf16_is_fast():
+    assert isinstance(greedy_head_for(tiny_model("llama"), fast_bf16=True), GreedyHead)
+    assert greedy_head_for(tiny_model("gemma2"), fast_bf16=True) is None            # soft-capped logits
+    assert greedy_head_for(tiny_model("llama").to(torch.bfloat16), fast_bf16=True) is None
+    assert greedy_head_for(tiny_model("llama"), fast_bf16=False) is None            # AVX2-only CPUs
+    # the default follows this machine
+    assert (greedy_head_for(tiny_model("llama")) is not None) == native_bf16()
 
 
 def test_decoding_with_it_equals_decoding_without():
@@ -49,9 +52,8 @@ def test_decoding_with_it_equals_decoding_without():
     runs = []
     for use in (True, False):
         m = MedusaModel(model, random_heads(), tree="cpu_small", lookup=6)
-        assert (m.greedy_head is not None) is True
-        if not use:
-            m.greedy_head = None
+        m.greedy_head = greedy_head_for(model, fast_bf16=True) if use else None
+        assert (m.greedy_head is not None) is use
         runs.append([(s.tokens.tolist(), s.nodes) for s in m.stream(ids, max_new_tokens=48)])
     assert runs[0] == runs[1]
     ref = model.generate(ids, max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=0)
