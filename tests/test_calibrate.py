@@ -164,3 +164,21 @@ def test_dynamic_trees_of_parent_token_heads_are_measured_by_growing_them():
     result = calibrate(m, [Example(ref, mask)], ref[None, :10], budgets=(1, 6), rounds=1, log=lambda s: None)
     row = next(r for r in result["rows"] if r["dynamic"])
     assert row["expected_tokens_per_step"] == pytest.approx(grown[6], abs=1e-3)
+
+
+def test_timing_runs_only_the_steps_it_times():
+    from conftest import random_heads
+    from medusa.evaluation.calibrate import time_steps
+
+    model = tiny_model("llama")
+    m = MedusaModel(model, random_heads(), tree="cpu_small", lookup=0)
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        times = time_steps(m, torch.randint(3, 90, (1, 10), generator=torch.Generator().manual_seed(0)), "root", steps=5)
+    finally:
+        hook.remove()
+    assert len(times) == 5 and all(t > 0 for t in times)
+    # the untimed first step's two forwards (the prompt's and its own) and the 5 timed steps' forwards; not the
+    # rest of the 40-token answer
+    assert len(calls) == 7
