@@ -48,21 +48,6 @@ def _as_input_ids(input_ids, device) -> torch.Tensor:
     return ids.to(device)
 
 
-def _pack(model, how: bool | str | None, log) -> None:
-    """Pack the base's fp32 CPU weights for the decode loop (see from_pretrained's `pack_weights`)."""
-    backend = how if isinstance(how, str) else packed_linear.default_backend()
-    if backend is None:
-        return
-    if not packed_linear.available(backend):
-        raise ValueError(f"pack_weights={backend!r}: this torch build has no {backend} (one of "
-                         f"{[b for b in packed_linear.BACKENDS if packed_linear.available(b)]})")
-    budget = 2 * 2**30 if how is None else float("inf")
-    options = packed_linear.fitting(model, budget, backend)
-    if options is not None and packed_linear.pack_linears(model, backend=backend, **options):
-        rows = "any row count" if backend == "onednn" else f"{'/'.join(map(str, options['sizes']))} rows"
-        log(f"Packed fp32 CPU weights for the decode loop's products ({backend}, {rows})")
-
-
 def _heads_folder(name) -> Path | None:
     """A local heads folder, or a Hub repo id holding heads (fetched); None for anything else (a base model)."""
     path = Path(str(name)).expanduser()
@@ -170,7 +155,7 @@ class MedusaModel(nn.Module):
             model = PeftModel.from_pretrained(model, str(Path(name_or_path).expanduser() / adapter)).merge_and_unload()
             model.eval()
         if pack_weights is not False:
-            _pack(model, pack_weights, log)
+            packed_linear.pack_for_inference(model, pack_weights, log)
         text_cfg = model.config.get_text_config(decoder=True)
         vocab = model.get_output_embeddings().weight.shape[0]
         if config is None:

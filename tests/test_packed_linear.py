@@ -9,7 +9,6 @@ from torch import nn
 
 from conftest import random_heads, tiny_model
 from medusa import MedusaModel
-from medusa.model import _pack
 from medusa.inference import packed_linear
 from medusa.inference.packed_linear import MIN_ROWS, PACK_SIZES, OneDNNLinear, PackedLinear, engaged, pack_linears
 
@@ -98,7 +97,7 @@ def test_an_unknown_or_missing_packing_is_refused():
     with pytest.raises(ValueError, match="unknown weight packing 'blas'"):
         packed_linear.available("blas")
     with pytest.raises(ValueError, match="unknown weight packing"):
-        _pack(tiny_model("llama"), "blas", print)                # from_pretrained(pack_weights="blas")
+        packed_linear.pack_for_inference(tiny_model("llama"), "blas", print)   # from_pretrained(pack_weights="blas")
 
 
 def test_fitting_takes_as_many_copies_as_the_budget_holds():

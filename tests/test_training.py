@@ -158,6 +158,33 @@ def test_distill_resumes_without_duplicates_or_loss(tmp_path):
     assert {r["id"]: r["conversations"] for r in rows} == straight
 
 
+def test_distill_packs_fp32_cpu_weights_for_generate_with_the_same_answers(tmp_path):
+    from medusa.inference import packed_linear
+    from medusa.training.distill import _local_generator
+
+    if packed_linear.default_backend() is None:
+        pytest.skip("torch without oneDNN or MKL")
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    _prompts(tmp_path / "p.jsonl", 6)
+    answers, logs, engaged = {}, {}, {}
+    for pack in (None, False):
+        cfg = DistillConfig(inputs=[str(tmp_path / "p.jsonl")], output=str(tmp_path / f"{pack}.jsonl"),
+                            model=str(base), max_new_tokens=12, batch_size=3, pack_weights=pack)
+        gen = _local_generator(cfg, logs.setdefault(pack, []).append)
+        linears = [m for m in gen.model.modules() if isinstance(m, torch.nn.Linear)]
+        packed = [isinstance(m, (packed_linear.OneDNNLinear, packed_linear.PackedLinear)) for m in linears]
+        assert all(packed) if pack is None else not any(packed)
+        linears[0].register_forward_pre_hook(lambda *_, p=pack: engaged.setdefault(p, []).append(
+            packed_linear._ENGAGED.get()))
+        run_distill(cfg, gen, log=lambda m: None)
+        answers[pack] = {json.loads(x)["id"]: json.loads(x)["conversations"] for x in open(cfg.output)}
+    assert any("Packed" in m for m in logs[None]) and not any("Packed" in m for m in logs[False])
+    assert engaged[None] and all(engaged[None])           # generate's products used the packed copies
+    assert len(answers[None]) == 6 and answers[None] == answers[False]
+
+
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     """The tiny model's own greedy answers to 48 prompts: self-distillation data."""

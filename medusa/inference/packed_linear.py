@@ -172,3 +172,22 @@ def fitting(model: nn.Module, budget: float, backend: str) -> dict | None:
 def packed_bytes(model: nn.Module, copies: int = 1) -> int:
     """Memory `copies` packed copies of the fp32 CPU linear weights of `model` take."""
     return sum(m.weight.numel() * 4 for m in _packable(model)) * copies
+
+
+def pack_for_inference(model: nn.Module, how: bool | str | None = None, log=None) -> str | None:
+    """Pack `model`'s fp32 CPU weights for products run inside `engaged()`: `how` "onednn" or "mkl"; None =
+    oneDNN where torch has it (else MKL) when the copies take at most 2 GiB; True = the same regardless of
+    memory. Returns the backend used, or None where nothing was packed."""
+    backend = how if isinstance(how, str) else default_backend()
+    if backend is None:
+        return None
+    if not available(backend):
+        raise ValueError(f"pack_weights={backend!r}: this torch build has no {backend} (one of "
+                         f"{[b for b in BACKENDS if available(b)]})")
+    options = fitting(model, 2 * 2**30 if how is None else float("inf"), backend)
+    if options is None or not pack_linears(model, backend=backend, **options):
+        return None
+    if log:
+        rows = "any row count" if backend == "onednn" else f"{'/'.join(map(str, options['sizes']))} rows"
+        log(f"Packed fp32 CPU weights for decoding's products ({backend}, {rows})")
+    return backend

@@ -19,6 +19,8 @@ def add_commands(sub) -> dict:
     d.add_argument("--dtype", help="e.g. bfloat16 (fast on CPUs with AMX) or float32")
     d.add_argument("--device")
     d.add_argument("--threads", type=int, help="torch CPU threads")
+    d.add_argument("--no-pack-weights", action="store_true",
+                   help="stock fp32 CPU products (default: weights packed once for oneDNN, faster)")
     d.add_argument("--api-base", help="OpenAI-compatible endpoint instead of local generation, e.g. "
                                       "http://127.0.0.1:8000/v1")
     d.add_argument("--api-model", help="model name to send to the endpoint")
@@ -55,7 +57,8 @@ def cmd_distill(a) -> int:
     cfg = DistillConfig(inputs=a.input, output=a.output, model=a.model, max_new_tokens=a.max_new_tokens,
                         batch_size=a.batch_size, temperature=a.temperature, top_p=a.top_p, limit=a.limit,
                         api_base=a.api_base, api_model=a.api_model, api_key=a.api_key,
-                        concurrency=a.concurrency, dtype=a.dtype, device=a.device)
+                        concurrency=a.concurrency, dtype=a.dtype, device=a.device,
+                        pack_weights=False if a.no_pack_weights else None)
     print(json.dumps(run_distill(cfg)))
     return 0
 
