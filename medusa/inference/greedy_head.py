@@ -69,9 +69,11 @@ class GreedyHead:
 
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16, AMX-BF16 or Arm BF16)."""
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {
-        "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx_bf16": torch.cpu._is_amx_tile_supported()}
-    return any(caps.get(k, False) for k in ("avx512_bf16", "amx_bf16", "bf16"))
+    if hasattr(torch.cpu, "get_capabilities"):            # torch 2.10+
+        caps = torch.cpu.get_capabilities()
+        return any(caps.get(k, False) for k in ("avx512_bf16", "amx_bf16", "bf16"))
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # older torch: x86 only
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def greedy_head_for(model, fast_bf16: bool | None = None) -> GreedyHead | None:
