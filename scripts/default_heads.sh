@@ -21,9 +21,10 @@ BATCH=${BATCH:-16}                 # distill batch: 16 on a 2-core CPU; a GPU wa
 HEADS=${HEADS:-$DATA/heads}        # training output (a new folder for a new run; link an old features-* in to reuse it)
 # bf16 on GPUs and on CPUs that multiply it natively (AVX512-BF16, AMX); fp32 elsewhere (on an AVX2-only
 # 2-core AMD EPYC Zen 3, distill of the same 16 prompts: bf16 17.0 tokens/s, fp32 25.8, fp32 packed 34.2)
-DTYPE=${DTYPE:-$(python -c "import torch; from medusa.inference.greedy_head import native_bf16
-print('bfloat16' if torch.cuda.is_available() or native_bf16() else 'float32')")}
-MIXED=$([ "$DTYPE" = bfloat16 ] && echo bf16 || echo no)
+dtype() {   # $DTYPE if set, else the machine's choice (only the stages that load the base ask for it)
+  [ -n "${DTYPE:-}" ] && echo "$DTYPE" || python -c "import torch; from medusa.inference.greedy_head import native_bf16
+print('bfloat16' if torch.cuda.is_available() or native_bf16() else 'float32')"
+}
 mkdir -p "$DATA"
 export OMP_NUM_THREADS=$THREADS
 
@@ -34,8 +35,10 @@ case "${1:-}" in
     # greedy answers in $DTYPE (on the 2-core AMD EPYC Zen 4, bf16 88 vs fp32 48 tokens/s over 32 prompts,
     # before distill packed fp32 weights; batch 32 was slower than 16), 256 new tokens at most
     medusa distill --input "$DATA/distill_prompts.jsonl" --output "$DATA/distill_smollm2.jsonl" \
-        --max-new-tokens 256 --batch-size "$BATCH" --temperature 0 --dtype "$DTYPE" --threads "$THREADS" ;;
+        --max-new-tokens 256 --batch-size "$BATCH" --temperature 0 --dtype "$(dtype)" --threads "$THREADS" ;;
   train)
+    DTYPE=$(dtype)
+    MIXED=$([ "$DTYPE" = bfloat16 ] && echo bf16 || echo no)
     # shipped heads: 2 blocks, heads that also see the next token, 2 epochs, lr 2e-3, 2 threads: 1,860 steps
     medusa train --next-token-input --num-layers 2 --data "$DATA/distill_smollm2.jsonl" --output "$HEADS" --mixed-precision "$MIXED" \
         --base-dtype "$DTYPE" --threads "$THREADS" --batch-size 8 --epochs "${EPOCHS:-2}" --max-length 768 \

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from conftest import OracleHeads, parent_heads_ignoring_parent, tiny_model, tiny_tokenizer
+from conftest import OracleHeads, parent_heads_ignoring_parent, random_heads, tiny_model, tiny_tokenizer
 from medusa import MedusaModel
-from medusa.evaluation.calibrate import best_tree, calibrate, expected_tokens, save_tree
+from medusa.evaluation.calibrate import best_tree, calibrate, expected_tokens, save_tree, time_steps
 from medusa.inference.tree import DynamicTree, validate_tree
 from medusa.training.data import Example
 
@@ -167,9 +167,6 @@ def test_dynamic_trees_of_parent_token_heads_are_measured_by_growing_them():
 
 
 def test_timing_runs_only_the_steps_it_times():
-    from conftest import random_heads
-    from medusa.evaluation.calibrate import time_steps
-
     model = tiny_model("llama")
     m = MedusaModel(model, random_heads(), tree="cpu_small", lookup=0)
     calls = []
