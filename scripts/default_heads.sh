@@ -8,7 +8,7 @@
 #   scripts/default_heads.sh calibrate   # tree for this machine from held-out conversations, saved there
 #   scripts/default_heads.sh evaluate    # tokens per step on every 10th dev prompt, default 63-node tree
 #
-# Run it with the project installed (. .venv/bin/activate after the README set-up).
+# Run it with the project installed (the README set-up; its .venv is used if the shell has none active).
 # Data lives outside the repository (MEDUSA_DATA, default ~/medusa-data); the shared prompt pool is at
 # ../shared/data. Spec-Bench questions are never used for training.
 set -euo pipefail
@@ -25,6 +25,9 @@ dtype() {   # $DTYPE if set, else the machine's choice (only the stages that loa
   [ -n "${DTYPE:-}" ] && echo "$DTYPE" || python -c "import torch; from medusa.inference.greedy_head import native_bf16
 print('bfloat16' if torch.cuda.is_available() or native_bf16() else 'float32')"
 }
+# no medusa on the PATH: the README set-up's .venv, so a fresh shell (a new session) need not activate it
+command -v medusa >/dev/null || [ ! -x .venv/bin/medusa ] || PATH="$PWD/.venv/bin:$PATH"
+command -v medusa >/dev/null || { echo "medusa is not installed: run the README's set-up (or activate its environment)" >&2; exit 2; }
 mkdir -p "$DATA"
 export OMP_NUM_THREADS=$THREADS
 
