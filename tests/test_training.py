@@ -291,7 +291,9 @@ def test_evaluate_command_on_trained_heads(distilled, tmp_path, capsys):
     args = ["evaluate", "--model", str(tmp_path / "h"), "--base-model", str(tmp_path / "base"), "--data",
             str(distilled), "--limit", "4", "--prompts", str(prompts), "--max-new-tokens", "16"]
     capsys.readouterr()
-    assert main(args + ["--lookup", "4", "--lookup-short", "4"]) == 0
+    assert main(args + ["--lookup", "4", "--lookup-short", "4", "--records", str(tmp_path / "rec.jsonl")]) == 0
+    runs = [json.loads(x)["run"] for x in (tmp_path / "rec.jsonl").read_text().splitlines()]
+    assert runs == ["greedy"] * 4 + ["greedy_with_context_drafts"] * 4
     out = capsys.readouterr().out
     report = json.loads(out[out.index("{\n"):])
     m = MedusaModel.from_pretrained(tmp_path / "h", base_model=str(tmp_path / "base"))
@@ -308,6 +310,40 @@ def test_evaluate_command_on_trained_heads(distilled, tmp_path, capsys):
     assert main(args + ["--lookup", "3", "--lookup-short", "5"]) == 2
     err = capsys.readouterr().err
     assert "short draft length" in err and "Ready" not in err
+
+
+def test_tokens_per_step_records_resume_a_stopped_evaluation(tmp_path):
+    """With `records`, each prompt's figures are written as it is done; a re-run decodes only the prompts the
+    file lacks (a torn last line is redone) and reports what an uninterrupted run does; a file of the same run
+    from other settings is refused."""
+    from conftest import random_heads
+    from medusa.training.evaluate import tokens_per_step
+    from medusa.training.prompts import PromptRecord
+
+    m = MedusaModel(tiny_model("llama"), random_heads(), tiny_tokenizer(), tree="cpu_small")
+    recs = [PromptRecord(id=str(k), turns=(f"say {k} and {k + 7}",), category="xy"[k % 2]) for k in range(5)]
+    want = tokens_per_step(m, recs, max_new_tokens=12)
+    records = tmp_path / "records.jsonl"
+    full = tokens_per_step(m, recs, max_new_tokens=12, records=records, settings={"tree": "cpu_small"})
+    lines = records.read_text().splitlines()
+    assert len(lines) == 5 and [json.loads(x)["id"] for x in lines] == [r.id for r in recs]
+    same = ("new_tokens", "steps", "tokens_per_step", "by_category")
+    assert {k: full[k] for k in same} == {k: want[k] for k in same}
+
+    records.write_text("\n".join(lines[:2]) + "\n" + lines[2][:15])      # stopped while writing the third
+    decoded = []
+    stream = m.stream
+    m.stream = lambda ids, **kw: decoded.append(ids) or stream(ids, **kw)
+    again = tokens_per_step(m, recs, max_new_tokens=12, records=records, settings={"tree": "cpu_small"})
+    assert len(decoded) == 3 and {k: again[k] for k in same} == {k: want[k] for k in same}
+    assert [json.loads(x)["id"] for x in records.read_text().splitlines()] == [r.id for r in recs]
+    decoded.clear()
+    tokens_per_step(m, recs, max_new_tokens=12, records=records, settings={"tree": "cpu_small"})
+    assert decoded == []
+    with pytest.raises(ValueError, match="records.jsonl:1: recorded with other settings \\(max_new_tokens\\)"):
+        tokens_per_step(m, recs, max_new_tokens=8, records=records, settings={"tree": "cpu_small"})
+    other_run = tokens_per_step(m, recs[:1], max_new_tokens=8, records=records, run="other")
+    assert other_run["prompts"] == 1 and len(records.read_text().splitlines()) == 6
 
 
 def test_killed_training_resumes_to_the_same_end(distilled, tmp_path):

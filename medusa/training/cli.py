@@ -120,6 +120,9 @@ def add_train_commands(sub) -> dict:
                         "context-draft tokens per step (what decoding uses by default)")
     e.add_argument("--lookup-short", type=int, metavar="M",
                    help="context-draft tokens after a weak match (default 2; M = N drafts N on every match)")
+    e.add_argument("--records", metavar="JSONL",
+                   help="write a line per prompt here as it is done; re-running with the same file and settings "
+                        "skips the prompts it holds (a long evaluation resumes)")
     e.add_argument("--dtype")
     e.add_argument("--threads", type=int)
     return {"train": cmd_train, "evaluate": cmd_evaluate}
@@ -164,10 +167,13 @@ def cmd_evaluate(a) -> int:
     if a.prompts:
         log = lambda s: print(s, flush=True)
         prompts = read_prompts(a.prompts)[: a.limit]
-        report["greedy"] = tokens_per_step(m, prompts, max_new_tokens=a.max_new_tokens, lookup=0, log=log)
+        settings = {"model": a.model, "base_model": a.base_model, "tree": a.tree, "dtype": a.dtype}
+        runs = dict(records=a.records, max_new_tokens=a.max_new_tokens, log=log)
+        report["greedy"] = tokens_per_step(m, prompts, lookup=0, run="greedy", settings=settings, **runs)
         if a.lookup:
-            report["greedy_with_context_drafts"] = tokens_per_step(m, prompts, max_new_tokens=a.max_new_tokens,
-                                                                   lookup=lookup, log=log) | {"lookup": a.lookup}
+            report["greedy_with_context_drafts"] = tokens_per_step(
+                m, prompts, lookup=lookup, run="greedy_with_context_drafts",
+                settings=settings | {"lookup": a.lookup, "lookup_short": a.lookup_short}, **runs) | {"lookup": a.lookup}
             if a.lookup_short is not None:
                 report["greedy_with_context_drafts"]["lookup_short"] = a.lookup_short
     print(json.dumps(report, indent=2))

@@ -2,7 +2,9 @@
 on a prompt file. Both work on any heads a user has."""
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -117,29 +119,66 @@ def head_accuracy(base, heads, examples: list[Example], *, ks=(1, 5, 10), batch_
     return {f"top{k}": [round(x, 4) for x in cum[:, k - 1].tolist()] for k in ks} | {"tokens": tokens}
 
 
-def tokens_per_step(model, prompts, *, max_new_tokens: int = 256, tree=None, lookup=None, log=None) -> dict:
+def _recorded(records: Path, run: str, settings: dict) -> dict[str, dict]:
+    """Prompt id -> its line in `records` for this run; a line of the same run from other settings is refused."""
+    done = {}
+    if not records.exists():
+        return done
+    text = records.read_text()
+    if text and not text.endswith("\n"):      # a run killed while writing its last line: cut it, redo that prompt
+        text = text[: text.rfind("\n") + 1]
+        records.write_text(text)
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if row.get("run") != run:
+            continue
+        if row.get("settings") != settings:
+            diff = sorted(k for k in set(settings) | set(row.get("settings") or {})
+                          if settings.get(k) != (row.get("settings") or {}).get(k))
+            raise ValueError(f"{records}:{line_no}: recorded with other settings ({', '.join(diff)}) than this "
+                             f"{run!r} run: give another records file")
+        done[row["id"]] = row
+    return done
+
+
+def tokens_per_step(model, prompts, *, max_new_tokens: int = 256, tree=None, lookup=None, log=None,
+                    records: str | Path | None = None, run: str = "greedy", settings: dict | None = None) -> dict:
     """Greedy decoding of each prompt's first turn with the model's chat template. `lookup=0`: the heads alone,
     no context drafts (None: the model's setting). Prompts with a category (dev prompts, Spec-Bench) also get
-    the figure per category."""
+    the figure per category. `records`: a JSONL file that gets a line per prompt as it is done (`run`, the
+    caller's `settings`, id, category, tokens, steps, seconds); prompts it already holds for this run are not
+    decoded again, so a stopped evaluation resumes where it was."""
     from medusa.interfaces.chat import encode_prompt
 
+    settings = dict(settings or {}, max_new_tokens=max_new_tokens)
+    done = _recorded(Path(records), run, settings) if records else {}
     tokens = steps = 0
+    seconds = 0.0
     by_category: dict[str, list[int]] = {}          # category -> [tokens, steps]
-    t0 = time.perf_counter()
     for n, rec in enumerate(prompts, 1):
-        ids = encode_prompt(model.tokenizer, [{"role": "user", "content": rec.turns[0]}])
-        before = tokens, steps
-        for step in model.stream(ids, max_new_tokens=max_new_tokens, tree=tree, lookup=lookup):
-            tokens += step.accepted
-            steps += 1
+        row = done.get(rec.id)
+        if row is None:
+            ids = encode_prompt(model.tokenizer, [{"role": "user", "content": rec.turns[0]}])
+            t0 = time.perf_counter()
+            row = {"run": run, "settings": settings, "id": rec.id, "category": rec.category, "tokens": 0, "steps": 0}
+            for step in model.stream(ids, max_new_tokens=max_new_tokens, tree=tree, lookup=lookup):
+                row["tokens"] += step.accepted
+                row["steps"] += 1
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            if records:
+                with open(records, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        tokens, steps, seconds = tokens + row["tokens"], steps + row["steps"], seconds + row["seconds"]
         if rec.category is not None:
             c = by_category.setdefault(rec.category, [0, 0])
-            c[0] += tokens - before[0]
-            c[1] += steps - before[1]
+            c[0] += row["tokens"]
+            c[1] += row["steps"]
         if log:
             log(f"{n}/{len(prompts)}: {tokens / max(steps, 1):.3f} tokens/step so far")
     report = {"prompts": len(prompts), "new_tokens": tokens, "steps": steps,
-              "tokens_per_step": round(tokens / max(steps, 1), 4), "seconds": round(time.perf_counter() - t0, 1)}
+              "tokens_per_step": round(tokens / max(steps, 1), 4), "seconds": round(seconds, 1)}
     if by_category:
         report["by_category"] = {cat: round(t / max(s, 1), 4) for cat, (t, s) in sorted(by_category.items())}
     return report
