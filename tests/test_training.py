@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_model, tiny_tokenizer
+from conftest import VOCAB, random_heads, tiny_model, tiny_tokenizer
 from medusa import MedusaModel
 from medusa.training.data import collate, read_conversations, tokenize_conversation
 from medusa.training.distill import DistillConfig, LocalGenerator, run_distill
@@ -316,7 +316,6 @@ def test_tokens_per_step_records_resume_a_stopped_evaluation(tmp_path):
     """With `records`, each prompt's figures are written as it is done; a re-run decodes only the prompts the
     file lacks (a torn last line is redone) and reports what an uninterrupted run does; a file of the same run
     from other settings is refused."""
-    from conftest import random_heads
     from medusa.training.evaluate import tokens_per_step
     from medusa.training.prompts import PromptRecord
 

@@ -40,25 +40,34 @@ class DistillConfig:
     extra: list[PromptRecord] = field(default_factory=list)
 
 
-def done_ids(output: Path) -> set[str]:
-    """Ids already answered in `output`. A torn last line (a kill mid-write) is cut off."""
-    if not output.exists():
-        return set()
-    ids, good_bytes = set(), 0
-    with output.open("rb") as f:
+def read_rows(path: Path) -> list[dict]:
+    """The JSON lines with an "id" in `path`, a resumable run's output. A torn last line (a kill mid-write) and
+    anything after it are cut off, so the run redoes those."""
+    if not path.exists():
+        return []
+    rows, good_bytes = [], 0
+    with path.open("rb") as f:
         for raw in f:
             try:
-                ids.add(json.loads(raw)["id"])
-            except (ValueError, KeyError):
+                row = json.loads(raw)
+                row["id"]
+            except (ValueError, KeyError, TypeError):
                 break
+            rows.append(row)
             good_bytes += len(raw)
-    if good_bytes != output.stat().st_size:
-        with output.open("r+b") as f:
+    if good_bytes != path.stat().st_size:
+        with path.open("r+b") as f:
             f.truncate(good_bytes)
-    return ids
+    return rows
 
 
-def _append(output: Path, rows: list[dict]) -> None:
+def done_ids(output: Path) -> set[str]:
+    """Ids already answered in `output` (see `read_rows`)."""
+    return {row["id"] for row in read_rows(output)}
+
+
+def append_rows(output: Path, rows: list[dict]) -> None:
+    """Append JSON lines, flushed to disk so a killed run keeps them."""
     with output.open("a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -194,7 +203,7 @@ def run_distill(cfg: DistillConfig, generator=None, *, log=None) -> dict:
     bar = tqdm(total=len(ordered), unit="prompt", dynamic_ncols=True, mininterval=5)
     for s in range(0, len(ordered), cfg.batch_size):
         rows = generator.answer(ordered[s:s + cfg.batch_size])
-        _append(output, rows)
+        append_rows(output, rows)
         tokens += sum(r["new_tokens"] for r in rows)
         bar.update(len(rows))
         bar.set_postfix(tok_s=f"{tokens / (time.time() - start):.1f}", tokens=tokens)

@@ -2,7 +2,6 @@
 on a prompt file. Both work on any heads a user has."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 
 from medusa.inference.heads import draft_projection, ranked_guesses, true_inputs
 from medusa.training.data import Example, collate
+from medusa.training.distill import append_rows, read_rows
 from medusa.training.features import last_hidden
 from medusa.training.losses import targets
 
@@ -122,21 +122,12 @@ def head_accuracy(base, heads, examples: list[Example], *, ks=(1, 5, 10), batch_
 def _recorded(records: Path, run: str, settings: dict) -> dict[str, dict]:
     """Prompt id -> its line in `records` for this run; a line of the same run from other settings is refused."""
     done = {}
-    if not records.exists():
-        return done
-    text = records.read_text()
-    if text and not text.endswith("\n"):      # a run killed while writing its last line: cut it, redo that prompt
-        text = text[: text.rfind("\n") + 1]
-        records.write_text(text)
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for line_no, row in enumerate(read_rows(records), 1):
         if row.get("run") != run:
             continue
-        if row.get("settings") != settings:
-            diff = sorted(k for k in set(settings) | set(row.get("settings") or {})
-                          if settings.get(k) != (row.get("settings") or {}).get(k))
+        theirs = row.get("settings") or {}
+        if theirs != settings:
+            diff = sorted(k for k in set(settings) | set(theirs) if settings.get(k) != theirs.get(k))
             raise ValueError(f"{records}:{line_no}: recorded with other settings ({', '.join(diff)}) than this "
                              f"{run!r} run: give another records file")
         done[row["id"]] = row
@@ -168,8 +159,7 @@ def tokens_per_step(model, prompts, *, max_new_tokens: int = 256, tree=None, loo
                 row["steps"] += 1
             row["seconds"] = round(time.perf_counter() - t0, 3)
             if records:
-                with open(records, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_rows(Path(records), [row])
         tokens, steps, seconds = tokens + row["tokens"], steps + row["steps"], seconds + row["seconds"]
         if rec.category is not None:
             c = by_category.setdefault(rec.category, [0, 0])
