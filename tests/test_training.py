@@ -315,7 +315,8 @@ def test_evaluate_command_on_trained_heads(distilled, tmp_path, capsys):
 def test_tokens_per_step_records_resume_a_stopped_evaluation(tmp_path):
     """With `records`, each prompt's figures are written as it is done; a re-run decodes only the prompts the
     file lacks (a torn last line is redone) and reports what an uninterrupted run does; a file of the same run
-    from other settings is refused."""
+    from other settings (here the token limit, or the tree decoding uses) is refused; the same tree given as
+    paths is the same setting."""
     from medusa.training.evaluate import tokens_per_step
     from medusa.training.prompts import PromptRecord
 
@@ -323,7 +324,7 @@ def test_tokens_per_step_records_resume_a_stopped_evaluation(tmp_path):
     recs = [PromptRecord(id=str(k), turns=(f"say {k} and {k + 7}",), category="xy"[k % 2]) for k in range(5)]
     want = tokens_per_step(m, recs, max_new_tokens=12)
     records = tmp_path / "records.jsonl"
-    full = tokens_per_step(m, recs, max_new_tokens=12, records=records, settings={"tree": "cpu_small"})
+    full = tokens_per_step(m, recs, max_new_tokens=12, records=records)
     lines = records.read_text().splitlines()
     assert len(lines) == 5 and [json.loads(x)["id"] for x in lines] == [r.id for r in recs]
     same = ("new_tokens", "steps", "tokens_per_step", "by_category")
@@ -333,14 +334,19 @@ def test_tokens_per_step_records_resume_a_stopped_evaluation(tmp_path):
     decoded = []
     stream = m.stream
     m.stream = lambda ids, **kw: decoded.append(ids) or stream(ids, **kw)
-    again = tokens_per_step(m, recs, max_new_tokens=12, records=records, settings={"tree": "cpu_small"})
+    again = tokens_per_step(m, recs, max_new_tokens=12, records=records)
     assert len(decoded) == 3 and {k: again[k] for k in same} == {k: want[k] for k in same}
     assert [json.loads(x)["id"] for x in records.read_text().splitlines()] == [r.id for r in recs]
     decoded.clear()
-    tokens_per_step(m, recs, max_new_tokens=12, records=records, settings={"tree": "cpu_small"})
+    tokens_per_step(m, recs, max_new_tokens=12, records=records)
     assert decoded == []
     with pytest.raises(ValueError, match="records.jsonl:1: recorded with other settings \\(max_new_tokens\\)"):
-        tokens_per_step(m, recs, max_new_tokens=8, records=records, settings={"tree": "cpu_small"})
+        tokens_per_step(m, recs, max_new_tokens=8, records=records)
+    with pytest.raises(ValueError, match="records.jsonl:1: recorded with other settings \\(tree\\)"):
+        tokens_per_step(m, recs, max_new_tokens=12, records=records, tree="dynamic:4")   # not the model's tree
+    same_tree = MedusaModel(m.base_model, m.heads, m.tokenizer, tree=[list(p) for p in m.tree])
+    resumed = tokens_per_step(same_tree, recs, max_new_tokens=12, records=records)    # the same tree, as paths
+    assert len(records.read_text().splitlines()) == 5 and {k: resumed[k] for k in same} == {k: want[k] for k in same}
     other_run = tokens_per_step(m, recs[:1], max_new_tokens=8, records=records, run="other")
     assert other_run["prompts"] == 1 and len(records.read_text().splitlines()) == 6
 

@@ -7,6 +7,7 @@ guess (top-k rank, from 0) of head d-1, and its parent is the path without its l
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import os
@@ -103,6 +104,14 @@ def tree_label(tree: Tree) -> str:
 def tree_spec(tree: Tree):
     """What a tree is in JSON: its paths, or "dynamic:N"."""
     return str(tree) if isinstance(tree, DynamicTree) else [list(p) for p in tree]
+
+
+def tree_fingerprint(tree: Tree) -> str:
+    """A short name that tells trees apart: "dynamic:6", or "6 nodes <digest of the paths>"."""
+    if isinstance(tree, DynamicTree):
+        return str(tree)
+    digest = hashlib.sha1(json.dumps(tree_spec(tree)).encode()).hexdigest()[:12]
+    return f"{tree_nodes(tree)} nodes {digest}"
 
 
 def validate_tree(paths: Tree, num_heads: int | None = None) -> Tree:

@@ -167,7 +167,7 @@ def cmd_evaluate(a) -> int:
     if a.prompts:
         log = lambda s: print(s, flush=True)
         prompts = read_prompts(a.prompts)[: a.limit]
-        settings = {"model": a.model, "base_model": a.base_model, "tree": a.tree, "dtype": a.dtype}
+        settings = {"model": a.model, "base_model": a.base_model}   # + the tree, device and dtype in use
         runs = dict(records=a.records, max_new_tokens=a.max_new_tokens, log=log)
         report["greedy"] = tokens_per_step(m, prompts, lookup=0, run="greedy", settings=settings, **runs)
         if a.lookup:

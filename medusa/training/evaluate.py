@@ -139,11 +139,15 @@ def tokens_per_step(model, prompts, *, max_new_tokens: int = 256, tree=None, loo
     """Greedy decoding of each prompt's first turn with the model's chat template. `lookup=0`: the heads alone,
     no context drafts (None: the model's setting). Prompts with a category (dev prompts, Spec-Bench) also get
     the figure per category. `records`: a JSONL file that gets a line per prompt as it is done (`run`, the
-    caller's `settings`, id, category, tokens, steps, seconds); prompts it already holds for this run are not
-    decoded again, so a stopped evaluation resumes where it was."""
+    caller's `settings` plus the tree, device type and dtype decoding used, id, category, tokens, steps,
+    seconds); prompts it already holds for this run are not decoded again, so a stopped evaluation resumes
+    where it was."""
+    from medusa.inference.tree import load_tree, tree_fingerprint
     from medusa.interfaces.chat import encode_prompt
 
-    settings = dict(settings or {}, max_new_tokens=max_new_tokens)
+    used = model.tree if tree is None else load_tree(tree, model.heads.num_heads, model.device_type)
+    settings = dict(settings or {}, max_new_tokens=max_new_tokens, tree=tree_fingerprint(used),
+                    device=model.device_type, dtype=str(model.base_model.dtype).removeprefix("torch."))
     done = _recorded(Path(records), run, settings) if records else {}
     tokens = steps = 0
     seconds = 0.0
