@@ -12,6 +12,7 @@ from medusa import MedusaModel
 from medusa.training.data import collate, read_conversations, tokenize_conversation
 from medusa.training.distill import DistillConfig, LocalGenerator, run_distill
 from medusa.training.losses import medusa_loss
+from medusa.training.prompts import read_prompts
 from medusa.training.trainer import TrainConfig, train
 
 ident = lambda i, x: x
@@ -125,14 +126,15 @@ def _prompts(path, n=10, bad_line=None):
 
 
 class _Dies(LocalGenerator):
-    """Answers `lives` batches, then fails as a killed process would."""
-    lives = 2
+    """Answers `lives` records (or a few more), then fails as a killed process would."""
+    lives = 5
 
-    def answer(self, recs):
-        if self.lives == 0:
-            raise KeyboardInterrupt
-        self.lives -= 1
-        return super().answer(recs)
+    def stream(self, recs):
+        for rows in super().stream(recs):
+            if self.lives <= 0:
+                raise KeyboardInterrupt
+            self.lives -= len(rows)
+            yield rows
 
 
 def test_distill_resumes_without_duplicates_or_loss(tmp_path):
@@ -147,7 +149,7 @@ def test_distill_resumes_without_duplicates_or_loss(tmp_path):
     with open(cfg.output, "a") as f:
         f.write('{"id": "p9", "conversa')                               # torn write of a killed run
     first = [json.loads(x)["id"] for x in open(cfg.output) if x.strip().endswith("}")]
-    assert len(first) == 6
+    assert 5 <= len(first) < 10
     run_distill(cfg, LocalGenerator(model, tok, cfg), log=lambda m: None)
     rows = [json.loads(x) for x in open(cfg.output)]
     ids = [r["id"] for r in rows]
@@ -158,7 +160,63 @@ def test_distill_resumes_without_duplicates_or_loss(tmp_path):
     assert {r["id"]: r["conversations"] for r in rows} == straight
 
 
-def test_distill_packs_fp32_cpu_weights_for_generate_with_the_same_answers(tmp_path):
+def _generate_alone(model, tok, turns, max_new_tokens):
+    """`generate`'s greedy answers to one record's turns, the record alone: the reference for distillation."""
+    history, answers, n, finish = [], [], 0, "stop"
+    eos = [model.config.eos_token_id, tok.eos_token_id]     # the model's, and the chat's end of turn
+    for q in turns:
+        history.append({"role": "user", "content": q})
+        ids = tok.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=eos)
+        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        if new[-1] in eos:
+            new = new[:-1]
+        else:
+            finish = "length"
+        answers.append(tok.decode(new, skip_special_tokens=True))
+        history.append({"role": "assistant", "content": answers[-1]})
+        n += len(new)
+    return answers, n, finish
+
+
+def test_distill_answers_are_generates_on_each_prompt_alone(tmp_path):
+    """Continuous batching: 3 slots for 10 records of many lengths (one long enough to grow the cache, one of
+    two turns); every slot is refilled several times, and each answer is `generate`'s on its record alone."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for k in range(9):
+            f.write(json.dumps({"id": f"p{k}", "prompt": f"say {k} and {k * 7} " * (1 + k % 4)}) + "\n")
+        f.write(json.dumps({"id": "long", "prompt": "a long one " * 40}) + "\n")
+        f.write(json.dumps({"id": "two", "turns": ["first question", "second one, longer " * 3]}) + "\n")
+    cfg = DistillConfig(inputs=[str(tmp_path / "p.jsonl")], output=str(tmp_path / "out.jsonl"), max_new_tokens=20,
+                        batch_size=3)
+    run_distill(cfg, LocalGenerator(model, tok, cfg), log=lambda m: None)
+    rows = {r["id"]: r for r in map(json.loads, open(cfg.output))}
+    assert len(rows) == 11
+    for rec in read_prompts(str(tmp_path / "p.jsonl")):
+        answers, n, finish = _generate_alone(model, tok, rec.turns, 20)
+        row = rows[rec.id]
+        assert [c["value"] for c in row["conversations"][1::2]] == answers
+        assert (row["new_tokens"], row["finish_reason"]) == (n, finish)
+    assert {r["finish_reason"] for r in rows.values()} == {"stop", "length"}      # both kinds of ending met
+
+
+def test_distill_samples_through_generates_warpers(tmp_path):
+    """Sampling: with top-p below the top token's probability only that token is left, so the answers are the
+    greedy ones; at temperature 1 they are not."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    _prompts(tmp_path / "p.jsonl", 6)
+    out = {}
+    for name, temperature, top_p in (("greedy", 0.0, 1.0), ("top", 1.0, 1e-6), ("free", 1.0, 1.0)):
+        cfg = DistillConfig(inputs=[str(tmp_path / "p.jsonl")], output=str(tmp_path / f"{name}.jsonl"),
+                            max_new_tokens=16, batch_size=4, temperature=temperature, top_p=top_p)
+        torch.manual_seed(0)
+        run_distill(cfg, LocalGenerator(model, tok, cfg), log=lambda m: None)
+        out[name] = {r["id"]: r["conversations"] for r in map(json.loads, open(cfg.output))}
+    assert out["top"] == out["greedy"] and out["free"] != out["greedy"]
+
+
+def test_distill_packs_fp32_cpu_weights_with_the_same_answers(tmp_path):
     from medusa.inference import packed_linear
     from medusa.training.distill import _local_generator
 
@@ -181,7 +239,7 @@ def test_distill_packs_fp32_cpu_weights_for_generate_with_the_same_answers(tmp_p
         run_distill(cfg, gen, log=lambda m: None)
         answers[pack] = {json.loads(x)["id"]: json.loads(x)["conversations"] for x in open(cfg.output)}
     assert any("Packed" in m for m in logs[None]) and not any("Packed" in m for m in logs[False])
-    assert engaged[None] and all(engaged[None])           # generate's products used the packed copies
+    assert engaged[None] and all(engaged[None])           # decoding's products used the packed copies
     assert len(answers[None]) == 6 and answers[None] == answers[False]
 
 

@@ -5,6 +5,10 @@ step, as `DynamicCache` does) and hand attention only the filled prefix. After a
 accepted tree nodes' entries are moved down next to the committed prefix and the rest is forgotten:
 `compact(start, keep)`.
 
+`SlotCache` holds many independent requests, a row each (continuous batching, `medusa distill`): a row's
+entries sit at columns [0, length) whatever the other rows hold, each decoding step writes every row's new
+entry at that row's own column, and a finished row's slot is refilled with another request's prompt.
+
 Why not `DynamicCache.crop`: in transformers 5 it takes a negative count of tokens to remove and a
 positive one raises; and it would not let us keep a non-contiguous subset (the accepted path) anyway.
 """
@@ -82,3 +86,93 @@ class TreeCache(Cache):
         """Forget everything from `length` on (nothing is freed: the next update overwrites it)."""
         for layer in self.layers:
             layer.length = min(layer.length, length)
+
+
+class _SlotLayer(StaticLayer):
+    """One layer of a SlotCache: a step's entries go to each row's own column (`SlotCache.columns`)."""
+
+    is_compileable = False
+
+    def __init__(self, owner: "SlotCache"):
+        super().__init__(max_cache_len=0)
+        self.owner = owner
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        o = self.owner
+        if key_states.shape[0] != o.rows or key_states.shape[-2] != 1:
+            raise RuntimeError(f"a SlotCache step takes one token for each of its {o.rows} rows, "
+                               f"not {tuple(key_states.shape[:1] + key_states.shape[2:3])}")
+        self.keys[o.row_index, :, o.columns] = key_states[:, :, 0]
+        self.values[o.row_index, :, o.columns] = value_states[:, :, 0]
+        return self.keys[:, :, :o.width], self.values[:, :, :o.width]
+
+    def get_seq_length(self) -> int:
+        return self.owner.width - 1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.width, 0
+
+
+class SlotCache(Cache):
+    """`rows` independent sequences. `load(row, cache, n)` puts the first n entries of a one-row cache (a
+    prompt's prefill) in a slot; `step_mask()` gives the (rows, 1, 1, width) additive mask of the next step,
+    whose entries land at column `lengths[row]` of each row; `advance()` then counts them."""
+
+    def __init__(self, num_layers: int, rows: int, capacity: int = 256):
+        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+        self.rows, self.capacity = rows, capacity
+        self.lengths = torch.zeros(rows, dtype=torch.long)
+        self.row_index = torch.arange(rows)
+        self.columns, self.width = self.lengths, 1
+
+    @classmethod
+    def for_model(cls, model, rows: int) -> "SlotCache":
+        return cls(model.config.get_text_config(decoder=True).num_hidden_layers, rows)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.width - 1
+
+    def _reserve(self, like: Cache, n: int) -> None:
+        """Allocate on first use (shapes, dtype and device from `like`), grow to hold n entries a row."""
+        if n <= self.capacity and self.layers[0].is_initialized:
+            return
+        self.capacity = max(n, 2 * self.capacity) if self.layers[0].is_initialized else max(n, self.capacity)
+        for layer, src in zip(self.layers, like.layers):
+            k, v = src.keys, src.values
+            keys = k.new_zeros(self.rows, k.shape[1], self.capacity, k.shape[3])
+            values = v.new_zeros(self.rows, v.shape[1], self.capacity, v.shape[3])
+            if layer.is_initialized:
+                keys[:, :, :layer.keys.shape[2]] = layer.keys
+                values[:, :, :layer.values.shape[2]] = layer.values
+            layer.keys, layer.values, layer.is_initialized = keys, values, True
+            layer.max_cache_len = self.capacity
+        self.lengths = self.lengths.to(k.device)
+        self.row_index = self.row_index.to(k.device)
+
+    def load(self, row: int, prefill: Cache, n: int) -> None:
+        """Slot `row` now holds the first n entries of `prefill`, a one-row cache (the rest of the row is stale
+        and never seen: the mask stops at the row's length). Room for the steps to come is the caller's: see
+        `reserve_steps`."""
+        self._reserve(prefill, n + 1)
+        for layer, src in zip(self.layers, prefill.layers):
+            layer.keys[row, :, :n] = src.keys[0, :, :n]
+            layer.values[row, :, :n] = src.values[0, :, :n]
+        self.lengths[row] = n
+
+    def release(self, row: int) -> None:
+        """An empty slot: its steps write column 0 and attend only to it (finite, ignored outputs)."""
+        self.lengths[row] = 0
+
+    def step_mask(self, dtype) -> torch.Tensor:
+        """Prepare the next step (every row writes its column `lengths[row]`) and return its additive mask."""
+        width = int(self.lengths.max()) + 1
+        if width > self.capacity:
+            self._reserve(self, width)
+        self.columns, self.width = self.lengths.clone(), width
+        visible = torch.arange(width, device=self.lengths.device)[None] <= self.lengths[:, None]
+        zero = torch.zeros((), dtype=dtype, device=self.lengths.device)
+        return torch.where(visible, zero, torch.finfo(dtype).min)[:, None, None, :]
+
+    def advance(self) -> None:
+        """Count the step's entries."""
+        self.lengths += 1

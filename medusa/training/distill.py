@@ -1,8 +1,9 @@
 """Self-distillation: the base model answers prompts, and its answers become the heads' training data.
 
-Output is ShareGPT-format JSONL, one conversation per line, appended batch by batch and fsynced, so a
-killed run loses at most the batch in flight and a re-run skips every prompt already answered.
-Two back ends: batched local generation, or any OpenAI-compatible endpoint (`api_base`).
+Output is ShareGPT-format JSONL, one conversation per line, appended as answers complete and fsynced, so a
+killed run loses at most the answers in flight and a re-run skips every prompt already answered.
+Two back ends: local generation with continuous batching (`continuous.py`), or any OpenAI-compatible
+endpoint (`api_base`).
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import Iterator
 
 from medusa.inference import packed_linear
+from medusa.training.continuous import ContinuousBatcher
 from medusa.training.prompts import PromptRecord, read_prompts
 
 
@@ -86,54 +87,30 @@ def _row(rec: PromptRecord, answers: list[str], new_tokens: int, finish: str) ->
 
 
 class LocalGenerator:
-    """Batched `generate` with left padding; the whole batch is one call per user turn."""
+    """The model in this process, `batch_size` answers decoded side by side (continuous batching: a finished
+    answer's slot takes the next prompt at once)."""
 
     def __init__(self, model, tokenizer, cfg: DistillConfig):
         self.model, self.tok, self.cfg = model, tokenizer, cfg
-        self.tok.padding_side = "left"
-        if self.tok.pad_token_id is None:
-            self.tok.pad_token = self.tok.eos_token
+        self.batcher = ContinuousBatcher(model, tokenizer, slots=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                                         temperature=cfg.temperature, top_p=cfg.top_p)
 
     def prompt_len(self, rec: PromptRecord) -> int:
         return len(rec.turns[0])
 
-    @torch.inference_mode()
-    def answer(self, recs: list[PromptRecord]) -> list[dict]:
-        histories = [[] for _ in recs]
-        answers = [[] for _ in recs]
-        new_tokens, finish = [0] * len(recs), ["stop"] * len(recs)
-        for turn in range(max(len(r.turns) for r in recs)):
-            active = [i for i, r in enumerate(recs) if turn < len(r.turns)]
-            texts = []
-            for i in active:
-                histories[i].append({"role": "user", "content": recs[i].turns[turn]})
-                texts.append(self.tok.apply_chat_template(histories[i], tokenize=False, add_generation_prompt=True))
-            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-            sample = self.cfg.temperature > 0
-            with packed_linear.engaged():   # packed copies of fp32 CPU weights, where _local_generator made them
-                out = self.model.generate(
-                    **enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=sample,
-                    temperature=self.cfg.temperature if sample else None, top_p=self.cfg.top_p if sample else None,
-                    top_k=None, pad_token_id=self.tok.pad_token_id,
-                )
-            gen = out[:, enc["input_ids"].shape[1]:]
-            eos = set(_eos_ids(self.model, self.tok))
-            for row, i in enumerate(active):
-                ids = gen[row].tolist()
-                n = next((k for k, t in enumerate(ids) if t in eos), None)
-                if n is None:
-                    n, finish[i] = len(ids), "length"
-                text = self.tok.decode(ids[:n], skip_special_tokens=True)
-                new_tokens[i] += n
-                answers[i].append(text)
-                histories[i].append({"role": "assistant", "content": text})
-        return [_row(r, a, n, f) for r, a, n, f in zip(recs, answers, new_tokens, finish)]
-
-
-def _eos_ids(model, tok) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    return list({*eos, tok.eos_token_id} - {None})
+    def stream(self, recs: list[PromptRecord]) -> Iterator[list[dict]]:
+        """Rows in the order of `recs`, each as soon as it and every row before it are answered: the file's
+        order does not depend on how long answers run (a kill loses the few held back, as in flight)."""
+        position = {id(r): k for k, r in enumerate(recs)}
+        ready, emitted = {}, 0
+        for done in self.batcher.run(recs):
+            ready[position[id(done.rec)]] = _row(done.rec, done.answers, done.new_tokens, done.finish)
+            rows = []
+            while emitted in ready:
+                rows.append(ready.pop(emitted))
+                emitted += 1
+            if rows:
+                yield rows
 
 
 class ApiGenerator:
@@ -170,9 +147,11 @@ class ApiGenerator:
     def prompt_len(self, rec: PromptRecord) -> int:
         return 0
 
-    def answer(self, recs: list[PromptRecord]) -> list[dict]:
+    def stream(self, recs: list[PromptRecord]) -> Iterator[list[dict]]:
+        """Rows `batch_size` records at a time, `concurrency` requests in flight."""
         with ThreadPoolExecutor(self.cfg.concurrency) as pool:
-            return list(pool.map(self._one, recs))
+            for s in range(0, len(recs), self.cfg.batch_size):
+                yield list(pool.map(self._one, recs[s:s + self.cfg.batch_size]))
 
 
 def pending_records(cfg: DistillConfig, warn=None) -> tuple[list[PromptRecord], int]:
@@ -201,8 +180,7 @@ def run_distill(cfg: DistillConfig, generator=None, *, log=None) -> dict:
         ordered += sorted(pending[s:s + window], key=generator.prompt_len)
     tokens, start = 0, time.time()
     bar = tqdm(total=len(ordered), unit="prompt", dynamic_ncols=True, mininterval=5)
-    for s in range(0, len(ordered), cfg.batch_size):
-        rows = generator.answer(ordered[s:s + cfg.batch_size])
+    for rows in generator.stream(ordered):
         append_rows(output, rows)
         tokens += sum(r["new_tokens"] for r in rows)
         bar.update(len(rows))
@@ -215,7 +193,7 @@ def _local_generator(cfg: DistillConfig, log) -> LocalGenerator:
     from medusa.inference.loading import load_base_model
 
     model, tok = load_base_model(cfg.model, dtype=cfg.dtype, device=cfg.device, log=log)
-    # oneDNN-packed fp32 products: batch 16 on a 2-core AMD EPYC (Zen 3), 25.8 -> 34.2 tokens/s on 16 prompts
+    # oneDNN-packed fp32 products (measured with the batched `generate` distill used before): batch 16 on a 2-core AMD EPYC (Zen 3), 25.8 -> 34.2 tokens/s on 16 prompts
     # (25.7 -> 35.5 on 32 others), the answers the same (fp32 products too, rounded differently: a near-tie
     # could in principle flip)
     if cfg.pack_weights is not False:
