@@ -17,7 +17,7 @@ DATA=${MEDUSA_DATA:-$HOME/medusa-data}
 SHARED=${MEDUSA_SHARED:-../shared/data}
 THREADS=${THREADS:-2}              # the shipped heads and tree: 2 (THREADS=1 to distill beside other work)
 TRAIN_LIMIT=${TRAIN_LIMIT:-7500}   # conversations after these are held out for calibration
-BATCH=${BATCH:-16}                 # distill slots: 16 on a 2-core CPU; a GPU wants hundreds (BATCH=256)
+BATCH=${BATCH:-32}                 # distill slots: 32 on a 2-core CPU; a GPU wants hundreds (BATCH=256)
 HEADS=${HEADS:-$DATA/heads}        # training output (a new folder for a new run; link an old features-* in to reuse it)
 # bf16 on GPUs and on CPUs that multiply it natively (AVX512-BF16, AMX); fp32 elsewhere (on an AVX2-only
 # 2-core AMD EPYC Zen 3, distill of the same 16 prompts: bf16 17.0 tokens/s, fp32 25.8, fp32 packed 34.2)
@@ -36,8 +36,9 @@ case "${1:-}" in
     [ -f "$DATA/distill_prompts.jsonl" ] || medusa compose-prompts --input "$SHARED/train_prompts.jsonl" \
         --output "$DATA/distill_prompts.jsonl" --per-task 500
     # greedy answers in $DTYPE (on the 2-core AMD EPYC Zen 4, bf16 88 vs fp32 48 tokens/s over 32 prompts,
-    # before distill packed fp32 weights), 256 new tokens at most; 16 slots of continuous batching (Zen 3, the
-    # same 64 prompts: 42.0 tokens/s, 32 slots 39.7, the batched generate used before 21.2 at batch 16)
+    # before distill packed fp32 weights), 256 new tokens at most; 32 slots of continuous batching (Zen 3,
+    # 160 pool prompts: 64.1 tokens/s, 16 slots 55.0, 64 slots 59.0; on 64 of them the batched generate used
+    # before made 21.2 at batch 16, 16 slots 42.0)
     medusa distill --input "$DATA/distill_prompts.jsonl" --output "$DATA/distill_smollm2.jsonl" \
         --max-new-tokens 256 --batch-size "$BATCH" --temperature 0 --dtype "$(dtype)" --threads "$THREADS" ;;
   train)

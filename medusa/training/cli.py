@@ -12,7 +12,7 @@ def add_commands(sub) -> dict:
     d.add_argument("--output", required=True, help="ShareGPT JSONL to append to; re-running resumes")
     d.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
     d.add_argument("--max-new-tokens", type=int, default=512)
-    d.add_argument("--batch-size", type=int, default=16,
+    d.add_argument("--batch-size", type=int, default=32,
                    help="answers decoded side by side (continuous batching: a finished one's slot takes the next "
                         "prompt at once); API back end: records per round")
     d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

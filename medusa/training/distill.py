@@ -27,7 +27,7 @@ class DistillConfig:
     output: str
     model: str | None = None          # base model; None = the embedded default
     max_new_tokens: int = 512
-    batch_size: int = 16
+    batch_size: int = 32              # answers decoded side by side (API: records per round)
     temperature: float = 0.0          # 0 = greedy: the data then matches greedy decoding exactly
     top_p: float = 1.0
     limit: int | None = None
