@@ -151,8 +151,8 @@ class SlotCache(Cache):
 
     def load(self, row: int, prefill: Cache, n: int) -> None:
         """Slot `row` now holds the first n entries of `prefill`, a one-row cache (the rest of the row is stale
-        and never seen: the mask stops at the row's length). Room for the steps to come is the caller's: see
-        `reserve_steps`."""
+        and never seen: the mask stops at the row's length). Room for the steps to come is made by
+        `step_mask`, which grows the cache when a row reaches its capacity."""
         self._reserve(prefill, n + 1)
         for layer, src in zip(self.layers, prefill.layers):
             layer.keys[row, :, :n] = src.keys[0, :, :n]

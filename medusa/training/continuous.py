@@ -32,6 +32,7 @@ class Answered:
 
 
 def eos_ids(model, tok) -> list[int]:
+    """The tokens that end a turn: the model's generation config's and the tokenizer's end-of-sequence."""
     eos = model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
     return list({*eos, tok.eos_token_id} - {None})

@@ -193,8 +193,9 @@ def _local_generator(cfg: DistillConfig, log) -> LocalGenerator:
     from medusa.inference.loading import load_base_model
 
     model, tok = load_base_model(cfg.model, dtype=cfg.dtype, device=cfg.device, log=log)
-    # oneDNN-packed fp32 products (measured with the batched `generate` distill used before): batch 16 on a 2-core AMD EPYC (Zen 3), 25.8 -> 34.2 tokens/s on 16 prompts
-    # (25.7 -> 35.5 on 32 others), the answers the same (fp32 products too, rounded differently: a near-tie
+    # oneDNN-packed fp32 products (measured with the batched `generate` distill used before): batch 16 on a
+    # 2-core AMD EPYC (Zen 3), 25.8 -> 34.2 tokens/s on 16 prompts (25.7 -> 35.5 on 32 others), the answers
+    # the same (fp32 products too, rounded differently: a near-tie
     # could in principle flip)
     if cfg.pack_weights is not False:
         packed_linear.pack_for_inference(model, cfg.pack_weights, log)
