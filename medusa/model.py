@@ -10,6 +10,7 @@ from torch import nn
 
 from medusa.inference import compiled, loading, packed_linear
 from medusa.inference.acceptance import SamplingOptions
+from medusa.inference.cache import sliding_window
 from medusa.inference.checkpoint import (build_heads, fetch_heads_repo, is_heads_folder, load_heads_checkpoint,
                                          save_heads)
 from medusa.inference.decode import DecodeOptions, Step, medusa_decode
@@ -29,10 +30,8 @@ def context_limit(config) -> int:
     cfg = config.get_text_config(decoder=True)
     limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
                   if getattr(cfg, k, None)), 2048)
-    window = getattr(cfg, "sliding_window", None)
-    if window and getattr(cfg, "use_sliding_window", True) is not False:
-        limit = min(limit, window)
-    return int(limit)
+    window = sliding_window(config)
+    return int(min(limit, window) if window else limit)
 
 
 def _as_input_ids(input_ids, device) -> torch.Tensor:

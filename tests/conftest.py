@@ -36,9 +36,12 @@ def _configs() -> dict:
 ARCHS = list(_configs())
 
 
-def tiny_model(arch: str, seed: int = 0, attn: str | None = None, initializer_range: float | None = None):
+def tiny_model(arch: str, seed: int = 0, attn: str | None = None, initializer_range: float | None = None, **config):
+    """A random model of `arch`; `config` overrides fields of its config (e.g. sliding_window=64)."""
     torch.manual_seed(seed)
     cfg = _configs()[arch]
+    for k, v in config.items():
+        setattr(cfg, k, v)
     if attn:
         cfg._attn_implementation = attn
     if initializer_range is not None:

@@ -46,3 +46,23 @@ def test_each_row_decodes_as_its_sequence_alone(arch):
             alone = model(seqs[row][None]).logits[0, -1]
             torch.testing.assert_close(logits[row], alone, atol=2e-4, rtol=2e-4)
     assert cache.lengths.tolist()[:2] == [5 + 12, 14 + 8] and cache.capacity >= 22
+
+
+def test_sliding_window_is_read_where_a_layer_uses_one():
+    """The window that one 4D mask cannot apply: Mistral's, Gemma 2's (every other layer), Qwen2's only when
+    switched on and given to some layer; none for models without one."""
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    from medusa.inference.cache import sliding_window
+    from medusa.model import context_limit
+
+    assert sliding_window(MistralConfig(sliding_window=16)) == 16
+    assert sliding_window(MistralConfig(sliding_window=None)) is None
+    assert sliding_window(Gemma2Config(sliding_window=512)) == 512
+    assert sliding_window(Qwen2Config(sliding_window=512)) is None                  # use_sliding_window off
+    assert sliding_window(Qwen2Config(sliding_window=512, use_sliding_window=True, max_window_layers=1,
+                                      num_hidden_layers=2)) == 512
+    full = Gemma2Config(sliding_window=512, num_hidden_layers=2, layer_types=["full_attention"] * 2)
+    assert sliding_window(full) is None and sliding_window(LlamaConfig()) is None
+    assert context_limit(MistralConfig(sliding_window=16, max_position_embeddings=64)) == 16
+    assert context_limit(full) == full.max_position_embeddings

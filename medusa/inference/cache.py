@@ -9,6 +9,9 @@ accepted tree nodes' entries are moved down next to the committed prefix and the
 entries sit at columns [0, length) whatever the other rows hold, each decoding step writes every row's new
 entry at that row's own column, and a finished row's slot is refilled with another request's prompt.
 
+Neither cache applies a sliding window: one 4D mask serves every layer, so a model whose layers see only
+their last `sliding_window(config)` positions is exact only while a sequence stays that short.
+
 Why not `DynamicCache.crop`: in transformers 5 it takes a negative count of tokens to remove and a
 positive one raises; and it would not let us keep a non-contiguous subset (the accepted path) anyway.
 """
@@ -16,6 +19,19 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of the base model's sliding-window layers, if it has any in use (Mistral's
+    `sliding_window`; Gemma 2/3's layers marked "sliding_attention"; Qwen2's `use_sliding_window`)."""
+    cfg = config.get_text_config(decoder=True)
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
 
 
 class _TreeLayer(StaticLayer):

@@ -5,6 +5,8 @@ almost half of them reaching the cap, a third of the rows a batch computes are f
 number of slots (`SlotCache`, one row per request) decodes one token each per step, and a slot whose answer
 ends takes the next prompt at once: its prompt is prefilled alone and its entries copied into the slot.
 Greedy answers are those of `generate` on each prompt alone (each row attends to its own entries only).
+One mask serves every layer, so a model with sliding-window layers has a turn that could outgrow the window
+decoded alone, with the model's own masks.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Iterator
 import torch
 
 from medusa.inference import packed_linear
-from medusa.inference.cache import SlotCache
+from medusa.inference.cache import SlotCache, sliding_window
 from medusa.training.prompts import PromptRecord
 
 
@@ -51,6 +53,7 @@ class ContinuousBatcher:
         self.eos = set(eos_ids(model, tokenizer))
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        self.window = sliding_window(model.config)
         self.warpers = None
         if temperature > 0:
             from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
@@ -70,18 +73,31 @@ class ContinuousBatcher:
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
         return out.logits[:, -1]
 
-    def _start(self, cache: SlotCache, slot: int, req: Answered) -> int:
-        """Prefill `req`'s next turn alone and move its entries into `slot`; returns its first token."""
+    def _start(self, cache: SlotCache, slot: int, req: Answered) -> int | None:
+        """Prefill `req`'s next turn alone and move its entries into `slot`; returns its first token. A turn
+        that could pass the sliding window is answered here and now instead (returns None)."""
         from transformers import DynamicCache
 
         req.history.append({"role": "user", "content": req.rec.turns[req.turn]})
         text = self.tok.apply_chat_template(req.history, tokenize=False, add_generation_prompt=True)
         ids = torch.tensor(self.tok(text, add_special_tokens=False)["input_ids"], device=self.device)
+        req.generated = []
+        if self.window is not None and ids.numel() + self.max_new_tokens > self.window:
+            self._alone(req, ids)
+            return None
         prefill = DynamicCache()
         logits = self._forward(ids[None], prefill)
         cache.load(slot, prefill, ids.numel())
-        req.generated = []
         return int(self._choose(logits)[0])
+
+    def _alone(self, req: Answered, ids: torch.Tensor) -> None:
+        """Decode `req`'s turn with its prompt alone and no mask of ours, so the model masks its sliding layers."""
+        from transformers import DynamicCache
+
+        own = DynamicCache(config=self.model.config)
+        token = int(self._choose(self._forward(ids[None], own))[0])
+        while not self._take(req, token):
+            token = int(self._choose(self._forward(torch.tensor([[token]], device=self.device), own))[0])
 
     def _take(self, req: Answered, token: int) -> bool:
         """Add a token to `req`'s turn; True when the turn has ended (an end-of-turn token, or the cap)."""
@@ -113,7 +129,7 @@ class ContinuousBatcher:
                 while active[s] is None and queue:
                     req = queue.popleft()
                     token = self._start(cache, s, req)
-                    if not self._take(req, token):
+                    if token is not None and not self._take(req, token):
                         active[s], last[s, 0] = req, token
                     elif self._end_turn(req):
                         yield req
