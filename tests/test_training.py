@@ -444,6 +444,46 @@ def test_killed_training_resumes_to_the_same_end(distilled, tmp_path):
         _train(distilled, tmp_path / "c", batch_size=2)
 
 
+def _torchrun(base, data, out, *extra):
+    """`medusa train` as 2 CPU processes under torchrun (gloo), one thread each."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "medusa", "train", "--model", str(base), "--data", str(data), "--output", str(out), "--num-heads", "3",
+           "--batch-size", "4", "--epochs", "2", "--lr", "1e-2", "--val-examples", "8", "--limit", "44",
+           "--log-every", "1", "--checkpoint-every", "5", "--threads", "1", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_cpu_processes_under_torchrun_train_one_run(distilled, tmp_path):
+    """Multi-process training through accelerate: 2 processes under torchrun join one run (on a machine
+    without GPUs accelerate joins them only when told to use the CPU; else each trained alone, racing on
+    one folder, each step logged twice), batches of 4 each take the steps and learning rates of one process
+    with batches of 8, and a run stopped and resumed under torchrun ends where the straight one does."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    single = _train(distilled, tmp_path / "one", batch_size=8, limit=44)
+    _torchrun(tmp_path / "base", distilled, tmp_path / "two")
+    log = _log(tmp_path / "two")
+    assert [r["step"] for r in log] == list(range(1, single["total"] + 1))       # one run, each step once
+    assert [r["lr"] for r in log] == pytest.approx([r["lr"] for r in _log(tmp_path / "one")])
+    _torchrun(tmp_path / "base", distilled, tmp_path / "resumed", "--stop-after", "7")
+    assert len(_log(tmp_path / "resumed")) == 7
+    _torchrun(tmp_path / "base", distilled, tmp_path / "resumed")
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp_path / "two" / "heads.safetensors")), load_file(str(tmp_path / "resumed" / "heads.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    m = MedusaModel.from_pretrained(tmp_path / "two", base_model=str(tmp_path / "base"))
+    assert m.heads.config.num_heads == 3
+
+
 def test_medusa2_keeps_base_greedy_while_heads_improve(distilled, tmp_path):
     res = _train(distilled, tmp_path / "m2", mode="medusa2", epochs=3, base_lr=3e-5, heads_warmup_steps=2,
                  heads_weight=0.2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -154,7 +155,14 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
 
     from medusa.inference.loading import load_base_model
 
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    # cpu=True where there is no accelerator: only then does accelerate join a torchrun / mpirun launch of
+    # several CPU processes (gloo) instead of letting each train alone into the same folder
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                      cpu=not torch.accelerator.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes but accelerate joined {acc.num_processes}: they would "
+                           f"each train alone into {cfg.output}; check the launcher's settings (`accelerate env`)")
     say = lambda m: acc.is_main_process and log(m)
     set_seed(cfg.seed)
     out_dir = Path(cfg.output)
@@ -213,7 +221,10 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     warmup = max(1, int(total * cfg.warmup_ratio))
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     lambdas = [_schedule(total, warmup)] + [_schedule(total, warmup, cfg.heads_warmup_steps)] * (len(groups) - 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    # accelerate steps a prepared scheduler once per process at each optimizer step (it assumes a schedule
+    # counted in single-process batches); ours counts optimizer steps
+    n = acc.num_processes
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s, f=f: f(s // n) for f in lambdas])
     step_module, opt, sched = acc.prepare(step_module, opt, sched)
 
     ckpt_dir = out_dir / "checkpoints"
