@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     # several CPU processes (gloo) instead of letting each train alone into the same folder
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                       cpu=not torch.accelerator.is_available())
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = int(os.environ.get("WORLD_SIZE", acc.num_processes))     # torchrun / accelerate launch set it
     if acc.num_processes != launched:
         raise RuntimeError(f"launched as {launched} processes but accelerate joined {acc.num_processes}: they would "
                            f"each train alone into {cfg.output}; check the launcher's settings (`accelerate env`)")
