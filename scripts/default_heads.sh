@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 DATA=${MEDUSA_DATA:-$HOME/medusa-data}
 SHARED=${MEDUSA_SHARED:-../shared/data}
 THREADS=${THREADS:-2}              # the shipped heads and tree: 2 (THREADS=1 to distill beside other work)
-TRAIN_LIMIT=${TRAIN_LIMIT:-7500}   # conversations after these are held out for calibration
+TRAIN_LIMIT=${TRAIN_LIMIT:-10000}  # conversations after these are held out for calibration
 BATCH=${BATCH:-32}                 # distill slots: 32 on a 2-core CPU; a GPU wants hundreds (BATCH=256)
 HEADS=${HEADS:-$DATA/heads}        # training output (a new folder for a new run; link an old features-* in to reuse it)
 # bf16 on GPUs and on CPUs that multiply it natively (AVX512-BF16, AMX); fp32 elsewhere (on an AVX2-only
@@ -44,9 +44,9 @@ case "${1:-}" in
   train)
     DTYPE=$(dtype)
     MIXED=$([ "$DTYPE" = bfloat16 ] && echo bf16 || echo no)
-    # shipped heads: 2 blocks, heads that also see the next token, 2 epochs, lr 2e-3, 2 threads: 1,860 steps
-    medusa train --next-token-input --num-layers 2 --data "$DATA/distill_smollm2.jsonl" --output "$HEADS" --mixed-precision "$MIXED" \
-        --base-dtype "$DTYPE" --threads "$THREADS" --batch-size 8 --epochs "${EPOCHS:-2}" --max-length 768 \
+    # shipped heads: 2 blocks, heads that see the next token and their parent's, 1 epoch, lr 2e-3: 1,242 steps
+    medusa train --next-token-input --parent-token-input --num-layers 2 --data "$DATA/distill_smollm2.jsonl" --output "$HEADS" --mixed-precision "$MIXED" \
+        --base-dtype "$DTYPE" --threads "$THREADS" --batch-size 8 --epochs "${EPOCHS:-1}" --max-length 768 \
         --val-examples 64 --limit "$TRAIN_LIMIT" --lr 2e-3 --checkpoint-every 50 ${TRAIN_ARGS:-} ;;
   ship)
     python - "$HEADS" <<'PY'
@@ -61,7 +61,7 @@ PY
     ;;
   calibrate)
     tail -n +"$((TRAIN_LIMIT + 1))" "$DATA/distill_smollm2.jsonl" > "$DATA/heldout.jsonl"
-    medusa calibrate --data "$DATA/heldout.jsonl" --limit 24 --budgets 1,2,3,4,6,8,12,16,24,32 --threads "$THREADS" ;;
+    medusa calibrate --data "$DATA/heldout.jsonl" --limit 24 --budgets 1,2,3,4,6,8,12,16 --rounds 5 --threads "$THREADS" ;;
   evaluate)
     python -c "import sys; sys.stdout.writelines(l for i, l in enumerate(open('$SHARED/dev_prompts.jsonl')) if i % 10 == 0)" \
         > "$DATA/dev20.jsonl"
