@@ -45,9 +45,10 @@ case "${1:-}" in
     DTYPE=$(dtype)
     MIXED=$([ "$DTYPE" = bfloat16 ] && echo bf16 || echo no)
     # shipped heads: 2 blocks, heads that see the next token and their parent's, 1 epoch, lr 2e-3: 1,242 steps
-    medusa train --next-token-input --parent-token-input --num-layers 2 --data "$DATA/distill_smollm2.jsonl" --output "$HEADS" --mixed-precision "$MIXED" \
-        --base-dtype "$DTYPE" --threads "$THREADS" --batch-size 8 --epochs "${EPOCHS:-1}" --max-length 768 \
-        --val-examples 64 --limit "$TRAIN_LIMIT" --lr 2e-3 --checkpoint-every 50 ${TRAIN_ARGS:-} ;;
+    medusa train --next-token-input --parent-token-input --num-layers 2 --data "$DATA/distill_smollm2.jsonl" \
+        --output "$HEADS" --mixed-precision "$MIXED" --base-dtype "$DTYPE" --threads "$THREADS" --batch-size 8 \
+        --epochs "${EPOCHS:-1}" --max-length 768 --val-examples 64 --limit "$TRAIN_LIMIT" --lr 2e-3 \
+        --checkpoint-every 50 ${TRAIN_ARGS:-} ;;
   ship)
     python - "$HEADS" <<'PY'
 import sys, torch
