@@ -5,8 +5,8 @@ counted: a real measurement). Its greedy answer is then replayed as decoding wou
 the last accepted token, 1 + the depth of the deepest path whose guesses are all the answer's next tokens (the
 heads seeing the true parent token, which is what an accepted path holds), then on from the new last token.
 Greedy answers do not depend on the tree, so one decode serves every tree, 256-node ones included. The replay
-counts 1-3% fewer tokens per step than decoding with the tree does (float differences between a full forward
-and a tree step move near-ties); rank trees with it, quote `medusa evaluate` for a tree you ship.
+counted 1-3% fewer tokens per step than decoding with the tree did on the default model (cause not pinned
+down); rank trees with it, quote `medusa evaluate` for a tree you ship.
 
     python scripts/replay_trees.py --prompts ../shared/data/dev_prompts.jsonl --limit 20 \\
         --trees mc_sim_7b_63,dynamic:64,dynamic:256 --output replay.json
@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from medusa.evaluation.calibrate import static_accepted
 from medusa.inference.heads import draft_projection
 from medusa.inference.tree import DYNAMIC, load_tree, tree_label
 from medusa.interfaces.chat import encode_prompt
@@ -26,17 +27,6 @@ from medusa.model import MedusaModel
 from medusa.training.data import Example
 from medusa.training.evaluate import assistant_positions, dynamic_accepted, guess_table
 from medusa.training.prompts import read_prompts
-
-
-def static_depths(tree, hit: torch.Tensor) -> torch.Tensor:
-    """(n,) candidates a static tree accepts at each position: `guess_table`'s hit (K, n, R)."""
-    best = torch.zeros(hit.shape[1], dtype=torch.long)
-    for path in tree:
-        ok = torch.ones(hit.shape[1], dtype=torch.bool)
-        for d, r in enumerate(path):
-            ok &= hit[d, :, r]
-        best = torch.maximum(best, ok * len(path))
-    return best
 
 
 def dynamic_depths(model, h, next_embeds, tgt, budgets) -> dict[int, torch.Tensor]:
@@ -94,7 +84,7 @@ def main() -> None:
             h, tgt, inputs = pos[0]
             dyn = dynamic_depths(model, h, inputs["next_embeds"], tgt, dynamic) if dynamic else {}
         row = {"id": rec.id, "category": rec.category, "tokens": new, decoded: len(steps)}
-        row |= {t: replay(static_depths(tree, hit), new) for t, tree in static.items()}
+        row |= {t: replay(static_accepted(tree, hit), new) for t, tree in static.items()}
         row |= {f"{DYNAMIC}{b}": replay(d, new) for b, d in dyn.items()}
         rows.append(row)
         tokens += new

@@ -64,13 +64,19 @@ def measured_tokens(tree, probs: torch.Tensor, hit: torch.Tensor) -> float:
             chosen = most_likely_paths(p_i[:depth], tree.nodes)
             total += max((len(p) for p in chosen if all(h_i[d][r] for d, r in enumerate(p))), default=0)
         return 1 + total / n
-    best = torch.zeros(n)
+    return 1 + float(static_accepted(tree, hit).float().mean())
+
+
+def static_accepted(tree, hit: torch.Tensor) -> torch.Tensor:
+    """(n,) candidates a static tree accepts at each position: the depth of its deepest path whose guesses are
+    all right (`hit` (K, n, R) from `guess_table`)."""
+    best = torch.zeros(hit.shape[1], dtype=torch.long)
     for path in tree:
-        ok = torch.ones(n, dtype=torch.bool)
+        ok = torch.ones(hit.shape[1], dtype=torch.bool)
         for d, r in enumerate(path):
             ok &= hit[d, :, r]
-        best = torch.maximum(best, ok * float(len(path)))
-    return 1 + float(best.mean())
+        best = torch.maximum(best, ok * len(path))
+    return best
 
 
 def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budgets=DEFAULT_BUDGETS,
