@@ -66,6 +66,7 @@ def main() -> None:
     if dynamic and not model.heads.config.parent_token_input:
         raise SystemExit("dynamic trees are replayed for --parent-token-input heads only")
     static = {t: load_tree(t, K, model.device_type) for t in names if not t.startswith(DYNAMIC)}
+    ranks = 1 + max((r for tree in static.values() for path in tree for r in path), default=0)   # hit's width
     decoded = f"decoded ({tree_label(model.tree)}, context drafts)"
     totals = {k: 0 for k in [decoded, *names]}
     tokens, rows, t0 = 0, [], time.time()
@@ -80,7 +81,7 @@ def main() -> None:
         example = [Example(full, mask)]
         with torch.inference_mode():                     # positions from the prompt's last token on
             pos = list(assistant_positions(model.base_model, model.heads, example, batch_size=1))
-            _, hit, _ = guess_table(model.base_model, model.heads, example, positions=pos)
+            _, hit, _ = guess_table(model.base_model, model.heads, example, max_rank=ranks, positions=pos)
             h, tgt, inputs = pos[0]
             dyn = dynamic_depths(model, h, inputs["next_embeds"], tgt, dynamic) if dynamic else {}
         row = {"id": rec.id, "category": rec.category, "tokens": new, decoded: len(steps)}
