@@ -52,27 +52,25 @@ def time_steps(model, ids: torch.Tensor, tree, *, steps: int = 12) -> list[float
 
 def measured_tokens(tree, probs: torch.Tensor, hit: torch.Tensor) -> float:
     """Mean tokens a step accepts at these positions (`guess_table`'s probs and hit, every head with a target):
-    1 (the root) + the depth of the deepest path whose guesses are all right. `tree`: a static tree's paths,
-    or a DynamicTree, which chooses its paths at each position from the heads' probabilities there."""
+    1 (the root) + `accepted_depths`."""
+    return 1 + float(accepted_depths(tree, probs, hit).float().mean()) if hit.shape[1] else 1.0
+
+
+def accepted_depths(tree, probs: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+    """(n,) candidates a tree accepts at each position: the depth of its deepest path whose guesses are all
+    right (`guess_table`'s probs and hit (K, n, R)). `tree`: a static tree's paths, or a DynamicTree, which
+    chooses its paths at each position from the heads' probabilities there (for heads that take their
+    parent's token, see `dynamic_accepted`: their guesses depend on the path)."""
     K, n, _ = hit.shape
-    if n == 0:
-        return 1.0
+    best = torch.zeros(n, dtype=torch.long)
     if isinstance(tree, DynamicTree):
         depth, hits = tree.depth(K), hit.permute(1, 0, 2).tolist()
-        total = 0
-        for p_i, h_i in zip(probs[:, :, : tree.topk].permute(1, 0, 2).tolist(), hits):
-            chosen = most_likely_paths(p_i[:depth], tree.nodes)
-            total += max((len(p) for p in chosen if all(h_i[d][r] for d, r in enumerate(p))), default=0)
-        return 1 + total / n
-    return 1 + float(static_accepted(tree, hit).float().mean())
-
-
-def static_accepted(tree, hit: torch.Tensor) -> torch.Tensor:
-    """(n,) candidates a static tree accepts at each position: the depth of its deepest path whose guesses are
-    all right (`hit` (K, n, R) from `guess_table`)."""
-    best = torch.zeros(hit.shape[1], dtype=torch.long)
+        for j, (p_j, h_j) in enumerate(zip(probs[:, :, : tree.topk].permute(1, 0, 2).tolist(), hits)):
+            chosen = most_likely_paths(p_j[:depth], tree.nodes)
+            best[j] = max((len(p) for p in chosen if all(h_j[d][r] for d, r in enumerate(p))), default=0)
+        return best
     for path in tree:
-        ok = torch.ones(hit.shape[1], dtype=torch.bool)
+        ok = torch.ones(n, dtype=torch.bool)
         for d, r in enumerate(path):
             ok &= hit[d, :, r]
         best = torch.maximum(best, ok * len(path))
