@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from conftest import OracleHeads, random_heads, tiny_model, tiny_tokenizer
 from medusa import MedusaModel
+from medusa.evaluation.calibrate import answer_example
 from medusa.evaluation.replay import replay, walk
 from medusa.inference.tree import DynamicTree, load_tree
-from medusa.training.data import Example
 from medusa.training.evaluate import assistant_positions
 
 TREES = {"chain": "chain", "small": [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], "dynamic:6": DynamicTree(6)}
@@ -43,10 +43,9 @@ def test_replay_gives_the_decoded_steps(tree, prompt_len):
 def _fitted_parent_heads(model, sequence: torch.Tensor, steps: int = 300):
     """Heads that take their parent's token, fitted to one greedy sequence (the reference they will decode)."""
     heads = random_heads(next_token=True, parent_token=True).train()
-    mask = torch.zeros(sequence.numel(), dtype=torch.bool)
-    mask[10:] = True
     with torch.no_grad():
-        (h, tgt, inputs), = assistant_positions(model, heads, [Example(sequence, mask)], batch_size=1)
+        (h, tgt, inputs), = assistant_positions(model, heads, [answer_example(sequence[:10], sequence[10:])],
+                                                batch_size=1)
     opt = torch.optim.Adam(heads.parameters(), lr=1e-2)
     for _ in range(steps):
         logits = heads(h, model.get_output_embeddings(), **inputs)                    # (K, n, V)

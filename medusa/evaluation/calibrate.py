@@ -151,8 +151,14 @@ def examples_from_prompts(model, prompts, *, max_new_tokens: int = 128) -> list[
     out = []
     for rec in prompts:
         ids = encode_prompt(model.tokenizer, [{"role": "user", "content": rec.turns[0]}])
-        full = model.generate(ids, max_new_tokens=max_new_tokens)[0].cpu()
-        mask = torch.zeros(full.numel(), dtype=torch.bool)
-        mask[ids.shape[1]:] = True
-        out.append(Example(full, mask))
+        full = model.generate(ids, max_new_tokens=max_new_tokens)[0]
+        out.append(answer_example(ids, full[ids.shape[1]:]))
     return out
+
+
+def answer_example(prompt_ids: torch.Tensor, answer: torch.Tensor) -> Example:
+    """A prompt ((1, P) or (P,)) and the model's answer to it as one Example, the answer as the assistant's."""
+    prompt_ids, answer = prompt_ids.reshape(-1).cpu(), answer.reshape(-1).cpu()
+    mask = torch.zeros(prompt_ids.numel() + answer.numel(), dtype=torch.bool)
+    mask[prompt_ids.numel():] = True
+    return Example(torch.cat([prompt_ids, answer]), mask)

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from medusa.evaluation.calibrate import accepted_depths
+from medusa.evaluation.calibrate import accepted_depths, answer_example
 from medusa.inference.heads import draft_projection
 from medusa.inference.tree import DynamicTree
-from medusa.training.data import Example
 from medusa.training.evaluate import assistant_positions, dynamic_accepted, guess_table
 
 
@@ -24,23 +23,22 @@ def answer_depths(model, prompt_ids: torch.Tensor, answer: torch.Tensor, trees: 
     prompt's last token (index 0) or the answer's token j - 1 (index j)}. `prompt_ids` (1, P) or (P,),
     `answer` (new,): the greedy answer; `trees`: {name: static paths or DynamicTree}."""
     base, heads = model.base_model, model.heads
-    prompt_ids = prompt_ids.reshape(-1).cpu()
     new = answer.numel()
-    full = torch.cat([prompt_ids, answer.reshape(-1).cpu()])
-    mask = torch.zeros(full.numel(), dtype=torch.bool)
-    mask[prompt_ids.numel():] = True
     parent_dynamic = {k: t for k, t in trees.items()
                       if isinstance(t, DynamicTree) and heads.config.parent_token_input}
-    ranks = 1 + max([r for t in trees.values() if not isinstance(t, DynamicTree) for p in t for r in p]
-                    + [t.topk - 1 for t in trees.values() if isinstance(t, DynamicTree)], default=0)
+    table = {k: t for k, t in trees.items() if k not in parent_dynamic}      # judged from guess_table's hits
+    ranks = 1 + max([r for t in table.values() if not isinstance(t, DynamicTree) for p in t for r in p]
+                    + [t.topk - 1 for t in table.values() if isinstance(t, DynamicTree)], default=0)
     with torch.inference_mode():
-        (h, tgt, inputs), = assistant_positions(base, heads, [Example(full, mask)], batch_size=1)
+        (h, tgt, inputs), = assistant_positions(base, heads, [answer_example(prompt_ids, answer)], batch_size=1)
         # the positions where some head has a target start up to K (heads) before the prompt's last token (head K-1
         # there guesses the answer's first token); decoding's steps start at the prompt's last token
         skip = h.shape[0] - (new - 1)
         h, tgt, inputs = h[skip:], tgt[:, skip:], {k: v[..., skip:, :] for k, v in inputs.items()}
-        probs, hit, _ = guess_table(base, heads, [], max_rank=ranks, positions=[(h, tgt, inputs)])
-        out = {k: accepted_depths(t, probs, hit) for k, t in trees.items() if k not in parent_dynamic}
+        out = {}
+        if table:
+            probs, hit, _ = guess_table(base, heads, [], max_rank=ranks, positions=[(h, tgt, inputs)])
+            out = {k: accepted_depths(t, probs, hit) for k, t in table.items()}
         lm_head, embedding = draft_projection(base.get_output_embeddings(), heads), base.get_input_embeddings()
         for topk in {t.topk for t in parent_dynamic.values()}:      # one growth serves every size
             group = {k: t for k, t in parent_dynamic.items() if t.topk == topk}
