@@ -91,3 +91,21 @@ def test_lossless_sampling_with_context_drafts_follows_plain_sampling():
     p, n_bins = _goodness_of_fit(model, prompt, samples, SamplingOptions(temperature=0.8))
     assert n_bins >= 8
     assert p > 1e-3, f"lossless samples with drafts deviate from plain sampling (p={p:.2e}, {n_bins} bins)"
+
+
+def test_typical_acceptance_takes_the_likeliest_of_the_longest_paths():
+    """Two children of the root both pass the threshold: the second in retrieve order is likelier and wins
+    (taking the first one, the earlier rule, fails here)."""
+    from medusa.inference.acceptance import accept_typical
+    from medusa.inference.tree import tree_buffers
+
+    tree = tree_buffers([(0,), (1,)])
+    tokens = torch.tensor([5, 10, 20])
+    probs = torch.full((3, 32), 0.2 / 30)
+    probs[0, 10], probs[0, 20] = 0.3, 0.5
+    row, accepted = accept_typical(probs.log(), tokens, tree, SamplingOptions(temperature=1.0))
+    assert accepted == 1 and tree.retrieve[row, 1] == 2
+    probs[0, 10], probs[0, 20] = 0.5, 0.3
+    row, _ = accept_typical(probs.log(), tokens, tree, SamplingOptions(temperature=1.0))
+    assert tree.retrieve[row, 1] == 1
+

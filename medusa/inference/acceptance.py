@@ -64,7 +64,8 @@ def accept_greedy(choice: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers)
 
 def accept_typical(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers, opts: SamplingOptions) -> tuple[int, int]:
     """Typical acceptance (Medusa paper): accept x at a node with distribution p if
-    p(x) > min(epsilon, delta * exp(-H(p))), p being the temperature-scaled base distribution."""
+    p(x) > min(epsilon, delta * exp(-H(p))), p being the temperature-scaled base distribution. Of the paths
+    accepting the most candidates, the one whose accepted candidates are likeliest wins."""
     cand, valid = _path_candidates(tokens, tree)
     probs = torch.softmax(logits.float() / opts.temperature, dim=-1)            # (N, V)
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1)          # (N,)
@@ -72,7 +73,14 @@ def accept_typical(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers
                               opts.posterior_alpha * torch.exp(-entropy))
     parents = tree.retrieve[:, :-1].clamp(min=0)                                 # (P, D)
     p_cand = probs[parents, cand]
-    return _longest((p_cand > threshold[parents]) & valid)
+    ok = (p_cand > threshold[parents]) & valid
+    best, longest = _longest(ok)
+    if longest == 0:
+        return best, longest
+    # among the paths accepting the most, the likeliest (the original Medusa's evaluate_posterior)
+    tied = (ok.int().cumprod(dim=1).sum(dim=1) == longest).nonzero().flatten()
+    likelihood = p_cand[tied, :longest].log().sum(dim=1)
+    return int(tied[likelihood.argmax()]), longest
 
 
 def sampling_probs(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
