@@ -10,41 +10,63 @@ from torch import nn
 
 from medusa.inference import compiled, loading, packed_linear
 from medusa.inference.acceptance import SamplingOptions
-from medusa.inference.cache import sliding_window
+from medusa.inference.cache import context_limit
 from medusa.inference.checkpoint import (build_heads, fetch_heads_repo, is_heads_folder, load_heads_checkpoint,
                                          save_heads)
-from medusa.inference.decode import DecodeOptions, Step, medusa_decode
-from medusa.inference.greedy_head import greedy_head_for
-from medusa.inference.heads import HeadsConfig, MedusaHeads, draft_projection
+from medusa.inference.decode import DecodeOptions, Request, Step, decode
+from medusa.inference.engine import Engine, build_engine
+from medusa.inference.heads import HeadsConfig, MedusaHeads
 from medusa.inference.lookup import DEFAULT as DEFAULT_LOOKUP, LookupOptions, with_max_tokens
-from medusa.inference.tree import (DEFAULT_TREE, DynamicTree, fit_tree_to_heads, load_tree, tree_buffers,
-                                   tree_for_device)
+from medusa.inference.tree import DEFAULT_TREE, fit_tree_to_heads, load_tree, tree_for_device
 
 EMBEDDED_DEFAULT = "embedded:" + loading.DEFAULT_MODEL_NAME
 DEFAULT_HEADS_DIR = Path(__file__).parent / "default_heads"
 
 
-def context_limit(config) -> int:
-    """Longest sequence the base model handles: its position limit, or its sliding window if smaller
-    (a single 4D mask cannot express per-layer windows, so we stay where they make no difference)."""
-    cfg = config.get_text_config(decoder=True)
-    limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
-                  if getattr(cfg, k, None)), 2048)
-    window = sliding_window(config)
-    return int(min(limit, window) if window else limit)
-
-
-def _as_input_ids(input_ids, device) -> torch.Tensor:
-    """Accept a (1, T) or (T,) tensor, a list of ids, or a tokenizer's BatchEncoding / dict."""
+def _as_prompts(input_ids, attention_mask, device) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """-> (the prompts as 1-D tensors, the (B, T) input they came from or None for a list of prompts).
+    Accepts a (B, T) tensor (left-padded, with its `attention_mask`), a (T,) tensor or a list of ids (one
+    prompt), a list of prompts (lists or 1-D tensors, any lengths), or a tokenizer's BatchEncoding / dict."""
     if isinstance(input_ids, dict) or hasattr(input_ids, "keys"):
-        mask = input_ids.get("attention_mask")
-        if mask is not None and not bool(torch.as_tensor(mask).all()):
-            raise ValueError("padded input is not supported: medusa decodes one unpadded sequence (batch 1)")
+        attention_mask = input_ids.get("attention_mask", attention_mask)
         input_ids = input_ids["input_ids"]
-    ids = torch.as_tensor(input_ids, dtype=torch.long)
-    if ids.dim() == 1:
-        ids = ids[None]
-    return ids.to(device)
+    if isinstance(input_ids, (list, tuple)) and input_ids and not isinstance(input_ids[0], int):
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with a (B, T) tensor, not with a list of prompts")
+        return [torch.as_tensor(p, dtype=torch.long).reshape(-1).to(device) for p in input_ids], None
+    ids = torch.as_tensor(input_ids, dtype=torch.long).to(device)
+    ids = ids[None] if ids.dim() == 1 else ids
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, T), (T,) or a list of prompts, got shape {tuple(ids.shape)}")
+    if attention_mask is None:
+        return list(ids), ids
+    mask = torch.as_tensor(attention_mask).to(device).bool()
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+    if (mask[:, 1:] < mask[:, :-1]).any():
+        raise ValueError("only left padding is supported: each attention_mask row must be 0...0 1...1 "
+                         "(tokenizer.padding_side = 'left')")
+    return [row[m] for row, m in zip(ids, mask)], ids
+
+
+_PER_ROW = ("max_new_tokens", "stop", "seed", "temperature", "top_p", "eos_token_id")
+
+
+def _per_row(options: dict, n: int) -> list[dict]:
+    """Options for each of n rows: a list (one value per row) where a row's value would be one value.
+    `stop` is per row when it is a list of lists (a list of strings is every row's stop strings); so is
+    `eos_token_id` (a list of ints is every row's end tokens)."""
+    rows = [dict(options) for _ in range(n)]
+    for name in _PER_ROW:
+        value = options.get(name)
+        nested = name in ("stop", "eos_token_id")
+        if not isinstance(value, (list, tuple)) or (nested and not any(isinstance(v, (list, tuple)) for v in value)):
+            continue
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} values for {n} prompts: give one value, or one per prompt")
+        for row, v in zip(rows, value):
+            row[name] = v
+    return rows
 
 
 def _heads_folder(name) -> Path | None:
@@ -79,11 +101,28 @@ class MedusaModel(nn.Module):
                               heads.num_heads, self.device_type)
         self.lookup = _lookup_options(lookup)
         self._check_compatible()
-        self.draft_head = draft_projection(base_model.get_output_embeddings(), heads)
         # held in a tuple, not as a submodule: the compiled wrapper shares base_model's parameters
         self._compiled = (compiled.compile_forward(base_model),) if compile else ()
-        # greedy verification without the fp32 lm_head, or None (compiled runs keep the lm_head in their graph)
-        self.greedy_head = None if compile else greedy_head_for(base_model)
+        self.engine = self._build_engine(base_model, heads, tokenizer, compile)
+
+    def _build_engine(self, base_model, heads, tokenizer, compile: bool) -> Engine:
+        """What decoding fixes at load (engine.build_engine); compiled runs keep the lm_head in their graph."""
+        return build_engine(base_model, heads, tokenizer, tree=self.tree, lookup=self.lookup,
+                            forward=self._compiled[0] if compile else None)
+
+    @property
+    def draft_head(self) -> nn.Module:
+        """What turns the heads' features into guesses (heads.draft_projection)."""
+        return self.engine.proposer.draft_head
+
+    @property
+    def greedy_head(self):
+        """The base's greedy choice per node without its fp32 output projection (greedy_head.py), or None."""
+        return self.engine.verifier.greedy_head
+
+    @greedy_head.setter
+    def greedy_head(self, head) -> None:
+        self.engine.verifier.greedy_head = head
 
     @property
     def device_type(self) -> str:
@@ -174,7 +213,24 @@ class MedusaModel(nn.Module):
             if tree is None:
                 log(f"The heads' trees were calibrated for {', '.join(sorted(saved_tree))}, not {kind}: using the "
                     f"{DEFAULT_TREE} preset (`medusa calibrate` fits one to this machine).")
-        return cls(model, heads, tokenizer, tree=tree, lookup=lookup, compile=compile)
+        m = cls(model, heads, tokenizer, tree=tree, lookup=lookup, compile=compile)
+        m._note_inexact(log)
+        return m
+
+    def _note_inexact(self, log) -> None:
+        """Say where greedy output cannot be exactly `generate`'s on this machine: in reduced precision, a tree
+        step's products must give each row the bits it gets alone (tree_attention.rows_independent)."""
+        dtype = self.base_model.dtype
+        if dtype not in (torch.bfloat16, torch.float16):
+            return
+        from medusa.inference.tree_attention import rows_independent
+
+        rows = self.engine.most_nodes(Request(torch.zeros(1), self.decode_options(), self.engine.shapes(self.tree),
+                                              self.lookup))
+        if not rows_independent(self.base_model, rows):
+            log(f"Note: in {str(dtype).removeprefix('torch.')} this machine's matrix products of {rows} rows "
+                f"(a step's tree, or a batch's) do not give each row the bits it gets alone, so greedy output can "
+                f"differ from `generate`'s where two tokens nearly tie; fp32 avoids it.")
 
     def save_pretrained(self, folder: str | os.PathLike, *, save_tree: bool = True) -> Path:
         """Write the heads (and the tree in use, as this device type's) in our format; the base model is
@@ -199,37 +255,83 @@ class MedusaModel(nn.Module):
         return DecodeOptions(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos,
                              stop_strings=stop, seed=seed)
 
-    def stream(self, input_ids, *, tree=None, lookup=None, **options) -> Iterator[Step]:
-        """One Step per decoding step (Step.tokens: the ids it added). `tree` and `lookup` override the model's
-        for this call. Options: see `decode_options`."""
-        ids = _as_input_ids(input_ids, self.base_model.get_input_embeddings().weight.device)
+    def requests(self, input_ids, attention_mask=None, *, tree=None, lookup=None,
+                 **options) -> tuple[list[Request], torch.Tensor | None]:
+        """The requests `stream` decodes, and the (B, T) input they came from (None for a list of prompts)."""
+        prompts, padded = _as_prompts(input_ids, attention_mask, self.base_model.get_input_embeddings().weight.device)
+        if not prompts:
+            raise ValueError("no prompt given")
         paths = self.tree if tree is None else load_tree(tree, self.heads.num_heads, self.device_type)
-        opts = self.decode_options(**options)
-        tree = paths if isinstance(paths, DynamicTree) else tree_buffers(paths)
-        return medusa_decode(self.base_model, self.heads, ids, tree, opts,
-                             context_limit=self.context_limit, tokenizer=self.tokenizer, draft_head=self.draft_head,
-                             lookup=self.lookup if lookup is None else _lookup_options(lookup),
-                             forward=self._compiled[0] if self._compiled else None, greedy_head=self.greedy_head)
+        shapes = self.engine.shapes(paths)
+        lookup = self.lookup if lookup is None else _lookup_options(lookup)
+        reqs = [Request(ids, self.decode_options(**opts), shapes, lookup, key=i)
+                for i, (ids, opts) in enumerate(zip(prompts, _per_row(options, len(prompts))))]
+        for r in reqs:
+            self.engine.check(r)
+        return reqs, padded
 
-    def generate_baseline(self, input_ids, generate_kwargs: dict | None = None, **options) -> torch.Tensor:
+    def stream(self, input_ids, attention_mask=None, *, tree=None, lookup=None, max_batch: int | None = None,
+               **options) -> Iterator[Step]:
+        """One Step per decoding step of each prompt (Step.tokens: the ids it added; Step.row: which prompt).
+        `input_ids`: see `generate`. `tree` and `lookup` override the model's for this call; `max_batch`: rows
+        decoded at once (default: all). Options (each one value, or a list with one per prompt): see
+        `decode_options`."""
+        reqs, _ = self.requests(input_ids, attention_mask, tree=tree, lookup=lookup, **options)
+        return decode(self.engine, reqs, slots=min(max_batch or len(reqs), len(reqs)))
+
+    def generate_baseline(self, input_ids, generate_kwargs: dict | None = None, *, attention_mask=None,
+                          **options) -> torch.Tensor:
         """transformers' own `generate` on the base model with the same options: the reference medusa is
-        measured against. `generate_kwargs` go to `generate` as they are (e.g. prompt_lookup_num_tokens)."""
-        ids = _as_input_ids(input_ids, self.base_model.get_input_embeddings().weight.device)
+        measured against. A list of prompts is left-padded into one batch. `generate_kwargs` go to `generate`
+        as they are (e.g. prompt_lookup_num_tokens)."""
+        prompts, ids = _as_prompts(input_ids, attention_mask, self.base_model.get_input_embeddings().weight.device)
+        pad = self._pad_id()
+        if ids is None or attention_mask is None:
+            width = max(p.numel() for p in prompts)
+            ids = torch.stack([torch.cat([p.new_full((width - p.numel(),), pad), p]) for p in prompts])
+            mask = torch.stack([torch.arange(width, device=ids.device) >= width - p.numel() for p in prompts])
+        else:
+            mask = torch.as_tensor(attention_mask).to(ids.device)
         opts = self.decode_options(**options)
         s = opts.sampling
         if not s.greedy and opts.seed is not None:
             torch.manual_seed(opts.seed)
         tok = self.tokenizer
-        pad = None if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         return self.base_model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=opts.max_new_tokens, do_sample=not s.greedy,
+            ids, attention_mask=mask.long(), max_new_tokens=opts.max_new_tokens, do_sample=not s.greedy,
             temperature=None if s.greedy else s.temperature, top_p=None if s.greedy else s.top_p, top_k=None,
             eos_token_id=list(opts.eos_token_ids) or None, pad_token_id=pad,
             stop_strings=list(opts.stop_strings) or None, tokenizer=tok if opts.stop_strings else None,
             **(generate_kwargs or {}))
 
-    def generate(self, input_ids, **options) -> torch.Tensor:
-        """Like transformers' generate: (1, prompt + new) token ids."""
-        ids = _as_input_ids(input_ids, self.base_model.get_input_embeddings().weight.device)
-        new = [step.tokens for step in self.stream(ids, **options)]
-        return torch.cat([ids[0], *new])[None]
+    def generate(self, input_ids, attention_mask=None, **options):
+        """Like transformers' generate. A (B, T) tensor (left-padded, with its `attention_mask`) gives
+        (B, T + new): each row its prompt as given, its new tokens, then the pad token where it ended early. A
+        list of prompts (token lists or 1-D tensors of any lengths) gives a list of 1-D tensors, each prompt
+        followed by its new tokens. Options: see `stream`."""
+        reqs, padded = self.requests(input_ids, attention_mask, **{k: v for k, v in options.items()
+                                                                    if k not in ("max_batch",)})
+        new: list[list[torch.Tensor]] = [[] for _ in reqs]
+        for step in decode(self.engine, reqs, slots=min(options.get("max_batch") or len(reqs), len(reqs))):
+            new[step.row].append(step.tokens)
+        outs = [torch.cat([r.ids, *n]) for r, n in zip(reqs, new)]
+        if padded is None:
+            return outs
+        grown = [torch.cat(n) if n else padded.new_zeros(0) for n in new]
+        width = max(g.numel() for g in grown)
+        out = padded.new_full((padded.shape[0], padded.shape[1] + width), self._pad_id())
+        out[:, :padded.shape[1]] = padded
+        for b, g in enumerate(grown):
+            out[b, padded.shape[1]:padded.shape[1] + g.numel()] = g
+        return out
+
+    def _pad_id(self) -> int:
+        """What fills a row that ended early: the tokenizer's pad token, the generation config's, or EOS."""
+        tok, gc = self.tokenizer, self.base_model.generation_config
+        for cand in (getattr(tok, "pad_token_id", None), gc.pad_token_id, getattr(tok, "eos_token_id", None),
+                     gc.eos_token_id):
+            if isinstance(cand, (list, tuple)):
+                cand = cand[0] if cand else None
+            if cand is not None:
+                return int(cand)
+        return 0

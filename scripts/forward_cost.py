@@ -20,13 +20,13 @@ import torch
 
 from medusa import MedusaModel
 from medusa.inference import packed_linear
-from medusa.inference.cache import TreeCache
+from medusa.inference.cache import BatchCache
 from medusa.inference.compiled import compile_forward
 
 
 @torch.inference_mode()
 def cost_ms(model, cached: int, n: int, repeat: int) -> float:
-    cache = TreeCache.for_model(model, cached + n)
+    cache = BatchCache.for_model(model, capacity=cached + n)
     ids = torch.randint(100, 20000, (1, cached + n), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids[:, :cached], past_key_values=cache, use_cache=True)
     dtype = next(model.parameters()).dtype

@@ -81,8 +81,9 @@ def parent_heads_ignoring_parent() -> tuple[MedusaHeads, MedusaHeads]:
     return heads, plain
 
 class OracleHeads(nn.Module):
-    """Heads that know the reference greedy continuation. At the position whose hidden state is nearest,
-    head i puts the true token t+2+i at a chosen top-k rank. With `tree`, successive calls walk the tree's
+    """Heads that know the reference greedy continuation (or several: `sequence` may be a list, one per
+    prompt of a batch). At the position whose hidden state is nearest, head i puts the true token t+2+i of
+    that sequence at a chosen top-k rank. With `tree`, successive calls walk the tree's
     root-to-leaf paths in turn (ranks along the path, a miss below it), so every node gets accepted;
     otherwise ranks are drawn at random below `max_rank` with a miss one time in `miss_every`.
     Used to force long accepted paths. Same call signature as MedusaHeads."""
@@ -91,10 +92,12 @@ class OracleHeads(nn.Module):
                  miss_every: int = 7, tree: list | None = None):
         super().__init__()
         self.config = HeadsConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=num_heads)
+        seqs = sequence if isinstance(sequence, (list, tuple)) else [sequence]
         with torch.no_grad():
-            out = model(sequence[None], output_hidden_states=True)
-        self.register_buffer("hidden", out.hidden_states[-1][0])   # (T, H)
-        self.seq = sequence.tolist()
+            hidden = [model(s[None], output_hidden_states=True).hidden_states[-1][0] for s in seqs]
+        self.register_buffer("hidden", torch.cat(hidden))   # (sum T, H)
+        # position j of the stacked hidden states: (its sequence's tokens, its index there)
+        self.where = [(s.tolist(), t) for s in seqs for t in range(s.numel())]
         self.max_rank, self.miss_every = max_rank, miss_every
         self.leaves = [p for p in tree if not any(q[:-1] == p for q in tree)] if tree else None
         self.calls = 0
@@ -113,14 +116,15 @@ class OracleHeads(nn.Module):
     def forward(self, hidden: torch.Tensor, lm_head=None, upto=None, next_embeds=None, parent_embeds=None) -> torch.Tensor:
         if hidden.dim() > 1:     # a batch of positions (evaluation): (n, H) -> (K, n, V)
             return torch.stack([self(h) for h in hidden], dim=1)[:upto]
-        t = int((self.hidden - hidden.float()).norm(dim=-1).argmin())
-        ranks = self._ranks(t)
+        j = int((self.hidden - hidden.float()).norm(dim=-1).argmin())
+        seq, t = self.where[j]
+        ranks = self._ranks(j)
         self.calls += 1
-        logits = torch.rand(self.num_heads, VOCAB, generator=torch.Generator().manual_seed(1000 + t))
+        logits = torch.rand(self.num_heads, VOCAB, generator=torch.Generator().manual_seed(1000 + j))
         for i, rank in enumerate(ranks):
-            if rank is None or t + 2 + i >= len(self.seq):
+            if rank is None or t + 2 + i >= len(seq):
                 continue
-            true = self.seq[t + 2 + i]
+            true = seq[t + 2 + i]
             order = [tok for tok in logits[i].argsort(descending=True).tolist() if tok != true]
             ranked = order[:rank] + [true] + order[rank:]
             logits[i, ranked] = torch.linspace(2.0, 1.0, VOCAB)

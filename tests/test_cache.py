@@ -1,51 +1,67 @@
-"""SlotCache (continuous batching): each row decodes exactly as its sequence would alone, through refills and
-the cache's growth."""
+"""BatchCache: each row decodes exactly as its sequence would alone, through rows joining, leaving (the last
+row moving into the freed slot), compaction and the cache's growth."""
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 from conftest import tiny_model
-from medusa.inference.cache import SlotCache
+from medusa.inference.cache import BatchCache
 
 
 def _seq(seed: int, n: int) -> torch.Tensor:
     return torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(seed))
 
 
+def _star_mask(cache: BatchCache, n: int, dtype) -> torch.Tensor:
+    """Each row's n new tokens: a root and n - 1 children of it (each sees that row's entries, the root and
+    itself)."""
+    lengths = cache.lengths[:cache.active]
+    sees = torch.eye(n, dtype=torch.bool)
+    sees[:, 0] = True
+    mask = torch.full((len(lengths), 1, n, max(lengths) + n), torch.finfo(dtype).min)
+    for b, length in enumerate(lengths):
+        mask[b, 0, :, :length] = 0
+        mask[b, 0, :, length:length + n] = torch.where(sees, 0.0, torch.finfo(dtype).min)
+    return mask
+
+
 @torch.no_grad()
 def test_each_row_decodes_as_its_sequence_alone(arch):
     model = tiny_model(arch)
-    cache = SlotCache(model.config.get_text_config(decoder=True).num_hidden_layers, rows=3, capacity=4)
-    seqs = {}
+    cache = BatchCache.for_model(model, slots=3, capacity=4)
+    seqs: dict[int, torch.Tensor] = {}           # cache row -> its sequence so far
 
-    def load(row, seed, n):
+    def join(seed, n):
         prompt = _seq(seed, n)
-        prefill = DynamicCache()
-        model(prompt[None], past_key_values=prefill, use_cache=True)
-        cache.load(row, prefill, n)
+        row = cache.add()
+        cache.reserve(n, row=row)                # beyond the first capacity: the cache grows
+        with cache.focus(row):
+            model(prompt[None], past_key_values=cache, use_cache=True)
         seqs[row] = prompt
 
-    load(0, 1, 5)        # beyond the first capacity: the cache grows on load
-    load(1, 2, 9)
-    load(2, 3, 3)
-    for step in range(12):          # rows end up past the capacity their loads made: it grows on steps too
-        if step == 4:
-            load(1, 4, 14)          # a finished row's slot takes another prompt, longer than any before
-        if step == 7:
-            cache.release(2)        # an empty slot keeps stepping, harmlessly
-            seqs.pop(2)
-        nxt = _seq(100 + step, 3)
-        mask = cache.step_mask(model.dtype)
-        logits = model(nxt[:, None], past_key_values=cache, attention_mask=mask, position_ids=cache.columns[:, None],
-                       use_cache=True).logits[:, -1]
-        cache.advance()
-        assert torch.isfinite(logits).all()
-        for row, seq in seqs.items():
-            seqs[row] = torch.cat([seq, nxt[row:row + 1]])
-            alone = model(seqs[row][None]).logits[0, -1]
-            torch.testing.assert_close(logits[row], alone, atol=2e-4, rtol=2e-4)
-    assert cache.lengths.tolist()[:2] == [5 + 12, 14 + 8] and cache.capacity >= 22
+    join(1, 5)
+    join(2, 9)
+    join(3, 3)
+    for step in range(10):
+        if step == 4:                            # row 0 leaves: the last row moves into its slot
+            moved = cache.remove(0)
+            seqs[0] = seqs.pop(moved)
+            join(4, 14)                          # and a longer prompt takes the free slot
+        n = 1 + step % 3
+        nxt = torch.stack([_seq(100 + step + r, n) for r in range(cache.active)])
+        cache.reserve(n)
+        start = torch.tensor(cache.lengths[:cache.active])[:, None]
+        positions = start + (torch.arange(n) > 0)                 # the root, then its children
+        logits = model(nxt, past_key_values=cache, attention_mask=_star_mask(cache, n, model.dtype),
+                       position_ids=positions, use_cache=True).logits
+        keep = torch.tensor([0, n - 1]) if n > 1 else torch.tensor([0])   # the root and its last child
+        cache.compact_rows(list(range(cache.active)), start[:, 0].tolist(), [keep] * cache.active)
+        for row in range(cache.active):
+            seqs[row] = torch.cat([seqs[row], nxt[row, keep]])
+            alone = model(seqs[row][None]).logits[0, -keep.numel():]
+            torch.testing.assert_close(logits[row, keep], alone, atol=2e-4, rtol=2e-4)
+            assert cache.lengths[row] == seqs[row].numel()
+    assert cache.capacity >= max(cache.lengths)
 
 
 def test_sliding_window_is_read_where_a_layer_uses_one():

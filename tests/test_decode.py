@@ -6,7 +6,7 @@ import torch
 
 from conftest import HIDDEN, VOCAB, OracleHeads, parent_heads_ignoring_parent, random_heads, tiny_model
 from medusa import MedusaModel
-from medusa.inference.cache import TreeCache
+from medusa.inference.cache import BatchCache
 from medusa.inference.decode import PromptTooLongError
 from medusa.inference.tree import PRESETS, tree_buffers, with_drafts
 
@@ -29,7 +29,7 @@ def test_tree_forward_equals_each_path_alone(arch, attn, drafted):
     tree = with_drafts(tree_buffers(PRESETS["cpu_small"]), drafted)
     n = tree.num_nodes
     tokens = torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(2))
-    cache = TreeCache.for_model(model, 64)
+    cache = BatchCache.for_model(model, capacity=64)
     with torch.no_grad():
         model(prompt, past_key_values=cache, use_cache=True)
         L = prompt.shape[1]
@@ -52,7 +52,7 @@ def test_decoding_after_compaction_equals_no_cache(arch):
     tree = tree_buffers(PRESETS["cpu_small"])
     n, L = tree.num_nodes, prompt.shape[1]
     tokens = torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(4))
-    cache = TreeCache.for_model(model, 64)
+    cache = BatchCache.for_model(model, capacity=64)
     leaf_path = tree.retrieve[3]
     path = leaf_path[leaf_path >= 0]
     with torch.no_grad():
@@ -216,12 +216,13 @@ def test_context_limit_stops_and_long_prompt_is_refused():
         m.generate(torch.randint(3, 90, (1, 300)))
 
 
-def test_batch_and_padding_are_refused():
+def test_a_tokenizers_batch_encoding_is_taken_with_its_padding():
     m = MedusaModel(tiny_model("llama"), random_heads())
-    with pytest.raises(ValueError, match="one sequence"):
-        m.generate(torch.randint(3, 90, (2, 5)))
-    with pytest.raises(ValueError, match="padded"):
-        m.generate({"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.tensor([[0, 1, 1, 1]])})
+    ids = torch.tensor([[0, 7, 8, 9], [4, 5, 6, 7]])
+    out = m.generate({"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])},
+                     max_new_tokens=5)
+    assert out.shape == (2, 9) and torch.equal(out[:, :4], ids)
+    assert torch.equal(out[0, 4:], m.generate(ids[0, 1:], max_new_tokens=5)[0, 3:])
 
 
 def test_no_state_left_on_model_between_calls():

@@ -95,12 +95,12 @@ def test_plain_steps_match_generate_bit_for_bit_in_bf16():
     and differs by ~0.4 in the logits here)."""
     from transformers import DynamicCache
 
-    from medusa.inference.cache import TreeCache
+    from medusa.inference.cache import BatchCache
     from medusa.inference.loading import load_base_model
 
     model, tok = load_base_model(None, dtype="bfloat16")
     ids = encode_prompt(tok, [{"role": "user", "content": "Explain how rainbows form."}])
-    ours, theirs = TreeCache.for_model(model, ids.shape[1] + 16), DynamicCache(config=model.config)
+    ours, theirs = BatchCache.for_model(model, capacity=ids.shape[1] + 16), DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids, past_key_values=ours, use_cache=True)
         nxt = model(ids, past_key_values=theirs, use_cache=True).logits[0, -1].argmax()
@@ -171,3 +171,25 @@ def _untrained_heads(m):
 
     cfg = m.heads.config
     return MedusaHeads(HeadsConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, num_heads=cfg.num_heads))
+
+
+def test_a_batch_of_16_is_each_row_alone_in_16_rows_of_cache(default_model):
+    """16 chat prompts of many lengths, 6 rows at a time then all 16 at once: every answer is the prompt's own
+    (decoded alone by generate), and the batch's cache holds 16 rows of what the largest request needs alone."""
+    from medusa.inference.decode import Batch
+
+    m = default_model
+    questions = [PROMPTS[k % 3] + " Answer briefly." * (k // 3) for k in range(16)]
+    prompts = [encode_prompt(m.tokenizer, [{"role": "user", "content": q}])[0] for q in questions]
+    alone = [m.base_model.generate(p[None], max_new_tokens=24, do_sample=False)[0, p.numel():] for p in prompts]
+    for out in (m.generate(prompts, max_new_tokens=24, max_batch=6), m.generate(prompts, max_new_tokens=24)):
+        assert [o[p.numel():].tolist() for p, o in zip(prompts, out)] == [a.tolist() for a in alone]
+    reqs, _ = m.requests(prompts, max_new_tokens=24)
+    batch = Batch(m.engine, slots=16, capacity=max(m.engine.capacity(r) for r in reqs))
+    for r in reqs:
+        batch.add(r)
+    while batch.rows:
+        batch.step()
+    one = Batch(m.engine, slots=1, capacity=max(m.engine.capacity(r) for r in reqs))
+    one.add(reqs[0])
+    assert batch.cache.nbytes() <= 16 * one.cache.nbytes()

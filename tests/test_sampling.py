@@ -109,3 +109,22 @@ def test_typical_acceptance_takes_the_likeliest_of_the_longest_paths():
     row, _ = accept_typical(probs.log(), tokens, tree, SamplingOptions(temperature=1.0))
     assert tree.retrieve[row, 1] == 1
 
+
+def test_lossless_sampling_in_a_batch_follows_plain_sampling_per_row():
+    """Two prompts decoded together, each with its own seed: each row's samples follow plain sampling of its
+    own prompt."""
+    model = tiny_model("qwen2", seed=3)
+    prompts = [torch.tensor([[5, 17, 42, 8, 23, 61]]), torch.tensor([[9, 33, 71, 12]])]
+    refs = [model.generate(p, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)[0]
+            for p in prompts]
+    m = MedusaModel(model, OracleHeads(model, refs, max_rank=2, miss_every=1000), tree="cpu_small")
+    samples: list[list[tuple]] = [[], []]
+    for seed in range(N_SAMPLES):
+        out = m.generate([p[0] for p in prompts], max_new_tokens=N_NEW, temperature=0.8, sampling="lossless",
+                         seed=[2 * seed, 2 * seed + 1])
+        for row, (p, o) in enumerate(zip(prompts, out)):
+            samples[row].append(tuple(o[p.shape[1]:].tolist()))
+    for row, p in enumerate(prompts):
+        pvalue, n_bins = _goodness_of_fit(model, p, samples[row], SamplingOptions(temperature=0.8))
+        assert n_bins >= 8
+        assert pvalue > 1e-3, f"row {row}: lossless samples deviate from plain sampling (p={pvalue:.2e})"

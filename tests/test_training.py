@@ -189,7 +189,7 @@ def test_distill_answers_are_generates_on_each_prompt_alone(tmp_path, arch):
     two turns); every slot is refilled several times, and each answer is `generate`'s on its record alone.
     With a sliding window shorter than most of these prompts plus their answers, those turns are decoded
     alone and the others share the batch."""
-    model, tok = tiny_model(arch, **WINDOWS[arch]), tiny_tokenizer()
+    model, tok = tiny_model(arch, max_position_embeddings=1024, **WINDOWS[arch]), tiny_tokenizer()
     with open(tmp_path / "p.jsonl", "w") as f:
         for k in range(9):
             f.write(json.dumps({"id": f"p{k}", "prompt": f"say {k} and {k * 7} " * (1 + k % 4)}) + "\n")
@@ -209,7 +209,20 @@ def test_distill_answers_are_generates_on_each_prompt_alone(tmp_path, arch):
         assert {r["finish_reason"] for r in rows.values()} == {"stop", "length"}  # both kinds of ending met
 
 
-def test_distill_samples_through_generates_warpers(tmp_path):
+def test_distill_skips_a_record_longer_than_the_context(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()           # a context of 256 tokens
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for k, prompt in enumerate(["short", "far too long " * 30, "short too"]):
+            f.write(json.dumps({"id": f"p{k}", "prompt": prompt}) + "\n")
+    cfg = DistillConfig(inputs=[str(tmp_path / "p.jsonl")], output=str(tmp_path / "out.jsonl"), max_new_tokens=8,
+                        batch_size=2)
+    logs = []
+    run_distill(cfg, LocalGenerator(model, tok, cfg, log=logs.append), log=lambda m: None)
+    assert [r["id"] for r in map(json.loads, open(cfg.output))] == ["p0", "p2"]
+    assert any("skipped p1" in m and "context" in m for m in logs)
+
+
+def test_distill_samples_with_temperature_and_top_p(tmp_path):
     """Sampling: with top-p below the top token's probability only that token is left, so the answers are the
     greedy ones; at temperature 1 they are not."""
     model, tok = tiny_model("llama"), tiny_tokenizer()

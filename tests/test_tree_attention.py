@@ -7,7 +7,7 @@ import torch
 from conftest import random_heads, tiny_model
 from medusa import MedusaModel
 from medusa.inference import tree_attention
-from medusa.inference.cache import TreeCache
+from medusa.inference.cache import BatchCache
 from medusa.inference.tree import PRESETS, tree_buffers, with_drafts
 
 PLAIN = ["llama", "mistral", "qwen2", "phi3", "gpt2"]   # Gemma-2 soft-caps its attention: refused
@@ -31,13 +31,13 @@ def test_tree_step_equals_each_path_decoded_alone(arch, drafted):
     tokens = torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(2))
     groups = tree_attention.path_groups(tree)
     with torch.no_grad():
-        cache = TreeCache.for_model(model, 64)
+        cache = BatchCache.for_model(model, capacity=64)
         model(prompt, past_key_values=cache, use_cache=True)
         tree_logits = model(tokens[None], past_key_values=cache, position_ids=(L + tree.depth)[None], use_cache=True,
-                            medusa_tree=tree_attention.step_index(groups, L)).logits[0]
+                            medusa_tree=[tree_attention.step_index(groups, L)]).logits[0]
         for node in range(n):
             path = [j for j in range(n) if tree.attn_mask[node, j]]
-            alone = TreeCache.for_model(model, 64)
+            alone = BatchCache.for_model(model, capacity=64)
             model(prompt, past_key_values=alone, use_cache=True)
             for d, j in enumerate(path):          # one token at a time, as generate decodes it
                 logits = model(tokens[j].view(1, 1), past_key_values=alone, position_ids=torch.tensor([[L + d]]),
@@ -69,3 +69,16 @@ def test_soft_capped_attention_is_refused():
     model = _model("gemma2")
     with pytest.raises(ValueError, match="softcap.*sdpa' or 'eager'"):
         model(_prompt())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_batch_under_tree_attention_equals_each_row_alone(arch):
+    """Each row's tree gathers its own prefix and path; rows of other lengths and tree sizes (drafts) around
+    it change nothing."""
+    model = _model(arch)
+    m = MedusaModel(model, random_heads(), tree="cpu_small", lookup=4)
+    prompts = [_prompt(seed, n)[0] for seed, n in ((0, 5), (1, 17), (2, 9))]
+    out = m.generate(prompts, max_new_tokens=[30, 12, 24])
+    for p, n, o in zip(prompts, (30, 12, 24), out):
+        ref = model.generate(p[None], max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        assert torch.equal(o, ref[0])

@@ -1,21 +1,26 @@
 """KV-cache surgery: the one module that touches transformers' cache internals.
 
-`TreeCache` is a transformers `Cache` whose layers are preallocated once per request (no `torch.cat` per
-step, as `DynamicCache` does) and hand attention only the filled prefix. After a verification pass the
-accepted tree nodes' entries are moved down next to the committed prefix and the rest is forgotten:
-`compact(start, keep)`.
+`BatchCache` is a transformers `Cache` holding up to `slots` independent sequences, one row each, preallocated
+(no `torch.cat` per step, as `DynamicCache` does). Rows in use are always the first `active` ones, so a forward
+pass over them reads a slice of the buffers, never a copy. Each row keeps its own length: a forward writes every
+row's new entries at that row's own columns, and attention sees columns up to the longest row (the caller's 4D
+mask hides what a row does not own). After a verification pass a row's accepted tree nodes are moved down next
+to its committed prefix and the rest is forgotten (`compact`); a finished row's slot is refilled by the last
+row (`remove`), so the batch stays packed.
 
-`SlotCache` holds many independent requests, a row each (continuous batching, `medusa distill`): a row's
-entries sit at columns [0, length) whatever the other rows hold, each decoding step writes every row's new
-entry at that row's own column, and a finished row's slot is refilled with another request's prompt.
+A forward over one row (`focus(row)`, or a cache with one row in use) writes and reads a contiguous prefix of
+that row, exactly as a single-sequence cache does: a one-token step with no mask then takes the same attention
+kernel as `generate`.
 
-Neither cache applies a sliding window: one 4D mask serves every layer, so a model whose layers see only
-their last `sliding_window(config)` positions is exact only while a sequence stays that short.
+No sliding window is applied: one 4D mask serves every layer, so a model whose layers see only their last
+`sliding_window(config)` positions is exact only while a sequence stays that short.
 
 Why not `DynamicCache.crop`: in transformers 5 it takes a negative count of tokens to remove and a
 positive one raises; and it would not let us keep a non-contiguous subset (the accepted path) anyway.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
@@ -34,161 +39,183 @@ def sliding_window(config) -> int | None:
     return int(window)
 
 
-class _TreeLayer(StaticLayer):
-    """A preallocated layer (its tensors come from StaticLayer's lazy init) with a Python-int fill level.
-
-    Not "compileable" (its length is a Python int): transformers then treats it like a DynamicCache and,
-    for a one-token step without a mask, skips the mask and takes the same attention kernel as `generate`,
-    so plain steps are bit-identical to it even in bf16 (an explicit all-zero mask is not: ~0.4 logit error)."""
-
-    is_compileable = False
-
-    def __init__(self, max_cache_len: int):
-        super().__init__(max_cache_len=max_cache_len)
-        self.length = 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n, start = key_states.shape[-2], self.length
-        if start + n > self.max_cache_len:
-            raise RuntimeError(f"KV cache overflow: {start} + {n} tokens > capacity {self.max_cache_len}")
-        self.keys[:, :, start:start + n] = key_states
-        self.values[:, :, start:start + n] = value_states
-        self.length = start + n
-        return self.keys[:, :, :self.length], self.values[:, :, :self.length]
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def compact(self, start: int, keep: torch.Tensor) -> None:
-        """Entries start + keep[j] move to start + j; the layer then holds start + len(keep) tokens."""
-        n = keep.numel()
-        if self.is_initialized and n:
-            src = keep + start
-            self.keys[:, :, start:start + n] = self.keys.index_select(2, src)
-            self.values[:, :, start:start + n] = self.values.index_select(2, src)
-        self.length = start + n
+def context_limit(config) -> int:
+    """Longest sequence the base model handles: its position limit, or its sliding window if smaller
+    (a single 4D mask cannot express per-layer windows, so we stay where they make no difference)."""
+    cfg = config.get_text_config(decoder=True)
+    limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                  if getattr(cfg, k, None)), 2048)
+    window = sliding_window(config)
+    return int(min(limit, window) if window else limit)
 
 
-class TreeCache(Cache):
-    """Preallocated cache for one request: capacity fixed at creation, contents compacted in place."""
+class _Layer(StaticLayer):
+    """One layer's keys and values, (slots, kv heads, capacity, head dim), allocated on first use.
 
-    def __init__(self, num_layers: int, capacity: int):
-        super().__init__(layers=[_TreeLayer(capacity) for _ in range(num_layers)])
-        self.capacity = capacity
-
-    @classmethod
-    def for_model(cls, model, capacity: int) -> "TreeCache":
-        cfg = model.config.get_text_config(decoder=True)
-        return cls(cfg.num_hidden_layers, capacity)
-
-    @property
-    def length(self) -> int:
-        return self.layers[0].length
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].length
-
-    def compact(self, start: int, keep: torch.Tensor) -> None:
-        """Keep the entries at positions start + keep (ascending, on the cache's device) and drop the rest."""
-        for layer in self.layers:
-            layer.compact(start, keep)
-
-    def truncate(self, length: int) -> None:
-        """Forget everything from `length` on (nothing is freed: the next update overwrites it)."""
-        for layer in self.layers:
-            layer.length = min(layer.length, length)
-
-
-class _SlotLayer(StaticLayer):
-    """One layer of a SlotCache: a step's entries go to each row's own column (`SlotCache.columns`)."""
+    Not "compileable" (lengths are Python ints): transformers then treats it like a DynamicCache and, for a
+    one-token step without a mask, skips the mask and takes the same attention kernel as `generate`, so plain
+    steps are bit-identical to it even in bf16 (an explicit all-zero mask is not: ~0.4 logit error)."""
 
     is_compileable = False
 
-    def __init__(self, owner: "SlotCache"):
-        super().__init__(max_cache_len=0)
-        self.owner = owner
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, slots: int, capacity: int) -> None:
+        k, v = key_states, value_states
+        self.keys = k.new_zeros(slots, k.shape[1], capacity, k.shape[3])
+        self.values = v.new_zeros(slots, v.shape[1], capacity, v.shape[3])
+        self.max_cache_len, self.is_initialized = capacity, True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        o = self.owner
-        if key_states.shape[0] != o.rows or key_states.shape[-2] != 1:
-            raise RuntimeError(f"a SlotCache step takes one token for each of its {o.rows} rows, "
-                               f"not {tuple(key_states.shape[:1] + key_states.shape[2:3])}")
-        self.keys[o.row_index, :, o.columns] = key_states[:, :, 0]
-        self.values[o.row_index, :, o.columns] = value_states[:, :, 0]
-        return self.keys[:, :, :o.width], self.values[:, :, :o.width]
-
-    def get_seq_length(self) -> int:
-        return self.owner.width - 1
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.width, 0
+    def grow(self, capacity: int) -> None:
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+            new[:, :, :old.shape[2]] = old
+            setattr(self, name, new)
+        self.max_cache_len = capacity
 
 
-class SlotCache(Cache):
-    """`rows` independent sequences. `load(row, cache, n)` puts the first n entries of a one-row cache (a
-    prompt's prefill) in a slot; `step_mask()` gives the (rows, 1, 1, width) additive mask of the next step,
-    whose entries land at column `lengths[row]` of each row; `advance()` then counts them."""
+class BatchCache(Cache):
+    """`slots` sequences of up to `capacity` entries each (capacity grows on demand)."""
 
-    def __init__(self, num_layers: int, rows: int, capacity: int = 256):
-        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
-        self.rows, self.capacity = rows, capacity
-        self.lengths = torch.zeros(rows, dtype=torch.long)
-        self.row_index = torch.arange(rows)
-        self.columns, self.width = self.lengths, 1
+    def __init__(self, num_layers: int, slots: int = 1, capacity: int = 256):
+        super().__init__(layers=[_Layer(max_cache_len=capacity) for _ in range(num_layers)])
+        self.slots, self.capacity = slots, capacity
+        self.lengths = [0] * slots          # entries each row holds
+        self.active = 0                     # rows in use: the first `active`
+        self._focus: int | None = None
+        self._step = None                   # (columns (B, n), row index (B, n), width) of the forward under way
 
     @classmethod
-    def for_model(cls, model, rows: int) -> "SlotCache":
-        return cls(model.config.get_text_config(decoder=True).num_hidden_layers, rows)
+    def for_model(cls, model, slots: int = 1, capacity: int = 256) -> "BatchCache":
+        return cls(model.config.get_text_config(decoder=True).num_hidden_layers, slots, capacity)
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.width - 1
+    # ------------------------------------------------------------------ rows
+    def add(self) -> int:
+        """Take the next free slot (empty); returns its row."""
+        if self.active >= self.slots:
+            raise RuntimeError(f"all {self.slots} slots of the cache are in use")
+        self.active += 1
+        self.lengths[self.active - 1] = 0
+        return self.active - 1
 
-    def _reserve(self, like: Cache, n: int) -> None:
-        """Allocate on first use (shapes, dtype and device from `like`), grow to hold n entries a row."""
-        if n <= self.capacity and self.layers[0].is_initialized:
-            return
-        self.capacity = max(n, 2 * self.capacity) if self.layers[0].is_initialized else max(n, self.capacity)
-        for layer, src in zip(self.layers, like.layers):
-            k, v = src.keys, src.values
-            keys = k.new_zeros(self.rows, k.shape[1], self.capacity, k.shape[3])
-            values = v.new_zeros(self.rows, v.shape[1], self.capacity, v.shape[3])
+    def remove(self, row: int) -> int | None:
+        """Free `row`: the last row in use moves into it. Returns the row that moved there (None if none did)."""
+        last = self.active - 1
+        if not 0 <= row <= last:
+            raise IndexError(f"row {row} is not in use ({self.active} rows are)")
+        self.active = last
+        if row == last:
+            return None
+        n = self.lengths[last]
+        for layer in self.layers:
             if layer.is_initialized:
-                keys[:, :, :layer.keys.shape[2]] = layer.keys
-                values[:, :, :layer.values.shape[2]] = layer.values
-            layer.keys, layer.values, layer.is_initialized = keys, values, True
-            layer.max_cache_len = self.capacity
-        self.lengths = self.lengths.to(k.device)
-        self.row_index = self.row_index.to(k.device)
-
-    def load(self, row: int, prefill: Cache, n: int) -> None:
-        """Slot `row` now holds the first n entries of `prefill`, a one-row cache (the rest of the row is stale
-        and never seen: the mask stops at the row's length). Room for the steps to come is made by
-        `step_mask`, which grows the cache when a row reaches its capacity."""
-        self._reserve(prefill, n + 1)
-        for layer, src in zip(self.layers, prefill.layers):
-            layer.keys[row, :, :n] = src.keys[0, :, :n]
-            layer.values[row, :, :n] = src.values[0, :, :n]
+                layer.keys[row, :, :n] = layer.keys[last, :, :n]
+                layer.values[row, :, :n] = layer.values[last, :, :n]
         self.lengths[row] = n
+        return last
 
-    def release(self, row: int) -> None:
-        """An empty slot: its steps write column 0 and attend only to it (finite, ignored outputs)."""
-        self.lengths[row] = 0
+    @contextlib.contextmanager
+    def focus(self, row: int):
+        """Forwards inside this block see row `row` alone (a prompt's prefill while other rows wait)."""
+        self._focus = row
+        try:
+            yield
+        finally:
+            self._focus = None
 
-    def step_mask(self, dtype) -> torch.Tensor:
-        """Prepare the next step (every row writes its column `lengths[row]`) and return its additive mask."""
-        width = int(self.lengths.max()) + 1
-        if width > self.capacity:
-            self._reserve(self, width)
-        self.columns, self.width = self.lengths.clone(), width
-        visible = torch.arange(width, device=self.lengths.device)[None] <= self.lengths[:, None]
-        zero = torch.zeros((), dtype=dtype, device=self.lengths.device)
-        return torch.where(visible, zero, torch.finfo(dtype).min)[:, None, None, :]
+    def reserve(self, n: int, row: int | None = None) -> None:
+        """Make room for n more entries in every row in use (or in `row`)."""
+        need = (self.lengths[row] if row is not None else max(self.lengths[:max(self.active, 1)])) + n
+        if need <= self.capacity:
+            return
+        self.capacity = max(need, 2 * self.capacity)
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.grow(self.capacity)
+            else:
+                layer.max_cache_len = self.capacity
 
-    def advance(self) -> None:
-        """Count the step's entries."""
-        self.lengths += 1
+    def compact(self, start: int, keep: torch.Tensor, row: int = 0) -> None:
+        """Row `row` keeps its entries at start + keep (ascending) as start, start + 1, ...; the rest is dropped."""
+        n = keep.numel()
+        if n:
+            src = keep + start
+            for layer in self.layers:
+                if layer.is_initialized:
+                    layer.keys[row, :, start:start + n] = layer.keys[row].index_select(1, src)
+                    layer.values[row, :, start:start + n] = layer.values[row].index_select(1, src)
+        self.lengths[row] = start + n
+
+    def compact_rows(self, rows: list[int], starts: list[int], keeps: list[torch.Tensor]) -> None:
+        """`compact` for several rows at once (one gather and one scatter per layer)."""
+        if len(rows) == 1:
+            return self.compact(starts[0], keeps[0], rows[0])
+        device = keeps[0].device
+        width = max(k.numel() for k in keeps)
+        # a shorter row repeats its last move (same source, same place): harmless
+        src = torch.stack([(k + s)[torch.arange(width, device=device).clamp(max=k.numel() - 1)]
+                           for k, s in zip(keeps, starts)])
+        dst = torch.stack([s + torch.arange(width, device=device).clamp(max=k.numel() - 1)
+                           for k, s in zip(keeps, starts)])
+        r = torch.tensor(rows, device=device)[:, None].expand_as(src)
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys[r, :, dst] = layer.keys[r, :, src]
+                layer.values[r, :, dst] = layer.values[r, :, src]
+        for row, s, k in zip(rows, starts, keeps):
+            self.lengths[row] = s + k.numel()
+
+    def truncate(self, length: int, row: int = 0) -> None:
+        """Forget row `row`'s entries from `length` on (nothing is freed: the next update overwrites them)."""
+        self.lengths[row] = min(self.lengths[row], length)
+
+    # ------------------------------------------------------------------ what transformers calls
+    def _single(self) -> int | None:
+        return self._focus if self._focus is not None else 0 if self.active <= 1 else None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer, n = self.layers[layer_idx], key_states.shape[-2]
+        if layer_idx == 0:
+            self._step = None
+        if not layer.is_initialized:
+            layer.allocate(key_states, value_states, self.slots, self.capacity)
+        row = self._single()
+        if row is not None:
+            start, end = self.lengths[row], self.lengths[row] + n
+            if end > self.capacity:
+                raise RuntimeError(f"KV cache overflow: {start} + {n} tokens > capacity {self.capacity}")
+            layer.keys[row:row + 1, :, start:end] = key_states
+            layer.values[row:row + 1, :, start:end] = value_states
+            out = layer.keys[row:row + 1, :, :end], layer.values[row:row + 1, :, :end]
+        else:
+            cols, rows, width = self._columns(n, key_states.shape[0])
+            layer.keys[rows, :, cols] = key_states.transpose(1, 2)
+            layer.values[rows, :, cols] = value_states.transpose(1, 2)
+            out = layer.keys[:self.active, :, :width], layer.values[:self.active, :, :width]
+        if layer_idx == len(self.layers) - 1:       # the forward's last layer: count its entries
+            for r in ([row] if row is not None else range(self.active)):
+                self.lengths[r] += n
+        return out
+
+    def _columns(self, n: int, batch: int):
+        if self._step is None:
+            if batch != self.active:
+                raise RuntimeError(f"a forward over the cache takes its {self.active} rows in use, not {batch}")
+            lengths = torch.tensor(self.lengths[:batch], device=self.layers[0].keys.device)
+            width = int(lengths.max()) + n
+            if width > self.capacity:
+                raise RuntimeError(f"KV cache overflow: {width} columns > capacity {self.capacity}")
+            cols = lengths[:, None] + torch.arange(n, device=lengths.device)
+            self._step = cols, torch.arange(batch, device=lengths.device)[:, None].expand_as(cols), width
+        return self._step
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        row = self._single()
+        return self.lengths[row] if row is not None else max(self.lengths[:self.active], default=0)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def nbytes(self) -> int:
+        """Memory held by the keys and values."""
+        return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
+                   for t in (layer.keys, layer.values))

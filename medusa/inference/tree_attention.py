@@ -11,8 +11,8 @@ step. On CPUs whose bf16 matrix products are row-consistent (measured: up to 32 
 then bit-identical to `generate` run with this same attention (its one-token steps are plain eager math).
 
 Use: load the base with `attn_implementation="medusa_tree"` (`--attn medusa_tree`); the decode loop then
-passes `medusa_tree=step_index(groups, cache_length)` on tree steps instead of a mask. Plain softmax
-attention only: soft-capped or sink-token attention is refused.
+passes `medusa_tree=[step_index(groups, cache_length) for each batch row]` on tree steps instead of a mask.
+Plain softmax attention only: soft-capped or sink-token attention is refused.
 """
 from __future__ import annotations
 
@@ -116,9 +116,12 @@ def tree_attention(module, query, key, value, attention_mask, scaling, dropout=0
     if medusa_tree is None:                       # one-token step
         out, weights = _attend(query.view(B, hkv, rep, D), key, value, scaling, mask)
         return out.view(B, 1, H, D), weights
-    out = torch.empty_like(query).view(B, hkv, rep, n, D)
+    # a batch row's padding nodes (beyond its own tree) are in no group: zeros, never read
+    out = (torch.zeros_like if B > 1 else torch.empty_like)(query).view(B, hkv, rep, n, D)
     q = query.view(B, hkv, rep, n, D)
-    for rows, idx in medusa_tree:                 # idx: (g, prefix + depth + 1) cache positions per node
-        o, _ = _attend(q[:, :, :, rows].transpose(2, 3), key[:, :, idx], value[:, :, idx], scaling)
-        out[:, :, :, rows] = o.transpose(2, 3)    # o: (B, Hkv, g, rep, D)
+    for b, groups in enumerate(medusa_tree):      # per batch row, per depth group
+        for rows, idx in groups:                  # idx: (g, prefix + depth + 1) cache positions per node
+            o, _ = _attend(q[b:b + 1, :, :, rows].transpose(2, 3), key[b:b + 1, :, idx], value[b:b + 1, :, idx],
+                           scaling)
+            out[b:b + 1, :, :, rows] = o.transpose(2, 3)    # o: (1, Hkv, g, rep, D)
     return out.view(B, H, n, D).transpose(1, 2).contiguous(), None

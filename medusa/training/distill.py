@@ -90,8 +90,9 @@ class LocalGenerator:
     """The model in this process, `batch_size` answers decoded side by side (continuous batching: a finished
     answer's slot takes the next prompt at once)."""
 
-    def __init__(self, model, tokenizer, cfg: DistillConfig):
+    def __init__(self, model, tokenizer, cfg: DistillConfig, log=None):
         self.model, self.tok, self.cfg = model, tokenizer, cfg
+        self.log = log or (lambda m: print(m, file=sys.stderr))
         self.batcher = ContinuousBatcher(model, tokenizer, slots=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                                          temperature=cfg.temperature, top_p=cfg.top_p)
 
@@ -104,10 +105,14 @@ class LocalGenerator:
         position = {id(r): k for k, r in enumerate(recs)}
         ready, emitted = {}, 0
         for done in self.batcher.run(recs):
-            ready[position[id(done.rec)]] = _row(done.rec, done.answers, done.new_tokens, done.finish)
+            if done.finish == "context":
+                self.log(f"skipped {done.rec.id}: turn {done.turn + 1} is longer than the model's context")
+            ready[position[id(done.rec)]] = None if done.finish == "context" else \
+                _row(done.rec, done.answers, done.new_tokens, done.finish)
             rows = []
             while emitted in ready:
-                rows.append(ready.pop(emitted))
+                row = ready.pop(emitted)
+                rows += [row] if row is not None else []
                 emitted += 1
             if rows:
                 yield rows

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from medusa.inference.decode import NO_LOGITS
+from medusa.inference.verify import NO_LOGITS
 from medusa.training.data import Example, collate
 
 SHARD = 64  # examples per shard

@@ -1,0 +1,142 @@
+"""Decoding a batch: every row is exactly what it would be alone, whatever the other rows do."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import OracleHeads, random_heads, tiny_model
+from medusa import MedusaModel
+from medusa.inference.decode import Batch
+
+LENGTHS = (5, 12, 20, 9)
+
+
+def _prompts(lengths=LENGTHS, seed=0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 90, (n,), generator=gen) for n in lengths]
+
+
+def _alone(model, prompt, n) -> torch.Tensor:
+    """transformers' greedy decoding of one prompt: what each row must equal."""
+    out = model.generate(prompt[None], max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, prompt.numel():]
+
+
+def _left_padded(prompts, pad=0):
+    width = max(p.numel() for p in prompts)
+    ids = torch.stack([torch.cat([torch.full((width - p.numel(),), pad), p]) for p in prompts])
+    mask = torch.stack([torch.arange(width) >= width - p.numel() for p in prompts]).long()
+    return ids, mask
+
+
+@pytest.mark.parametrize("tree,lookup", [("cpu_small", 0), ("cpu_small", 4), ("dynamic:6", 0), ("dynamic:6", 4)])
+def test_batched_greedy_equals_each_row_alone(arch, tree, lookup):
+    """Ragged prompts, rows ending at different steps (their own token budgets), and more prompts than rows:
+    the last ones join mid-flight as rows free up."""
+    model = tiny_model(arch)
+    m = MedusaModel(model, random_heads(), tree=tree, lookup=lookup)
+    prompts = _prompts() + _prompts((7, 3), seed=1)
+    budgets = [30, 12, 25, 40, 18, 22]
+    out = m.generate(prompts, max_new_tokens=budgets, max_batch=4)
+    for p, n, o in zip(prompts, budgets, out):
+        assert torch.equal(o[:p.numel()], p)
+        assert torch.equal(o[p.numel():], _alone(model, p, n)), f"{arch} {tree} lookup={lookup}"
+
+
+@pytest.mark.parametrize("tree", ["cpu_small", "dynamic:6"])
+def test_batched_parent_token_heads_equal_each_row_alone(tree):
+    """Heads that take their parent's token propose level by level, per row."""
+    model = tiny_model("qwen2")
+    m = MedusaModel(model, random_heads(parent_token=True), tree=tree, lookup=3)
+    prompts = _prompts()
+    out = m.generate(prompts, max_new_tokens=25, max_batch=3)
+    for p, o in zip(prompts, out):
+        assert torch.equal(o[p.numel():], _alone(model, p, 25))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_heads_that_predict_well_accept_different_lengths_in_one_step(arch):
+    model = tiny_model(arch)
+    prompts = _prompts()
+    n = 60
+    refs = [torch.cat([p, _alone(model, p, n + 8)]) for p in prompts]
+    m = MedusaModel(model, OracleHeads(model, refs, max_rank=3, miss_every=4), tree="cpu_small", lookup=0)
+    steps = list(m.stream(prompts, max_new_tokens=n))
+    for row, (p, ref) in enumerate(zip(prompts, refs)):
+        got = torch.cat([s.tokens for s in steps if s.row == row])
+        assert torch.equal(got, ref[p.numel():p.numel() + n])
+    per_row = [s for s in steps if s.row == 0]
+    assert len(per_row) < n / 2                              # long accepted paths
+    by_step: dict[int, list[int]] = {}
+    seen = [0] * len(prompts)
+    for s in steps:                                          # the k-th step of every row is the same batch step
+        by_step.setdefault(seen[s.row], []).append(s.accepted)
+        seen[s.row] += 1
+    assert any(len(set(acc)) > 1 for acc in by_step.values() if len(acc) == len(prompts))
+
+
+def test_left_padded_batch_returns_like_generate():
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None
+    m = MedusaModel(model, random_heads(), tree="cpu_small")
+    prompts = _prompts()
+    ids, mask = _left_padded(prompts)
+    ref = _alone(model, prompts[1], 20)
+    eos = int(ref[6])                                         # row 1 ends early, at its 7th token
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos)
+    hf = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=eos,
+                        pad_token_id=0)
+    assert out.shape == hf.shape and torch.equal(out, hf)
+    assert (out[1, ids.shape[1] + 7:] == 0).all()
+    with pytest.raises(ValueError, match="left padding"):
+        m.generate(ids, attention_mask=mask.flip(1))
+    with pytest.raises(ValueError, match="max_new_tokens has 2 values for 4 prompts"):
+        m.generate(prompts, max_new_tokens=[3, 4])
+
+
+def test_per_row_options_hold_inside_the_batch():
+    model = tiny_model("qwen2")
+    m = MedusaModel(model, random_heads(), tree="cpu_small")
+    prompts = _prompts()[:3]
+    opts = dict(max_new_tokens=[10, 25, 15], temperature=[0.0, 0.9, 0.7], top_p=[1.0, 0.9, 1.0], seed=[0, 5, 6])
+    batched = m.generate(prompts, **opts)
+    for i, p in enumerate(prompts):
+        alone = m.generate(p, **{k: v[i] for k, v in opts.items()})[0]
+        assert torch.equal(batched[i], alone), f"row {i}"
+    assert batched[0].numel() == prompts[0].numel() + 10
+
+
+def test_a_cancelled_row_leaves_the_others_unchanged():
+    model = tiny_model("mistral")
+    m = MedusaModel(model, random_heads(), tree="dynamic:6")
+    prompts = _prompts()
+    reqs, _ = m.requests(prompts, max_new_tokens=30)
+    batch = Batch(m.engine, slots=4, capacity=64)
+    for r in reqs:
+        batch.add(r)
+    got: dict[int, list[int]] = {i: [] for i in range(4)}
+    for k in range(40):
+        if k == 3:
+            assert batch.cancel(1) and not batch.cancel(1)
+        if not batch.rows:
+            break
+        for s in batch.step():
+            got[s.row] += s.tokens.tolist()
+    for i in (0, 2, 3):
+        assert got[i] == _alone(model, prompts[i], 30).tolist()
+    assert 0 < len(got[1]) < 30
+
+
+def test_one_forward_per_step_for_the_whole_batch():
+    model = tiny_model("llama")
+    m = MedusaModel(model, random_heads(), tree="cpu_small", lookup=0)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        steps = list(m.stream(_prompts(), max_new_tokens=8))
+    finally:
+        hook.remove()
+    prefills, forwards = calls[:4], calls[4:]
+    assert [s[1] for s in prefills] == list(LENGTHS) and all(s[0] == 1 for s in prefills)
+    assert all(s[0] == 4 for s in forwards[:2])              # every row in one forward while all run
+    assert len(forwards) <= max(sum(1 for s in steps if s.row == r) for r in range(4))
