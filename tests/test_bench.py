@@ -237,3 +237,26 @@ def test_per_category_spreads_through_every_category(tmp_path):
     assert [q.id for q in bench.load_questions(str(tmp_path / "q.jsonl"), per_category=5)][-3:] == ["10", "11", "12"]
     with pytest.raises(ValueError, match="per_category"):
         bench.load_questions(str(tmp_path / "q.jsonl"), per_category=0)
+
+
+def test_batch_sizes_command_compares_three_methods_side_by_side(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    rows = [{"question_id": i, "category": "qa", "turns": [f"question number {i} " * (1 + i % 3)]} for i in range(5)]
+    questions = _write_questions(tmp_path / "q.jsonl", rows)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "medusa", "bench", "--model", str(model_dir), "--questions",
+                           str(questions), "--output", str(tmp_path / "out"), "--max-new-tokens", "10",
+                           "--batch-size", "1,4", "--threads", "1"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "out" / "batch.json").read_text())
+    got = {(r["batch_size"], r["method"]): r for r in result["rows"]}
+    assert set(got) == {(b, m) for b in (1, 4) for m in ("medusa", "plain", "generate")}
+    for b in (1, 4):
+        assert got[(b, "medusa")]["exact"] == got[(b, "plain")]["exact"] == 5      # each row as alone
+        assert got[(b, "plain")]["tokens_per_step"] == 1.0
+    assert got[(1, "generate")]["exact"] == 5
+    assert result["settings"]["prompts"] == 5 and (tmp_path / "out" / "batch.png").is_file()
+    assert "| 4 |" in proc.stdout

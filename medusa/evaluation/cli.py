@@ -24,6 +24,9 @@ def add_commands(sub) -> dict:
     b.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="prompt lookup's draft length")
     b.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")
     b.add_argument("--threads", type=int, help="torch CPU threads")
+    b.add_argument("--batch-size", help="comma-separated batch sizes, e.g. 1,2,4,8,16: total tokens/s of medusa, "
+                                        "plain batched decoding and batched generate over the questions' first turns "
+                                        "(greedy), written to OUTPUT/batch.json and batch.png")
     c = sub.add_parser("calibrate", help="fit the tree to these heads and this machine; saves it in tree.json beside "
                                          "the heads, as the tree for this device type (cpu, cuda, ...)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -90,6 +93,8 @@ def cmd_bench(a) -> int:
                                 f"question.jsonl in its repository)")
     model = LoadOptions.from_args(a).load()
     name = Path(a.model.rstrip("/")).name if a.model else DEFAULT_MODEL_NAME
+    if a.batch_size:
+        return _batch_bench(a, model, name)
     cfg = BenchConfig(questions=a.questions, output=a.output, max_new_tokens=a.max_new_tokens, limit=a.limit,
                       categories=tuple(c.strip() for c in (a.categories or "").split(",") if c.strip()),
                       per_category=a.per_category, temperature=a.temperature, top_p=a.top_p, sampling=a.sampling,
@@ -101,4 +106,32 @@ def cmd_bench(a) -> int:
     print(format_table(summary))
     print(f"speedup = medusa tokens/s / transformers generate tokens/s; each tokens/s = total new tokens / "
           f"total wall time ({summary['overall']['answers']} answers, {a.max_new_tokens} new tokens at most)")
+    return 0
+
+
+def _batch_bench(a, model, name: str) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from medusa.evaluation import batch_bench
+    from medusa.evaluation.bench import load_questions, machine
+    from medusa.inference.tree import tree_label
+    from medusa.interfaces.chat import encode_prompt
+
+    sizes = [int(b) for b in a.batch_size.split(",")]
+    if any(b < 1 for b in sizes):
+        raise ValueError(f"--batch-size takes sizes >= 1, got {a.batch_size}")
+    questions = load_questions(a.questions, limit=a.limit, per_category=a.per_category,
+                               categories=tuple(c.strip() for c in (a.categories or "").split(",") if c.strip()))
+    device = model.base_model.get_input_embeddings().weight.device
+    prompts = [encode_prompt(model.tokenizer, [{"role": "user", "content": q.turns[0]}])[0].to(device)
+               for q in questions]
+    result = batch_bench.run_batch_bench(model, prompts, sizes, a.max_new_tokens, warmup=not a.no_warmup)
+    result["settings"] = {"model_id": name, "dtype": str(model.base_model.dtype), "machine": machine(device),
+                          "threads": torch.get_num_threads(), "tree": tree_label(model.tree),
+                          "questions": a.questions, "prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
+                          "title": f"{name}, {len(prompts)} prompts, {torch.get_num_threads()} threads"}
+    batch_bench.write(Path(a.output), result)
+    print(batch_bench.format_table(result))
     return 0
