@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -262,11 +263,11 @@ def distilled(tmp_path_factory):
     return d / "data.jsonl"
 
 
-def _train(data, out, **kw):
+def _train(data, out, log=lambda m: None, **kw):
     cfg = TrainConfig(data=str(data), output=str(out), num_heads=3, batch_size=kw.pop("batch_size", 4),
                       epochs=kw.pop("epochs", 2),
                       lr=kw.pop("lr", 1e-2), val_examples=8, log_every=1, checkpoint_every=5, **kw)
-    return train(cfg, base=tiny_model("llama"), tokenizer=tiny_tokenizer(), log=lambda m: None)
+    return train(cfg, base=tiny_model("llama"), tokenizer=tiny_tokenizer(), log=log)
 
 
 def _log(out):
@@ -442,6 +443,13 @@ def test_killed_training_resumes_to_the_same_end(distilled, tmp_path):
     _train(distilled, tmp_path / "c", stop_after=2)
     with pytest.raises(ValueError, match="different run .*batch_size"):   # not a resume of that run
         _train(distilled, tmp_path / "c", batch_size=2)
+
+
+def test_a_resumed_run_logs_each_step_once(distilled, tmp_path):
+    _train(distilled, tmp_path / "h", stop_after=7)
+    shutil.rmtree(tmp_path / "h" / "checkpoints" / "step-7")          # killed after logging step 7, before saving it
+    resumed = _train(distilled, tmp_path / "h")                        # from step 5: steps 6 and 7 again
+    assert [r["step"] for r in _log(tmp_path / "h")] == list(range(1, resumed["total"] + 1))
 
 
 def _torchrun(base, data, out, *extra):

@@ -148,6 +148,25 @@ def _latest_checkpoint(folder: Path) -> tuple[Path | None, int]:
     return (ckpts[-1], int(ckpts[-1].name.split("-")[1])) if ckpts else (None, 0)
 
 
+def _trim_log(log_file: Path, step: int) -> None:
+    """Drop the log's records past `step`, the checkpoint a run resumes from: it logs those steps again. (A
+    torn last line goes too; a line that is no record stays.)"""
+    if not log_file.is_file():
+        return
+    lines = log_file.read_text().splitlines(keepends=True)
+    kept = [x for x in lines if x.endswith("\n") and _logged_step(x) <= step]
+    if kept != lines:
+        log_file.with_suffix(".tmp").write_text("".join(kept))
+        os.replace(log_file.with_suffix(".tmp"), log_file)
+
+
+def _logged_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
 def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     """Run (or resume) training; `base`/`tokenizer` may be passed in-process instead of `cfg.model`."""
     from accelerate import Accelerator
@@ -255,6 +274,8 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     elif acc.is_main_process:
         run_file.write_text(json.dumps(run, indent=1) + "\n")
     log_file = out_dir / "train_log.jsonl"
+    if acc.is_main_process:
+        _trim_log(log_file, step)
     run_steps, done = 0, step >= total
     while not done:
         epoch, skip = divmod(step * cfg.grad_accum, per_epoch * cfg.grad_accum)
