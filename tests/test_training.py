@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,15 +277,15 @@ def distilled(tmp_path_factory):
     return d / "data.jsonl"
 
 
-def _train(data, out, **kw):
+def _train(data, out, log=lambda m: None, **kw):
     cfg = TrainConfig(data=str(data), output=str(out), num_heads=3, batch_size=kw.pop("batch_size", 4),
                       epochs=kw.pop("epochs", 2),
                       lr=kw.pop("lr", 1e-2), val_examples=8, log_every=1, checkpoint_every=5, **kw)
-    return train(cfg, base=tiny_model("llama"), tokenizer=tiny_tokenizer(), log=lambda m: None)
+    return train(cfg, base=tiny_model("llama"), tokenizer=tiny_tokenizer(), log=log)
 
 
 def _log(out):
-    return [json.loads(x) for x in open(out / "train_log.jsonl")]
+    return [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
 
 
 def test_medusa1_training_lowers_loss_and_round_trips(distilled, tmp_path):
@@ -455,6 +457,56 @@ def test_killed_training_resumes_to_the_same_end(distilled, tmp_path):
     _train(distilled, tmp_path / "c", stop_after=2)
     with pytest.raises(ValueError, match="different run .*batch_size"):   # not a resume of that run
         _train(distilled, tmp_path / "c", batch_size=2)
+
+
+def test_a_resumed_run_logs_each_step_once(distilled, tmp_path):
+    _train(distilled, tmp_path / "h", stop_after=7)
+    shutil.rmtree(tmp_path / "h" / "checkpoints" / "step-7")          # killed after logging step 7, before saving it
+    resumed = _train(distilled, tmp_path / "h")                        # from step 5: steps 6 and 7 again
+    assert [r["step"] for r in _log(tmp_path / "h")] == list(range(1, resumed["total"] + 1))
+
+
+def test_a_kill_while_saving_a_checkpoint_resumes_from_the_last_complete_one(distilled, tmp_path, monkeypatch):
+    """Killed while step 10's checkpoint is written (its weights half on disk): the re-run resumes from step 5,
+    and the log holds each step once."""
+    from accelerate import Accelerator
+
+    save = Accelerator.save_state
+
+    def dies_while_saving_step_10(self, output_dir=None, **kw):
+        where = save(self, output_dir, **kw)
+        if "step-10" in str(output_dir):
+            weights = Path(output_dir) / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:100])
+            raise KeyboardInterrupt
+        return where
+
+    monkeypatch.setattr(Accelerator, "save_state", dies_while_saving_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        _train(distilled, tmp_path / "h")
+    monkeypatch.undo()
+    assert [r["step"] for r in _log(tmp_path / "h")] == list(range(1, 11))
+    said = []
+    resumed = _train(distilled, tmp_path / "h", log=said.append)
+    total = resumed["total"]
+    assert resumed["finished"] and any(m.startswith("resumed from") and m.endswith(f"step-5 (step 5 of {total})")
+                                       for m in said)
+    assert [r["step"] for r in _log(tmp_path / "h")] == list(range(1, total + 1))
+
+
+def test_an_incomplete_checkpoint_folder_is_skipped_with_a_warning(distilled, tmp_path):
+    _train(distilled, tmp_path / "h", stop_after=7)                    # checkpoints at steps 5 and 7
+    ckpts = tmp_path / "h" / "checkpoints"
+    shutil.copytree(ckpts / "step-7", ckpts / "step-10")               # written in place, killed midway
+    (ckpts / "step-10" / "elapsed.json").unlink()
+    weights = ckpts / "step-10" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    said = []
+    resumed = _train(distilled, tmp_path / "h", log=said.append)
+    assert resumed["finished"] and resumed["step"] == 22
+    assert any("step-10" in m and "incomplete" in m for m in said)
+    assert any(m.startswith("resumed from") and "step-7" in m for m in said)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-20", "step-22"]       # nothing else left behind
 
 
 def _torchrun(base, data, out, *extra):

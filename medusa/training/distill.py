@@ -1,7 +1,8 @@
 """Self-distillation: the base model answers prompts, and its answers become the heads' training data.
 
 Output is ShareGPT-format JSONL, one conversation per line, appended as answers complete and fsynced, so a
-killed run loses at most the answers in flight and a re-run skips every prompt already answered.
+killed run loses at most the answers in flight and a re-run skips every prompt already answered. Rows already
+in the file stay as they are, whoever wrote them; only a torn last line is cut.
 Two back ends: local generation with continuous batching (`continuous.py`), or any OpenAI-compatible
 endpoint (`api_base`).
 """
@@ -41,37 +42,54 @@ class DistillConfig:
     extra: list[PromptRecord] = field(default_factory=list)
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The JSON lines with an "id" in `path`, a resumable run's output. A torn last line (a kill mid-write) and
-    anything after it are cut off, so the run redoes those."""
+def _json_object(raw: bytes) -> dict | None:
+    try:
+        row = json.loads(raw)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def read_rows(path: Path, *, warn=None) -> list[tuple[int, dict]]:
+    """(line number, row) for each JSON object in `path`, the JSONL file a resumable run appends to. Every line
+    stays in the file: one that is no JSON object is reported through `warn` and counts as no row. Only a torn
+    last line (unreadable, no final newline: a kill mid-write) is cut off, so the run redoes it."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
     if not path.exists():
         return []
-    rows, good_bytes = [], 0
+    rows, kept_bytes = [], 0
     with path.open("rb") as f:
-        for raw in f:
-            try:
-                row = json.loads(raw)
-                row["id"]
-            except (ValueError, KeyError, TypeError):
+        for line_no, raw in enumerate(f, 1):
+            row = _json_object(raw)
+            if row is None and not raw.endswith(b"\n"):
+                warn(f"{path}:{line_no}: cut off a torn last line ({len(raw)} bytes, no final newline)")
                 break
-            rows.append(row)
-            good_bytes += len(raw)
-    if good_bytes != path.stat().st_size:
+            if row is not None:
+                rows.append((line_no, row))
+            elif raw.strip():
+                warn(f"{path}:{line_no}: kept a line that is not a JSON object (it counts as no row)")
+            kept_bytes += len(raw)
+    if kept_bytes != path.stat().st_size:
         with path.open("r+b") as f:
-            f.truncate(good_bytes)
+            f.truncate(kept_bytes)
     return rows
 
 
-def done_ids(output: Path) -> set[str]:
-    """Ids already answered in `output` (see `read_rows`)."""
-    return {row["id"] for row in read_rows(output)}
+def done_ids(output: Path, *, warn=None) -> set[str]:
+    """Ids already answered in `output` (see `read_rows`); rows without an id answer nothing."""
+    return {row["id"] for _, row in read_rows(output, warn=warn) if isinstance(row.get("id"), str)}
 
 
 def append_rows(output: Path, rows: list[dict]) -> None:
-    """Append JSON lines, flushed to disk so a killed run keeps them."""
+    """Append JSON lines, on a line of their own, flushed to disk so a killed run keeps them."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if output.exists() and output.stat().st_size:
+        with output.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":           # a last row written without its newline
+                text = "\n" + text
     with output.open("a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
@@ -163,7 +181,7 @@ def pending_records(cfg: DistillConfig, warn=None) -> tuple[list[PromptRecord], 
     records = [r for path in cfg.inputs for r in read_prompts(path, warn=warn)] + list(cfg.extra)
     if cfg.limit is not None:
         records = records[: cfg.limit]
-    done = done_ids(Path(cfg.output))
+    done = done_ids(Path(cfg.output), warn=warn)
     return [r for r in records if r.id not in done], len(records)
 
 

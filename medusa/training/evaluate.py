@@ -131,11 +131,11 @@ def head_accuracy(base, heads, examples: list[Example], *, ks=(1, 5, 10), batch_
     return {f"top{k}": [round(x, 4) for x in cum[:, k - 1].tolist()] for k in ks} | {"tokens": tokens}
 
 
-def _recorded(records: Path, run: str, settings: dict) -> dict[str, dict]:
+def _recorded(records: Path, run: str, settings: dict, warn=None) -> dict[str, dict]:
     """Prompt id -> its line in `records` for this run; a line of the same run from other settings is refused."""
     done = {}
-    for line_no, row in enumerate(read_rows(records), 1):
-        if row.get("run") != run:
+    for line_no, row in read_rows(records, warn=warn):
+        if row.get("run") != run or not isinstance(row.get("id"), str):
             continue
         theirs = row.get("settings") or {}
         if theirs != settings:
@@ -160,7 +160,7 @@ def tokens_per_step(model, prompts, *, max_new_tokens: int = 256, tree=None, loo
     used = model.tree if tree is None else load_tree(tree, model.heads.num_heads, model.device_type)
     settings = dict(settings or {}, max_new_tokens=max_new_tokens, tree=tree_fingerprint(used),
                     device=model.device_type, dtype=str(model.base_model.dtype).removeprefix("torch."))
-    done = _recorded(Path(records), run, settings) if records else {}
+    done = _recorded(Path(records), run, settings, warn=log) if records else {}
     tokens = steps = 0
     seconds = 0.0
     by_category: dict[str, list[int]] = {}          # category -> [tokens, steps]

@@ -2,8 +2,9 @@
 `torchrun` with DDP, FSDP or DeepSpeed): Medusa-1 (frozen base, heads only, on cached base features) and
 Medusa-2 (LoRA on the base + heads, with a KL term that keeps the base's behaviour).
 
-Checkpoints every N steps with `accelerator.save_state`; a re-run with the same output folder resumes from
-the latest one and, data order being seeded per epoch, ends where an uninterrupted run would.
+Checkpoints every N steps with `accelerator.save_state`, each renamed into place once complete; a re-run with
+the same output folder resumes from the latest complete one and, data order being seeded per epoch, ends where
+an uninterrupted run would.
 """
 from __future__ import annotations
 
@@ -143,9 +144,56 @@ def _schedule(total: int, warmup: int, delay: int = 0):
     return f
 
 
-def _latest_checkpoint(folder: Path) -> tuple[Path | None, int]:
-    ckpts = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return (ckpts[-1], int(ckpts[-1].name.split("-")[1])) if ckpts else (None, 0)
+def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of each checkpoint, oldest first; complete ones hold elapsed.json, written last."""
+    return sorted((int(p.name.split("-")[1]), p) for p in folder.glob("step-*"))
+
+
+def _latest_checkpoint(folder: Path, warn) -> tuple[Path | None, int]:
+    """The newest complete checkpoint and its step; newer incomplete ones are skipped with a warning."""
+    for step, path in reversed(_checkpoints(folder)):
+        if (path / "elapsed.json").is_file():
+            return path, step
+        warn(f"skipped the incomplete checkpoint {path} (no elapsed.json: killed while saving)")
+    return None, 0
+
+
+def _save_checkpoint(acc, folder: Path, step: int, seconds: float) -> None:
+    """accelerate's state at `step`, written into a hidden folder and renamed step-N once complete, so a kill
+    while saving leaves no step-N behind; the two newest complete checkpoints are kept, nothing else."""
+    final, tmp = folder / f"step-{step}", folder / f".step-{step}.tmp"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)             # left by a kill while saving
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()                                # every process's files are written
+    if acc.is_main_process:
+        (tmp / "elapsed.json").write_text(json.dumps({"seconds": seconds}) + "\n")
+        shutil.rmtree(final, ignore_errors=True)           # an incomplete one, skipped on resuming
+        os.rename(tmp, final)
+        complete = [p for _, p in _checkpoints(folder) if (p / "elapsed.json").is_file()][-2:]
+        for _, old in _checkpoints(folder):
+            if old not in complete:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _trim_log(log_file: Path, step: int) -> None:
+    """Drop the log's records past `step`, the checkpoint a run resumes from: it logs those steps again. (A
+    torn last line goes too; a line that is no record stays.)"""
+    if not log_file.is_file():
+        return
+    lines = log_file.read_text().splitlines(keepends=True)
+    kept = [x for x in lines if x.endswith("\n") and _logged_step(x) <= step]
+    if kept != lines:
+        log_file.with_suffix(".tmp").write_text("".join(kept))
+        os.replace(log_file.with_suffix(".tmp"), log_file)
+
+
+def _logged_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
@@ -228,7 +276,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     step_module, opt, sched = acc.prepare(step_module, opt, sched)
 
     ckpt_dir = out_dir / "checkpoints"
-    latest, step = _latest_checkpoint(ckpt_dir)
+    latest, step = _latest_checkpoint(ckpt_dir, say)
     run = {"train_examples": len(dataset), "total_steps": total, "mode": cfg.mode, "num_heads": cfg.num_heads,
            "num_layers": cfg.num_layers, "shared_lm_head": cfg.shared_lm_head,
            **({"next_token_input": True} if cfg.next_token_input else {}),
@@ -242,9 +290,8 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
             raise ValueError(f"{out_dir} holds checkpoints of a different run (changed: {', '.join(changed)}); "
                              f"resume only with the same data and settings, or use a new --output folder")
         acc.load_state(str(latest))
-        clock = latest / "elapsed.json"        # time spent before the kill counts: logs and result are totals
-        if clock.is_file():
-            t_start -= json.loads(clock.read_text())["seconds"]
+        # time spent before the kill counts: logs and result are totals
+        t_start -= json.loads((latest / "elapsed.json").read_text())["seconds"]
         saved = out_dir / OUR_CONFIG
         if step >= total and saved.is_file() and (out_dir / OUR_WEIGHTS).is_file():
             result = json.loads(saved.read_text()).get("extra", {}).get("result")
@@ -255,6 +302,8 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     elif acc.is_main_process:
         run_file.write_text(json.dumps(run, indent=1) + "\n")
     log_file = out_dir / "train_log.jsonl"
+    if acc.is_main_process:
+        _trim_log(log_file, step)
     run_steps, done = 0, step >= total
     while not done:
         epoch, skip = divmod(step * cfg.grad_accum, per_epoch * cfg.grad_accum)
@@ -286,12 +335,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
                         f.write(json.dumps(rec) + "\n")
             stop_now = cfg.stop_after is not None and run_steps >= cfg.stop_after
             if step % cfg.checkpoint_every == 0 or step == total or stop_now:
-                acc.save_state(str(ckpt_dir / f"step-{step}"))
-                if acc.is_main_process:
-                    (ckpt_dir / f"step-{step}" / "elapsed.json").write_text(
-                        json.dumps({"seconds": time.time() - t_start}) + "\n")
-                    for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
-                        shutil.rmtree(old, ignore_errors=True)
+                _save_checkpoint(acc, ckpt_dir, step, time.time() - t_start)
             if step >= total:
                 done = True
                 break
