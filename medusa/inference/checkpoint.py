@@ -124,9 +124,12 @@ def _from_original(folder: Path) -> tuple[HeadsConfig, dict]:
         else:
             state[f"heads.{h}.blocks.{layer}.{kind}"] = v
     vocab = next(iter(proj.values())).shape[0] if proj else cfg.get("vocab_size", 0)
-    config = HeadsConfig(hidden_size=hidden, vocab_size=vocab, num_heads=num_heads, num_layers=num_layers,
-                         shared_lm_head=shared, base_model_name_or_path=cfg.get("base_model_name_or_path"),
-                         extra={"converted_from": "original Medusa format"})
+    try:
+        config = HeadsConfig(hidden_size=hidden, vocab_size=vocab, num_heads=num_heads, num_layers=num_layers,
+                             shared_lm_head=shared, base_model_name_or_path=cfg.get("base_model_name_or_path"),
+                             extra={"converted_from": "original Medusa format"})
+    except ValueError as e:
+        raise ValueError(f"{folder / ORIG_CONFIG}: {e}") from None
     return config, state
 
 
@@ -137,7 +140,11 @@ def load_heads_checkpoint(folder: str | Path) -> tuple[HeadsConfig, dict, dict |
     if not folder.exists():
         raise FileNotFoundError(f"heads folder does not exist: {folder}")
     if (folder / OUR_CONFIG).is_file():
-        config = HeadsConfig.from_dict(_read_json(folder / OUR_CONFIG))
+        data = _read_json(folder / OUR_CONFIG)
+        try:
+            config = HeadsConfig.from_dict(data)
+        except (TypeError, ValueError) as e:      # a field missing, or of the wrong type
+            raise ValueError(f"{folder / OUR_CONFIG}: {e}") from None
         weights = folder / OUR_WEIGHTS
         if not weights.is_file():
             raise FileNotFoundError(f"{folder} has {OUR_CONFIG} but no {OUR_WEIGHTS}")
