@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medusa.inference.heads import HeadsConfig, MedusaHeads
+from medusa.inference.loading import weights_only_refusal
 from medusa.inference.tree import ANY_DEVICE, trees_from_json, trees_to_json
 
 OUR_CONFIG, OUR_WEIGHTS, TREE_FILE = "medusa_config.json", "heads.safetensors", "tree.json"
@@ -67,7 +68,8 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"cannot read heads weights {path}: the file is truncated or corrupt ({e})") from None
     except Exception as e:  # the unpickler refuses arbitrary objects: say why
-        raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        raise ValueError(f"cannot read {path}: {type(e).__name__}: torch.load(weights_only=True) refuses it "
+                         f"({weights_only_refusal(e)})") from None
     # weights_only still admits a bare tensor, a list or nested dicts: a state dict is a flat {name: tensor}
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):

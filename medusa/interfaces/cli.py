@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,23 @@ class LoadOptions:
         return with_max_tokens(DEFAULT.max_tokens if self.lookup is None else self.lookup, self.lookup_short)
 
     def load(self):
+        from medusa.inference.checkpoint import is_heads_folder
+        from medusa.inference.loading import BaseModelUnavailable
         from medusa.model import MedusaModel
 
         log = lambda m: print(m, file=sys.stderr, flush=True)
         lookup = self.lookup_options()        # bad draft lengths are refused before any loading
         t0 = time.perf_counter()
-        model = MedusaModel.from_pretrained(self.model, base_model=self.base_model, dtype=self.dtype,
-                                            device=self.device, tree=self.tree, load_in_8bit=self.load_in_8bit,
-                                            load_in_4bit=self.load_in_4bit, attn_implementation=self.attn,
-                                            lookup=lookup, compile=self.compile, log=log)
+        try:
+            model = MedusaModel.from_pretrained(self.model, base_model=self.base_model, dtype=self.dtype,
+                                                device=self.device, tree=self.tree, load_in_8bit=self.load_in_8bit,
+                                                load_in_4bit=self.load_in_4bit, attn_implementation=self.attn,
+                                                lookup=lookup, compile=self.compile, log=log)
+        except BaseModelUnavailable as e:
+            if self.base_model is None and self.model and is_heads_folder(Path(self.model).expanduser()):
+                raise BaseModelUnavailable(f"{e}; the heads in {self.model} name it as their base: pass "
+                                           f"--base-model (a local folder or Hub id)") from None
+            raise
         if model.tokenizer is None:
             raise ValueError(f"{self.base_model or self.model} has no tokenizer; the command line needs one "
                              f"(the Python API works on token ids without it)")
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = handlers[args.command]
     try:
         return handler(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"medusa {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
