@@ -85,3 +85,36 @@ def test_pickled_base_weights_refused_by_weights_only_say_so(folders, tmp_path, 
     torch.save({**state, "args": argparse.Namespace(lr=1e-3)}, base / "pytorch_model.bin")   # as old trainers did
     line, _ = refusal(capsys, "--model", str(folders / "heads"), "--base-model", str(base))
     assert "pytorch_model.bin" in line and "weights_only=True" in line and "argparse.Namespace" in line
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--max-new-tokens", "-5"], "max_new_tokens must be >= 1, got -5"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--device", "cuda"], "device 'cuda': torch"),
+    (["--dtype", "float8"], "unknown dtype 'float8'"),
+    (["--tree", "{dir}/not_json.json"], "tree file {dir}/not_json.json is not valid JSON"),
+    (["--tree", "{dir}/letters.json"], "tree path ['a'] is not a list of whole-number ranks"),
+    (["--tree", "{dir}/halves.json"], "tree path [0.5] is not a list of whole-number ranks"),
+    (["--tree", "{dir}/per_device.json"], "tree path [0, 0.5] is not a list of whole-number ranks"),
+], ids=["max-new-tokens", "temperature", "device", "dtype", "tree-not-json", "tree-letters", "tree-halves",
+        "tree-per-device"])
+def test_arguments_are_checked_before_loading(folders, tmp_path, capsys, monkeypatch, args, says):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "not_json.json").write_text("[[0], [1")
+    (tmp_path / "letters.json").write_text('[["a"]]')
+    (tmp_path / "halves.json").write_text("[[0.5]]")
+    (tmp_path / "per_device.json").write_text('{"devices": {"cpu": {"paths": [[0], [0, 0.5]]}}}')
+    line, err = refusal(capsys, "--model", str(folders / "heads"), *[a.format(dir=tmp_path) for a in args])
+    assert says.format(dir=tmp_path) in line and "Loading" not in err
+
+
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_chat_and_serve_check_generation_flags_before_loading(folders, capsys, monkeypatch, command):
+    import medusa.interfaces.server
+
+    served = []
+    monkeypatch.setattr(medusa.interfaces.server, "serve", lambda *a, **kw: served.append(kw))   # never listen
+    assert main([command, "--model", str(folders / "heads"), "--max-new-tokens", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"medusa {command}: error: max_new_tokens must be >= 1, got -5"]
+    assert served == []

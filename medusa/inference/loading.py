@@ -62,7 +62,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(device)!r}: torch {torch.__version__} finds no CUDA GPU here (use cpu)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise RuntimeError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA GPUs")
+    return dev
 
 
 def _quantization_config(load_in_8bit: bool, load_in_4bit: bool, dtype):

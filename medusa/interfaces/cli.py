@@ -37,6 +37,16 @@ class LoadOptions:
 
         return with_max_tokens(DEFAULT.max_tokens if self.lookup is None else self.lookup, self.lookup_short)
 
+    def check(self) -> None:
+        """Refuse what is wrong before any loading: the device, the dtype, the tree (a file is read)."""
+        from medusa.inference.loading import resolve_device, resolve_dtype
+        from medusa.inference.tree import load_tree
+
+        device = resolve_device(self.device)
+        resolve_dtype(self.dtype)
+        if self.tree is not None:
+            load_tree(self.tree, device_type=device.type)
+
     def load(self):
         from medusa.inference.checkpoint import is_heads_folder
         from medusa.inference.loading import BaseModelUnavailable
@@ -44,6 +54,7 @@ class LoadOptions:
 
         log = lambda m: print(m, file=sys.stderr, flush=True)
         lookup = self.lookup_options()        # bad draft lengths are refused before any loading
+        self.check()
         t0 = time.perf_counter()
         try:
             model = MedusaModel.from_pretrained(self.model, base_model=self.base_model, dtype=self.dtype,
@@ -71,6 +82,12 @@ class LoadOptions:
 
 
 def gen_options(a) -> dict:
+    """The generation flags as model.stream options, checked (call it before loading the model)."""
+    from medusa.inference.acceptance import SamplingOptions
+    from medusa.inference.decode import DecodeOptions
+
+    DecodeOptions(max_new_tokens=a.max_new_tokens, seed=a.seed,
+                  sampling=SamplingOptions(temperature=a.temperature, top_p=a.top_p, mode=a.sampling))
     return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
             "sampling": a.sampling}
 
@@ -125,17 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_chat(a) -> int:
     from medusa.interfaces.chat import ChatSession
 
-    ChatSession(LoadOptions.from_args(a).load(), gen_options(a)).run(sys.stdin, sys.stdout)
+    options = gen_options(a)
+    ChatSession(LoadOptions.from_args(a).load(), options).run(sys.stdin, sys.stdout)
     return 0
 
 
 def cmd_generate(a) -> int:
     from medusa.interfaces.chat import encode_prompt, generate_once
 
+    options = gen_options(a)
     model = LoadOptions.from_args(a).load()
     ids = encode_prompt(model.tokenizer, [{"role": "user", "content": a.prompt}], chat=not a.no_chat_template)
     on_text = None if a.json else (lambda s: print(s, end="", flush=True))
-    text, stats = generate_once(model, ids, gen_options(a), baseline=a.baseline, on_text=on_text)
+    text, stats = generate_once(model, ids, options, baseline=a.baseline, on_text=on_text)
     if a.json:
         print(json.dumps({"text": text, "mode": "baseline" if a.baseline else "medusa", **stats.as_dict()}))
     else:
