@@ -355,6 +355,15 @@ def test_train_help_shows_the_defaults_that_matter(capsys):
     assert "(default: None)" not in out
 
 
+def test_step_logs_say_their_accuracies_are_on_training_batches(distilled, tmp_path):
+    logs = []
+    cfg = TrainConfig(data=str(distilled), output=str(tmp_path / "h"), num_heads=2, batch_size=4, epochs=1,
+                      limit=20, val_examples=2, log_every=1)
+    train(cfg, base=tiny_model("llama"), tokenizer=tiny_tokenizer(), log=logs.append)
+    steps = [m for m in logs if '"top1"' in m and '"saved"' not in m]
+    assert steps and all(m.endswith("(top1/top5: per-head accuracy on this step's training batch)") for m in steps)
+
+
 def test_evaluate_command_on_trained_heads(distilled, tmp_path, capsys):
     """`medusa evaluate` on a heads folder: per-head accuracy on held-out conversations and tokens per step on
     prompts (overall and per category), the same figures as the functions behind it; a bad draft length is
