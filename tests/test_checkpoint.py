@@ -256,6 +256,16 @@ def test_folder_without_heads_is_refused(tmp_path):
         load_heads_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("field, value", [("hidden_size", "576"), ("num_heads", 2.0), ("vocab_size", True),
+                                          ("shared_lm_head", "yes"), ("base_model_name_or_path", 7)])
+def test_a_config_field_of_the_wrong_type_names_the_file_and_the_field(tmp_path, field, value):
+    save_heads(tmp_path, random_heads())
+    config = json.loads((tmp_path / "medusa_config.json").read_text())
+    (tmp_path / "medusa_config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=rf"medusa_config.json: {field} must be .*, not {re.escape(repr(value))}$"):
+        load_heads_checkpoint(tmp_path)
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -326,7 +336,7 @@ def test_a_malformed_tree_file_names_itself(tmp_path, saved_base):
     folder = tmp_path / "heads"
     save_heads(folder, MedusaHeads(HeadsConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=3)))
     (folder / "tree.json").write_text(json.dumps({"devices": {"cpu": [[0]]}}))
-    with pytest.raises(ValueError, match=r"tree.json: tree file: devices.cpu has no \"paths\""):
+    with pytest.raises(ValueError, match=r"tree.json: devices.cpu has no \"paths\""):
         load_heads_checkpoint(folder)
     (folder / "tree.json").write_text(json.dumps({"tree": [[0]]}))
     with pytest.raises(ValueError, match=r"tree.json: a tree file holds a list of paths"):

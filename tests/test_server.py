@@ -290,7 +290,40 @@ def _malformed() -> list[tuple[str, str, dict, bytes | None]]:
               text(prompt=["a", "b"]), text(prompt=5), text(prompt="x", echo=True), text(prompt="x", best_of=3)]
     cases += [("GET", CHAT, {}, None), ("DELETE", "/v1/models", {}, None), ("GET", "/v1/nothing", {}, None),
               ("GET", "/v1/models/gpt-4", {}, None)]
+    cases += [("POST", path, {"content-type": "application/json"}, body) for _, path, body, _ in _field_errors()]
     return cases
+
+
+def _field_errors() -> list[tuple[str, str, bytes, str]]:
+    """(name, path, body, the field a 400 must name): values that reached the engine or the tokenizer and
+    came back as 500s, or as a 200 and then an error event when streaming."""
+    j = lambda d: json.dumps(d).encode()           # json.dumps writes a lone surrogate as its \u escape
+    deep = lambda key, n: f'{{"model": "tiny", "{key}": '.encode() + b"[" * n + b"]" * n + b"}"
+    return [
+        ("seed above 64 bits", CHAT, j({**OK_CHAT, "seed": 2 ** 64}), "seed"),
+        ("seed below 64 bits", CHAT, j({**OK_CHAT, "seed": -2 ** 63 - 1}), "seed"),
+        ("seed above 64 bits streaming", CHAT, j({**OK_CHAT, "seed": 2 ** 64, "stream": True}), "seed"),
+        ("surrogate prompt", TEXT, j({"model": "tiny", "prompt": "\ud800", "max_tokens": 4}), "prompt"),
+        ("surrogate in a prompt list", TEXT, j({"model": "tiny", "prompt": ["a\udfff"], "max_tokens": 4}),
+         "prompt.0"),
+        ("surrogate message", CHAT, j({**OK_CHAT, "messages": [{"role": "user", "content": "\ud800"}]}),
+         "messages.0.content"),
+        ("surrogate model name", CHAT, j({**OK_CHAT, "model": "\ud800"}), "model"),
+        ("messages 1000 deep", CHAT, deep("messages", 1000), "messages"),
+        ("prompt 5000 deep", TEXT, deep("prompt", 5000), "prompt"),
+        ("ignored field 1000 deep", TEXT, b'{"prompt": "x", "metadata": ' + b'{"a": ' * 1000 + b"1" + b"}" * 1001,
+         "metadata"),
+    ]
+
+
+@pytest.mark.parametrize("path, body, param", [case[1:] for case in _field_errors()],
+                         ids=[case[0] for case in _field_errors()])
+def test_values_the_engine_cannot_take_get_a_400_naming_the_field(server, path, body, param):
+    r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"].startswith(f"{param}: "), err
+    assert "chat template" not in err["message"]
 
 
 def _check_error(r: httpx.Response, what) -> None:
@@ -309,11 +342,11 @@ def test_malformed_requests_get_openai_style_4xx_and_the_server_stays_healthy(se
             body = rng.randbytes(rng.randrange(1, 300))
             _check_error(http.post(rng.choice([CHAT, TEXT]), content=body,
                                    headers={"content-type": "application/json"}), body[:40])
-        values = [None, -1, 0, 1, 2.5, "", "x", [], {}, [1], {"a": 1}, True, 10 ** 12]
+        values = [None, -1, 0, 1, 2.5, "", "x", "\ud800", [], {}, [1], {"a": 1}, True, 10 ** 12, 2 ** 64]
         for i in range(40):                      # one field of a good request set to a random value
             body = dict(OK_CHAT, **{rng.choice(["model", "messages", "max_tokens", "temperature", "top_p", "stop",
                                                 "seed", "n", "stream", "stream_options"]): rng.choice(values)})
-            r = http.post(CHAT, json=body)
+            r = http.post(CHAT, content=json.dumps(body), headers={"content-type": "application/json"})
             assert r.status_code == 200 or 400 <= r.status_code < 500, (body, r.status_code, r.text[:300])
             if r.status_code != 200:
                 _check_error(r, body)

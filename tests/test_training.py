@@ -354,6 +354,31 @@ def test_parent_token_input_needs_next_token_input():
         TrainConfig(data="x", output="y", parent_token_input=True)
 
 
+def test_train_help_shows_the_defaults_that_matter(capsys):
+    import re
+
+    from medusa.interfaces.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    entries = {" ".join(b.split()).split()[0]: " ".join(b.split()) for b in re.split(r"\n(?=  -)", out)}
+    for flag, default in [("--epochs", "1.0"), ("--lr", "0.001"), ("--base-lr", "5e-05"), ("--batch-size", "8"),
+                          ("--max-length", "1024"), ("--num-heads", "4"), ("--val-examples", "64")]:
+        assert entries[flag].endswith(f"(default: {default})"), entries[flag]
+    assert "a tenth" in entries["--val-examples"] and "none under 10" in entries["--val-examples"]
+    assert "(default: None)" not in out
+
+
+def test_step_logs_say_their_accuracies_are_on_training_batches(distilled, tmp_path):
+    logs = []
+    cfg = TrainConfig(data=str(distilled), output=str(tmp_path / "h"), num_heads=2, batch_size=4, epochs=1,
+                      limit=20, val_examples=2, log_every=1)
+    train(cfg, base=tiny_model("llama"), tokenizer=tiny_tokenizer(), log=logs.append)
+    steps = [m for m in logs if '"top1"' in m and '"saved"' not in m]
+    assert steps and all(m.endswith("(top1/top5: per-head accuracy on this step's training batch)") for m in steps)
+
+
 def test_evaluate_command_on_trained_heads(distilled, tmp_path, capsys):
     """`medusa evaluate` on a heads folder: per-head accuracy on held-out conversations and tokens per step on
     prompts (overall and per category), the same figures as the functions behind it; a bad draft length is

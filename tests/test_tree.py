@@ -149,6 +149,10 @@ def test_load_tree_from_every_source(tmp_path):
     ([[0], [0, 1], [0, 1]], "duplicate"),
     ([[0], [-1]], "negative rank"),
     ([[0], [0, -2]], "negative rank"),
+    ([["a"]], r"tree path \['a'\] is not a list of whole-number ranks"),
+    ([[0.5]], r"tree path \[0.5\] is not a list of whole-number ranks"),
+    ([[0], [0, True]], r"tree path \[0, True\] is not"),
+    ([0, 1], r"tree path 0 is not"),
 ])
 def test_malformed_trees_are_refused(tmp_path, paths, message):
     with pytest.raises(ValueError, match=message):
@@ -156,6 +160,13 @@ def test_malformed_trees_are_refused(tmp_path, paths, message):
     file = tmp_path / "tree.json"
     file.write_text(json.dumps(paths))
     with pytest.raises(ValueError, match=message):
+        load_tree(str(file))
+
+
+def test_a_tree_file_that_is_not_json_names_itself(tmp_path):
+    file = tmp_path / "tree.json"
+    file.write_text("[[0], [1")
+    with pytest.raises(ValueError, match=f"tree file {file} is not valid JSON"):
         load_tree(str(file))
 
 

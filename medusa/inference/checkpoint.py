@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medusa.inference.heads import HeadsConfig, MedusaHeads
+from medusa.inference.loading import weights_only_refusal
 from medusa.inference.tree import ANY_DEVICE, trees_from_json, trees_to_json
 
 OUR_CONFIG, OUR_WEIGHTS, TREE_FILE = "medusa_config.json", "heads.safetensors", "tree.json"
@@ -67,7 +68,8 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"cannot read heads weights {path}: the file is truncated or corrupt ({e})") from None
     except Exception as e:  # the unpickler refuses arbitrary objects: say why
-        raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        raise ValueError(f"cannot read {path}: {type(e).__name__}: torch.load(weights_only=True) refuses it "
+                         f"({weights_only_refusal(e)})") from None
     # weights_only still admits a bare tensor, a list or nested dicts: a state dict is a flat {name: tensor}
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
@@ -124,9 +126,12 @@ def _from_original(folder: Path) -> tuple[HeadsConfig, dict]:
         else:
             state[f"heads.{h}.blocks.{layer}.{kind}"] = v
     vocab = next(iter(proj.values())).shape[0] if proj else cfg.get("vocab_size", 0)
-    config = HeadsConfig(hidden_size=hidden, vocab_size=vocab, num_heads=num_heads, num_layers=num_layers,
-                         shared_lm_head=shared, base_model_name_or_path=cfg.get("base_model_name_or_path"),
-                         extra={"converted_from": "original Medusa format"})
+    try:
+        config = HeadsConfig(hidden_size=hidden, vocab_size=vocab, num_heads=num_heads, num_layers=num_layers,
+                             shared_lm_head=shared, base_model_name_or_path=cfg.get("base_model_name_or_path"),
+                             extra={"converted_from": "original Medusa format"})
+    except ValueError as e:
+        raise ValueError(f"{folder / ORIG_CONFIG}: {e}") from None
     return config, state
 
 
@@ -137,7 +142,11 @@ def load_heads_checkpoint(folder: str | Path) -> tuple[HeadsConfig, dict, dict |
     if not folder.exists():
         raise FileNotFoundError(f"heads folder does not exist: {folder}")
     if (folder / OUR_CONFIG).is_file():
-        config = HeadsConfig.from_dict(_read_json(folder / OUR_CONFIG))
+        data = _read_json(folder / OUR_CONFIG)
+        try:
+            config = HeadsConfig.from_dict(data)
+        except (TypeError, ValueError) as e:      # a field missing, or of the wrong type
+            raise ValueError(f"{folder / OUR_CONFIG}: {e}") from None
         weights = folder / OUR_WEIGHTS
         if not weights.is_file():
             raise FileNotFoundError(f"{folder} has {OUR_CONFIG} but no {OUR_WEIGHTS}")

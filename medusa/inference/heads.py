@@ -28,6 +28,10 @@ from torch import nn
 import torch.nn.functional as F
 
 
+_FIELD_KINDS = {"int": ((int,), "an integer"), "bool": ((bool,), "true or false"),
+                "str | None": ((str, type(None)), "a string or null")}
+
+
 @dataclass
 class HeadsConfig:
     hidden_size: int
@@ -42,6 +46,10 @@ class HeadsConfig:
     extra: dict = field(default_factory=dict)  # provenance, training notes; kept verbatim
 
     def __post_init__(self):
+        for f in fields(self):     # a config file may say "hidden_size": "576"
+            value, (kinds, what) = getattr(self, f.name), _FIELD_KINDS.get(f.type, ((object,), ""))
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"{f.name} must be {what}, not {value!r}")
         if self.next_token_input and self.num_layers < 1:
             raise ValueError("next_token_input needs at least one residual block (num_layers >= 1)")
         if self.parent_token_input and not self.next_token_input:

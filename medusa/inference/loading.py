@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -61,7 +62,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(device)!r}: torch {torch.__version__} finds no CUDA GPU here (use cpu)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise RuntimeError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA GPUs")
+    return dev
 
 
 def _quantization_config(load_in_8bit: bool, load_in_4bit: bool, dtype):
@@ -127,6 +133,8 @@ def resolve_base_path(name_or_path: str | os.PathLike | None, *, log=None) -> st
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         return str(_convert_gguf(path, log=log))
+    if path.is_file():
+        raise ValueError(f"{path} is a file: a model is a folder (here {path.parent}), a .gguf file or a Hub id")
     if path.exists():
         ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
         if path.is_dir() and not (path / "config.json").exists() and ggufs:
@@ -165,7 +173,7 @@ def load_base_model(
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": dev.index or 0}
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
     if quant is None:
         model.to(dev)
     model.eval()
@@ -173,8 +181,37 @@ def load_base_model(
         if log:
             log(f"{source} has no tokenizer files: token ids in and out only (no text, chat or stop strings)")
         return model, None
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = _from_pretrained(AutoTokenizer, source)
     return model, tokenizer
+
+
+class BaseModelUnavailable(RuntimeError):
+    """The base model could not be read: not on the Hub or not reachable (offline), or a folder without one."""
+
+
+def _from_pretrained(auto_class, source: str, **kwargs):
+    """`auto_class.from_pretrained(source)`, with transformers' refusals as one-line errors naming the source."""
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"cannot load the base model {source}: its pickled weights (pytorch_model.bin) hold "
+                         f"more than tensors, and torch.load(weights_only=True) refuses them "
+                         f"({weights_only_refusal(e)}); if you trust them, save the model again as safetensors"
+                         ) from None
+    except OSError as e:       # not found, or the Hub cannot be reached: its message spans several lines
+        raise BaseModelUnavailable(f"cannot load the base model {source}: {_first_line(e)}") from None
+
+
+def weights_only_refusal(e: Exception) -> str:
+    """What torch.load(weights_only=True) refused in a pickle ("Unsupported global: GLOBAL argparse.Namespace
+    ..."), without its advice on loading untrusted files."""
+    reason = str(e).partition("WeightsUnpickler error:")[2]
+    return _first_line(reason or e).split(" Please use ")[0].rstrip(".")
+
+
+def _first_line(e) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(e).__name__
 
 
 def stderr_log(message: str) -> None:

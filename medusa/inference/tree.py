@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,7 @@ def validate_tree(paths: Tree, num_heads: int | None = None) -> Tree:
     """Check a tree is well formed: every node's parent is present, ranks are >= 0, no duplicates."""
     if isinstance(paths, DynamicTree):
         return paths
-    paths = [tuple(int(r) for r in p) for p in paths]
+    paths = [_ranks(p) for p in paths]
     present = set(paths)
     if len(present) != len(paths):
         raise ValueError("tree has duplicate paths")
@@ -134,6 +135,18 @@ def validate_tree(paths: Tree, num_heads: int | None = None) -> Tree:
     return paths
 
 
+def _ranks(path) -> Path_:
+    """A path as a tuple of int ranks; a rank that is not a whole number (0.5, "a", true) is refused, naming
+    the path."""
+    if isinstance(path, (list, tuple)) and not any(isinstance(r, bool) for r in path):
+        try:
+            return tuple(operator.index(r) for r in path)
+        except TypeError:
+            pass
+    shown = list(path) if isinstance(path, tuple) else path
+    raise ValueError(f"tree path {shown!r} is not a list of whole-number ranks")
+
+
 ANY_DEVICE = "*"
 
 
@@ -143,7 +156,9 @@ def _parse(value) -> Tree:
         if not value.startswith(DYNAMIC) or not value[len(DYNAMIC):].isdigit():
             raise ValueError(f'a tree is a list of paths or "{DYNAMIC}N" (N nodes), not {value!r}')
         return DynamicTree(int(value[len(DYNAMIC):]))
-    return [tuple(p) for p in value]
+    if not isinstance(value, list):
+        raise ValueError(f'a tree is a list of paths or "{DYNAMIC}N" (N nodes), not a {type(value).__name__}')
+    return validate_tree(value)
 
 
 def trees_from_json(data) -> dict[str, Tree]:
@@ -158,7 +173,7 @@ def trees_from_json(data) -> dict[str, Tree]:
     out = {ANY_DEVICE: _parse(data["paths"])} if "paths" in data else {}
     for kind, entry in data.get("devices", {}).items():
         if not isinstance(entry, dict) or "paths" not in entry:
-            raise ValueError(f'tree file: devices.{kind} has no "paths"')
+            raise ValueError(f'devices.{kind} has no "paths"')
         out[kind] = _parse(entry["paths"])
     return out
 
@@ -182,7 +197,7 @@ def load_tree(spec: str | os.PathLike | list | DynamicTree | None, num_heads: in
         elif spec.startswith(DYNAMIC) and not Path(spec).is_file():
             paths = _parse(spec)
         elif Path(spec).is_file():
-            trees = trees_from_json(json.loads(Path(spec).read_text()))
+            trees = read_tree_file(spec)
             paths = tree_for_device(trees, device_type) if device_type else trees.get(ANY_DEVICE)
             if paths is None:
                 raise ValueError(f"tree file {spec} has no tree for {device_type or 'every device'} "
@@ -193,6 +208,16 @@ def load_tree(spec: str | os.PathLike | list | DynamicTree | None, num_heads: in
     else:
         paths = spec
     return validate_tree(paths, num_heads)
+
+
+def read_tree_file(path: str | os.PathLike) -> dict[str, Tree]:
+    """A tree file -> {device type: tree} (see `trees_from_json`); its errors name the file."""
+    try:
+        return trees_from_json(json.loads(Path(path).read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"tree file {path} is not valid JSON: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"tree file {path}: {e}") from None
 
 
 def trees_to_json(trees: dict[str, Tree]) -> dict:

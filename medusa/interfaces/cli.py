@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -36,16 +37,35 @@ class LoadOptions:
 
         return with_max_tokens(DEFAULT.max_tokens if self.lookup is None else self.lookup, self.lookup_short)
 
+    def check(self) -> None:
+        """Refuse what is wrong before any loading: the device, the dtype, the tree (a file is read)."""
+        from medusa.inference.loading import resolve_device, resolve_dtype
+        from medusa.inference.tree import load_tree
+
+        device = resolve_device(self.device)
+        resolve_dtype(self.dtype)
+        if self.tree is not None:
+            load_tree(self.tree, device_type=device.type)
+
     def load(self):
+        from medusa.inference.checkpoint import is_heads_folder
+        from medusa.inference.loading import BaseModelUnavailable
         from medusa.model import MedusaModel
 
         log = lambda m: print(m, file=sys.stderr, flush=True)
         lookup = self.lookup_options()        # bad draft lengths are refused before any loading
+        self.check()
         t0 = time.perf_counter()
-        model = MedusaModel.from_pretrained(self.model, base_model=self.base_model, dtype=self.dtype,
-                                            device=self.device, tree=self.tree, load_in_8bit=self.load_in_8bit,
-                                            load_in_4bit=self.load_in_4bit, attn_implementation=self.attn,
-                                            lookup=lookup, compile=self.compile, log=log)
+        try:
+            model = MedusaModel.from_pretrained(self.model, base_model=self.base_model, dtype=self.dtype,
+                                                device=self.device, tree=self.tree, load_in_8bit=self.load_in_8bit,
+                                                load_in_4bit=self.load_in_4bit, attn_implementation=self.attn,
+                                                lookup=lookup, compile=self.compile, log=log)
+        except BaseModelUnavailable as e:
+            if self.base_model is None and self.model and is_heads_folder(Path(self.model).expanduser()):
+                raise BaseModelUnavailable(f"{e}; the heads in {self.model} name it as their base: pass "
+                                           f"--base-model (a local folder or Hub id)") from None
+            raise
         if model.tokenizer is None:
             raise ValueError(f"{self.base_model or self.model} has no tokenizer; the command line needs one "
                              f"(the Python API works on token ids without it)")
@@ -62,6 +82,12 @@ class LoadOptions:
 
 
 def gen_options(a) -> dict:
+    """The generation flags as model.stream options, checked (call it before loading the model)."""
+    from medusa.inference.acceptance import SamplingOptions
+    from medusa.inference.decode import DecodeOptions
+
+    DecodeOptions(max_new_tokens=a.max_new_tokens, seed=a.seed,
+                  sampling=SamplingOptions(temperature=a.temperature, top_p=a.top_p, mode=a.sampling))
     return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
             "sampling": a.sampling}
 
@@ -116,17 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_chat(a) -> int:
     from medusa.interfaces.chat import ChatSession
 
-    ChatSession(LoadOptions.from_args(a).load(), gen_options(a)).run(sys.stdin, sys.stdout)
+    options = gen_options(a)
+    ChatSession(LoadOptions.from_args(a).load(), options).run(sys.stdin, sys.stdout)
     return 0
 
 
 def cmd_generate(a) -> int:
     from medusa.interfaces.chat import encode_prompt, generate_once
 
+    options = gen_options(a)
     model = LoadOptions.from_args(a).load()
     ids = encode_prompt(model.tokenizer, [{"role": "user", "content": a.prompt}], chat=not a.no_chat_template)
     on_text = None if a.json else (lambda s: print(s, end="", flush=True))
-    text, stats = generate_once(model, ids, gen_options(a), baseline=a.baseline, on_text=on_text)
+    text, stats = generate_once(model, ids, options, baseline=a.baseline, on_text=on_text)
     if a.json:
         print(json.dumps({"text": text, "mode": "baseline" if a.baseline else "medusa", **stats.as_dict()}))
     else:
@@ -157,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = handlers[args.command]
     try:
         return handler(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"medusa {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Literal
@@ -16,6 +17,10 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": 
 UNSUPPORTED = {"tools": (None, []), "functions": (None, []), "logprobs": (None, False), "top_logprobs": (None, 0),
                "logit_bias": (None, {}), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
                "response_format": (None, {"type": "text"})}
+# torch seeds its generators from any integer that fits in 64 bits, signed or not
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+# where a body too deep for the JSON parser is refused, the top-level field nesting deeper than this is named
+MAX_NESTING = 100
 
 
 class APIError(Exception):
@@ -63,7 +68,7 @@ class _Common(_Strict):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -91,8 +96,15 @@ def parse_request(raw: bytes, model_cls: type[_Strict]) -> _Strict:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"the body is not valid JSON: {e}")
+    except RecursionError:
+        field = deep_field(raw.decode(json.detect_encoding(raw), "replace"), MAX_NESTING)
+        raise APIError(400, f"{field or 'the body'}: JSON nested more than {MAX_NESTING} levels deep",
+                       param=field, code="invalid_value")
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object")
+    if (where := lone_surrogate(data)) is not None:
+        raise APIError(400, f"{where or 'the body'}: a string holds a lone UTF-16 surrogate (such as \\ud800), "
+                            f"which is not text", param=where or None, code="invalid_value")
     for key, neutral in UNSUPPORTED.items():
         if key in data and data[key] not in neutral:
             raise APIError(400, f"{key} is not supported by this server", param=key, code="unsupported_parameter")
@@ -103,6 +115,59 @@ def parse_request(raw: bytes, model_cls: type[_Strict]) -> _Strict:
     if req.n != 1:
         raise APIError(400, "only n=1 is supported (the engine decodes one sequence at a time)", param="n")
     return req
+
+
+_JSON_TOKEN = re.compile(r'("(?:[^"\\]|\\.)*")(\s*:)?|[\[{\]}]')   # a string (a key if a colon follows), a bracket
+
+
+def deep_field(text: str, limit: int) -> str | None:
+    """The top-level key of the JSON object `text` under which nesting first passes `limit` levels (None: the
+    body itself nests that deep, or nothing does). Reads `text` only up to that point."""
+    depth, key = 0, None
+    for m in _JSON_TOKEN.finditer(text):
+        if m.group(1):
+            if m.group(2) and depth == 1:
+                key = m.group(1)[1:-1]
+        elif m.group() in "[{":
+            depth += 1
+            if depth > limit:
+                return key
+        else:
+            depth -= 1
+    return None
+
+
+def lone_surrogate(data) -> str | None:
+    """The path ("messages.0.content") of a string in parsed JSON, key or value, that holds a lone surrogate
+    (JSON's "\\ud800" escape decodes to one): not text, so no tokenizer or UTF-8 encoder takes it. A bad key
+    gives its object's path ("" for the body's own keys); None when every string is text."""
+    stack = [(data, None)]                     # (value, (key, parent entry) or None): paths built on demand
+    while stack:
+        value, at = stack.pop()
+        if isinstance(value, str) and not _is_text(value):
+            return _path(at)
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            if isinstance(key, str) and not _is_text(key):
+                return _path(at)
+            stack.append((item, (str(key), at)))
+    return None
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _path(at) -> str:
+    parts = []
+    while at is not None:
+        key, at = at
+        parts.append(key)
+    return ".".join(reversed(parts))
 
 
 def validation_error(errors) -> APIError:

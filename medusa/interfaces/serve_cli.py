@@ -27,8 +27,9 @@ def cmd_serve(a) -> int:
     from medusa.inference.loading import DEFAULT_MODEL_NAME
     from medusa.interfaces.server import serve
 
+    defaults = gen_options(a)
     model = LoadOptions.from_args(a).load()
     name = a.served_model_name or (a.model.rstrip("/") if a.model else DEFAULT_MODEL_NAME)
     serve(model, model_name=name, host=a.host, port=a.port, api_key=a.api_key, queue_size=a.queue_size,
-          defaults=gen_options(a), log_level=a.log_level)
+          defaults=defaults, log_level=a.log_level)
     return 0

@@ -4,9 +4,16 @@ from __future__ import annotations
 import argparse
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, where it has one (no "(default: None)")."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def add_commands(sub) -> dict:
     d = sub.add_parser("distill", help="self-distillation: the base model answers prompts (resumable)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Defaults)
     d.add_argument("--input", action="append", required=True,
                    help="prompt JSONL (prompt / ShareGPT conversations / MT-Bench turns); repeatable")
     d.add_argument("--output", required=True, help="ShareGPT JSONL to append to; re-running resumes")
@@ -68,6 +75,24 @@ def cmd_distill(a) -> int:
 
 _HELP = {
     "mode": "medusa1 (frozen base, heads only) or medusa2 (LoRA on the base + heads)",
+    "num_heads": "Medusa heads: head i (from 0) guesses the token i + 2 places ahead",
+    "num_layers": "residual blocks per head",
+    "max_length": "tokens per conversation; longer ones are cut",
+    "batch_size": "conversations per batch (per process; an optimizer step takes --grad-accum batches)",
+    "grad_accum": "batches per optimizer step",
+    "epochs": "passes over the training conversations (a fraction stops part-way)",
+    "lr": "peak learning rate of the heads: linear warm-up, then cosine decay to 0",
+    "warmup_ratio": "fraction of the optimizer steps spent warming up",
+    "weight_decay": "AdamW weight decay",
+    "kl_topk": "--loss kl: the base's top-k log-probabilities kept per position",
+    "base_dtype": "dtype to load the base model in (default: the checkpoint's)",
+    "seed": "seed of the shuffle, the held-out split and the initialization",
+    "limit": "only the first N conversations of --data",
+    "log_every": "log every N optimizer steps: loss, and per-head accuracy on that step's training batch",
+    "lora_r": "medusa2: LoRA rank",
+    "lora_alpha": "medusa2: LoRA alpha",
+    "load_in_8bit": "8-bit base via bitsandbytes (CUDA only)",
+    "load_in_4bit": "4-bit base via bitsandbytes (CUDA only)",
     "shared_lm_head": "heads reuse the base's frozen lm_head (small heads) instead of one projection each",
     "next_token_input": "heads also see the embedding of the token the base predicts next (more accurate; "
                         "our format only, not exportable to vLLM/TGI/TensorRT-LLM)",
@@ -84,7 +109,9 @@ _HELP = {
     "heads_warmup_steps": "medusa2: heads-only steps before the base's adapters start training",
     "base_lr": "medusa2: learning rate of the LoRA adapters",
     "save_merged": "medusa2: also save the base with the adapters merged in",
-    "val_examples": "conversations held out for the final per-head accuracy",
+    "val_examples": "conversations held out from training for the final per-head accuracy (val_accuracy), at "
+                    "most a tenth of the usable ones: fewer when --data has under 10 times this many, none "
+                    "under 10 (val_accuracy is then empty)",
 }
 
 
@@ -92,7 +119,7 @@ def add_train_commands(sub) -> dict:
     from medusa.inference.lookup import DEFAULT as DEFAULT_LOOKUP
 
     t = sub.add_parser("train", help="train Medusa heads (Medusa-1: frozen base; Medusa-2: LoRA + heads)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Defaults)
     from medusa.training.trainer import TrainConfig
 
     defaults = TrainConfig(data="", output="")

@@ -329,7 +329,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
                        "top5": [round(x, 3) for x in stats.top5.tolist()], "elapsed_s": round(time.time() - t_start)}
                 if stats.base_kl is not None:
                     rec["base_kl"] = round(stats.base_kl.item(), 5)
-                say(json.dumps(rec))
+                say(f"{json.dumps(rec)}  (top1/top5: per-head accuracy on this step's training batch)")
                 if acc.is_main_process:
                     with log_file.open("a") as f:
                         f.write(json.dumps(rec) + "\n")

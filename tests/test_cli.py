@@ -1,0 +1,120 @@
+"""The `medusa` command refusing what it cannot use: one line on stderr naming the culprit, exit code 2, no
+traceback; what can be checked without the model is checked before it loads."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import random_heads, tiny_model, tiny_tokenizer
+from medusa.inference.checkpoint import save_heads
+from medusa.interfaces.cli import main
+
+OFFLINE_BASE = "org/not-cached-anywhere"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny base (with its tokenizer) and heads naming it."""
+    root = tmp_path_factory.mktemp("cli")
+    tiny_model("llama").save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    heads = random_heads()
+    heads.config.base_model_name_or_path = str(root / "base")
+    save_heads(root / "heads", heads)
+    return root
+
+
+def refusal(capsys, *args: str) -> tuple[str, str]:
+    """Run `medusa generate ARGS`, which must exit with 2 and end with one error line; -> (that line, stderr)."""
+    assert main(["generate", "--prompt", "hi", "--max-new-tokens", "3", *args]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("medusa generate: error: ") and "Traceback" not in err, err
+    return last, err
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)     # read at import time; transformers asks it
+
+
+@pytest.mark.parametrize("fmt", ["ours", "original"])
+def test_heads_naming_a_hub_base_offline_ask_for_base_model(folders, tmp_path, capsys, offline, fmt):
+    from medusa.integrations.export import export
+
+    heads = tmp_path / "heads"
+    if fmt == "ours":
+        shutil.copytree(folders / "heads", heads)
+        config = json.loads((heads / "medusa_config.json").read_text())
+        (heads / "medusa_config.json").write_text(json.dumps({**config, "base_model_name_or_path": OFFLINE_BASE}))
+    else:   # what `medusa export` writes for vLLM and the original Medusa
+        export(folders / "heads", heads, "original", base_model=str(folders / "base"), base_name=OFFLINE_BASE)
+    line, _ = refusal(capsys, "--model", str(heads))
+    assert f"cannot load the base model {OFFLINE_BASE}" in line and "pass --base-model" in line
+    line, _ = refusal(capsys, "--model", OFFLINE_BASE)                 # a base itself: no heads to blame
+    assert f"cannot load the base model {OFFLINE_BASE}" in line and "--base-model" not in line
+
+
+def test_a_config_field_of_the_wrong_type_is_named_with_its_file(folders, tmp_path, capsys):
+    heads = tmp_path / "heads"
+    shutil.copytree(folders / "heads", heads)
+    config = json.loads((heads / "medusa_config.json").read_text())
+    (heads / "medusa_config.json").write_text(json.dumps({**config, "hidden_size": "576"}))
+    line, _ = refusal(capsys, "--model", str(heads))
+    assert f"{heads / 'medusa_config.json'}: hidden_size must be an integer, not '576'" in line
+
+
+def test_a_weights_file_instead_of_its_folder_is_refused(folders, capsys):
+    line, err = refusal(capsys, "--model", str(folders / "heads" / "heads.safetensors"))
+    assert "heads.safetensors is a file" in line and f"a folder (here {folders / 'heads'})" in line
+    assert "Loading base model" in err          # found out while loading (what the test below must not see)
+
+
+def test_pickled_base_weights_refused_by_weights_only_say_so(folders, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(folders / "base", base)
+    state = load_file(base / "model.safetensors")
+    (base / "model.safetensors").unlink()
+    torch.save({**state, "args": argparse.Namespace(lr=1e-3)}, base / "pytorch_model.bin")   # as old trainers did
+    line, _ = refusal(capsys, "--model", str(folders / "heads"), "--base-model", str(base))
+    assert "pytorch_model.bin" in line and "weights_only=True" in line and "argparse.Namespace" in line
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--max-new-tokens", "-5"], "max_new_tokens must be >= 1, got -5"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--device", "cuda"], "device 'cuda': torch"),
+    (["--dtype", "float8"], "unknown dtype 'float8'"),
+    (["--tree", "{dir}/not_json.json"], "tree file {dir}/not_json.json is not valid JSON"),
+    (["--tree", "{dir}/letters.json"], "tree path ['a'] is not a list of whole-number ranks"),
+    (["--tree", "{dir}/halves.json"], "tree path [0.5] is not a list of whole-number ranks"),
+    (["--tree", "{dir}/per_device.json"], "tree path [0, 0.5] is not a list of whole-number ranks"),
+], ids=["max-new-tokens", "temperature", "device", "dtype", "tree-not-json", "tree-letters", "tree-halves",
+        "tree-per-device"])
+def test_arguments_are_checked_before_loading(folders, tmp_path, capsys, monkeypatch, args, says):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "not_json.json").write_text("[[0], [1")
+    (tmp_path / "letters.json").write_text('[["a"]]')
+    (tmp_path / "halves.json").write_text("[[0.5]]")
+    (tmp_path / "per_device.json").write_text('{"devices": {"cpu": {"paths": [[0], [0, 0.5]]}}}')
+    line, err = refusal(capsys, "--model", str(folders / "heads"), *[a.format(dir=tmp_path) for a in args])
+    assert says.format(dir=tmp_path) in line and "Loading" not in err
+
+
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_chat_and_serve_check_generation_flags_before_loading(folders, capsys, monkeypatch, command):
+    import medusa.interfaces.server
+
+    served = []
+    monkeypatch.setattr(medusa.interfaces.server, "serve", lambda *a, **kw: served.append(kw))   # never listen
+    assert main([command, "--model", str(folders / "heads"), "--max-new-tokens", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"medusa {command}: error: max_new_tokens must be >= 1, got -5"]
+    assert served == []
