@@ -49,6 +49,7 @@ class Batch:
         self.rows.append(row)
         return row
 
+    @torch.inference_mode()
     def cancel(self, key) -> bool:
         """Drop the request reported as `key` (between steps); the other rows go on unchanged."""
         row = next((r for r in self.rows if r.key == key), None)
