@@ -2,8 +2,10 @@
 HTTP: response shapes, streaming, concurrency, the bounded queue, disconnects, API keys, malformed requests."""
 from __future__ import annotations
 
+import copy
 import json
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,20 +37,32 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
+class _SlowVerifier:
+    def __init__(self, verifier, delay: float):
+        self.verifier, self.delay = verifier, delay
+
+    def __getattr__(self, name):
+        return getattr(self.verifier, name)
+
+    def verify(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.verifier.verify(*args, **kwargs)
+
+
 class Slowed:
-    """The model with a pause after every decoding step and no end-of-sequence token, so that a request
-    reliably runs long enough to be queued behind or disconnected from."""
+    """The model with a pause before every verification forward and no end-of-sequence token, so that a
+    request reliably runs long enough to be queued behind or disconnected from."""
 
     def __init__(self, model, delay: float = 0.02):
-        self.model, self.delay = model, delay
+        self.model = model
+        self.engine = copy.copy(model.engine)
+        self.engine.verifier = _SlowVerifier(model.engine.verifier, delay)
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def stream(self, ids, **options):
-        for step in self.model.stream(ids, eos_token_id=[], **options):
-            time.sleep(self.delay)
-            yield step
+    def requests(self, ids, **options):
+        return self.model.requests(ids, **{**options, "eos_token_id": []})
 
 
 def reference(model, messages, max_tokens: int) -> str:
@@ -175,16 +189,28 @@ def test_concurrent_clients_each_get_their_own_answer(client, server):
             return "".join(c.choices[0].delta.content or "" for c in ask(prompts[i], stream=True) if c.choices)
         return ask(prompts[i]).choices[0].message.content
 
+    seen, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.append(server.engine.running)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(concurrently, range(len(prompts))))
+    done.set()
+    watcher.join()
     assert together == alone
     assert len(set(alone)) > 1   # the prompts really give different answers
+    assert max(seen) > 1         # decoded together, in one batch
 
 
 # ---------------------------------------------------------------- the queue and disconnects
 @pytest.fixture(scope="module")
 def slow_server(model):
-    with serve(Slowed(model), queue_size=1) as s:
+    with serve(Slowed(model), queue_size=1, max_batch=1) as s:
         yield s
 
 

@@ -1,6 +1,8 @@
-"""One engine, one request at a time: a worker thread runs the (synchronous) decode loop for queued jobs and
-hands text pieces back to the asyncio event loop. A bounded queue sheds load; a job whose client has gone is
-cancelled between decoding steps, so the engine is free for the next one at once."""
+"""One engine for every client: a worker thread owns a batch of the decode engine (decode.Batch) and runs the
+requests in it together, continuous batching: between two steps it admits waiting jobs into free rows (each
+prompt prefilled alone, so the running rows are untouched) and drops finished or cancelled ones at once. Text
+pieces go back to the asyncio event loop per job. A bounded queue sheds load. Each row decodes exactly as it
+would alone, so nothing a client receives depends on who else is in the batch."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +15,8 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 
 import torch
 
-from medusa.interfaces.textstream import RunStats, stream_text
+from medusa.inference.decode import Batch
+from medusa.interfaces.textstream import RunStats, TextStream
 
 
 class QueueFullError(RuntimeError):
@@ -77,52 +80,83 @@ class Job:
                 self.cancel()
 
 
-def until_cancelled(steps: Iterator, cancelled: threading.Event) -> Iterator:
-    """Pass decoding steps through, stopping between steps once `cancelled` is set."""
-    try:
-        for step in steps:
-            yield step
-            if cancelled.is_set():
-                return
-    finally:
-        close = getattr(steps, "close", None)
-        if close:
-            close()
+class StopCutter:
+    """Drops a stop string and all after it (OpenAI semantics) from text arriving in pieces, holding back any
+    tail that may begin one. `push(piece)` -> the text that is safe to send; `stopped` once a stop was met."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop, self.held, self.stopped = stop, "", False
+
+    def push(self, piece: str) -> str:
+        if not self.stop:
+            return piece
+        if self.stopped:
+            return ""
+        self.held += piece
+        hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self.held[:min(hits)]
+        keep = max((k for s in self.stop for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.held = ("" if self.stopped else self.held), ""
+        return out
 
 
 def cut_at_stop(pieces: Iterable[str], stop: tuple[str, ...], stats: RunStats) -> Iterator[str]:
-    """Drop a stop string and all after it (OpenAI semantics), holding back any tail that may begin one."""
-    if not stop:
-        yield from pieces
-        return
-    held = ""
+    """Drop a stop string and all after it from a stream of text pieces (see StopCutter)."""
+    cutter = StopCutter(stop)
     for piece in pieces:
-        held += piece
-        hits = [i for i in (held.find(s) for s in stop) if i >= 0]
-        if hits:
-            if min(hits):
-                yield held[:min(hits)]
+        if out := cutter.push(piece):
+            yield out
+        if cutter.stopped:
             stats.finish_reason = "stop"
             return
-        keep = max((k for s in stop for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
-        if len(held) > keep:
-            yield held[:len(held) - keep]
-            held = held[len(held) - keep:]
-    if held:
-        yield held
+    if rest := cutter.flush():
+        yield rest
+
+
+class _Running:
+    """A job in the batch: its text so far, its stop strings, its figures."""
+
+    def __init__(self, job: Job, tokenizer):
+        self.job, self.text, self.cutter = job, TextStream(tokenizer), StopCutter(job.stop)
+        self.stats, self.t0 = RunStats(), time.perf_counter()
+
+    def feed(self, step) -> bool:
+        """Add a step's tokens; emit what text is safe; True when the job is done."""
+        st = self.stats
+        st.steps += 1
+        st.new_tokens += step.accepted
+        st.accept_lengths.append(step.accepted)
+        st.finish_reason = step.finish_reason or st.finish_reason
+        out = self.cutter.push(self.text.push(step.tokens.tolist()))
+        if self.cutter.stopped:
+            st.finish_reason = "stop"
+        elif step.finish_reason:
+            out += self.cutter.flush()
+        st.seconds = time.perf_counter() - self.t0
+        if out:
+            self.job.emit("text", out)
+        return st.finish_reason is not None
 
 
 class EngineWorker:
-    """Runs jobs one at a time on a worker thread. At most `queue_size` jobs wait behind the running one."""
+    """Runs jobs on a worker thread, up to `max_batch` of them at once in one batch. At most `queue_size` jobs
+    wait while the batch is full; more are refused at once (QueueFullError)."""
 
-    def __init__(self, model, *, queue_size: int = 16, history: int = 64):
-        if queue_size < 0:
-            raise ValueError(f"queue_size must be >= 0, got {queue_size}")
-        self.model, self.queue_size = model, queue_size
+    def __init__(self, model, *, queue_size: int = 16, max_batch: int = 8, history: int = 64):
+        if queue_size < 0 or max_batch < 1:
+            raise ValueError(f"queue_size must be >= 0 and max_batch >= 1, got {queue_size} and {max_batch}")
+        self.model, self.queue_size, self.max_batch = model, queue_size, max_batch
         self.reports: deque[JobReport] = deque(maxlen=history)
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0               # running + waiting
+        self.running = 0                # jobs in the batch
         self._thread = threading.Thread(target=self._run, name="medusa-engine", daemon=True)
         self._thread.start()
 
@@ -133,7 +167,7 @@ class EngineWorker:
     def submit(self, job_id: str, ids: torch.Tensor, options: dict, stop: tuple[str, ...] = ()) -> Job:
         """Queue a job (call from the event loop). Raises QueueFullError at once when the queue is full."""
         with self._lock:
-            if self._pending > self.queue_size:
+            if self._pending >= self.max_batch + self.queue_size:
                 raise QueueFullError(f"the server is busy: {self._pending} requests are running or waiting")
             self._pending += 1
         job = Job(job_id, ids, options, stop, asyncio.get_running_loop())
@@ -145,27 +179,57 @@ class EngineWorker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        batch, running = Batch(self.model.engine, slots=self.max_batch), {}
+        while True:
+            while len(running) < self.max_batch:          # admit waiting jobs into free rows
+                try:
+                    job = self._jobs.get(block=not running)
+                except queue.Empty:
+                    break
+                if job is None:
+                    for r in running.values():
+                        self._end(r, error=None, cancelled=True)
+                    return
+                self._admit(batch, running, job)
+            for key, r in list(running.items()):         # clients that went away free their rows now
+                if r.job.cancelled.is_set():
+                    batch.cancel(key)
+                    self._end(running.pop(key), error=None, cancelled=True)
+            self.running = len(running)
+            if not running:
+                continue
             try:
-                self._serve(job)
-            except Exception as e:  # never let the worker die: every later request would wait forever
-                job.emit("error", e)
-            finally:
-                with self._lock:
-                    self._pending -= 1
+                steps = batch.step()
+            except Exception as e:  # reported to every client in the batch; the worker keeps serving
+                for r in running.values():
+                    self._end(r, error=e, cancelled=False)
+                batch, running = Batch(self.model.engine, slots=self.max_batch), {}
+                continue
+            for step in steps:
+                r = running[step.row]
+                if r.feed(step):
+                    if step.finish_reason is None:      # a stop string ended it: the row still runs
+                        batch.cancel(step.row)
+                    self._end(running.pop(step.row), error=None, cancelled=False)
 
-    def _serve(self, job: Job) -> None:
-        stats, t0 = RunStats(), time.perf_counter()
-        error = None
-        if not job.cancelled.is_set():
-            try:
-                steps = until_cancelled(self.model.stream(job.ids, **job.options), job.cancelled)
-                for piece in cut_at_stop(stream_text(steps, self.model.tokenizer, stats), job.stop, stats):
-                    job.emit("text", piece)
-            except Exception as e:  # reported to the client; the worker keeps serving
-                error = e
-        cancelled = job.cancelled.is_set() and stats.finish_reason is None
+    def _admit(self, batch: Batch, running: dict, job: Job) -> None:
+        r = _Running(job, self.model.tokenizer)
+        if job.cancelled.is_set():
+            return self._end(r, error=None, cancelled=True)
+        try:
+            (req,), _ = self.model.requests(job.ids, **job.options)
+            req.key = job.id
+            batch.add(req)
+        except Exception as e:  # a request the engine cannot take: its client is told, the others go on
+            return self._end(r, error=e, cancelled=False)
+        running[job.id] = r
+
+    def _end(self, r: _Running, *, error: Exception | None, cancelled: bool) -> None:
+        job, stats = r.job, r.stats
+        cancelled = cancelled and stats.finish_reason is None
         finish = "error" if error else "cancelled" if cancelled else stats.finish_reason
         self.reports.append(JobReport(job.id, job.ids.shape[1], stats.new_tokens, stats.steps,
-                                      time.perf_counter() - t0, finish, cancelled))
+                                      time.perf_counter() - r.t0, finish, cancelled))
         job.emit("error", error) if error else job.emit("done", stats)
+        with self._lock:
+            self._pending -= 1

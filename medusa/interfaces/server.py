@@ -1,7 +1,8 @@
 """`medusa serve`: an OpenAI-compatible HTTP server (FastAPI) over one MedusaModel, and the chat page.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET / (chat page).
-Requests run one at a time on the engine worker (batch 1) behind a bounded queue; a full queue is a 429.
+Requests run together on the engine worker (continuous batching, up to `max_batch` rows) behind a bounded
+queue; a full queue is a 429.
 """
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ MAX_BODY_BYTES = 1 << 20
 JSON_TYPES = ("application/json", "text/json")
 
 
-def create_app(model, *, model_name: str, api_key: str | None = None, queue_size: int = 16,
+def create_app(model, *, model_name: str, api_key: str | None = None, queue_size: int = 16, max_batch: int = 8,
                defaults: dict | None = None) -> FastAPI:
     """The app for one model. `defaults`: keyword options for `model.stream` used where a request gives
     none (max_new_tokens, temperature, top_p, seed, ...). Without them requests decode greedily, unlike
-    OpenAI's default temperature of 1: Medusa's greedy output is exactly the base model's greedy output."""
-    engine = EngineWorker(model, queue_size=queue_size)
+    OpenAI's default temperature of 1: Medusa's greedy output is exactly the base model's greedy output.
+    `max_batch`: requests decoded together; `queue_size`: requests that may wait beyond them."""
+    engine = EngineWorker(model, queue_size=queue_size, max_batch=max_batch)
     completer = Completer(model, engine, model_name, {"max_new_tokens": 512, **(defaults or {})})
     page = (resources.files("medusa.interfaces") / "static" / "chat.html").read_text(encoding="utf-8")
     page = page.replace("{{MODEL_NAME}}", html.escape(model_name))
@@ -57,8 +59,9 @@ def create_app(model, *, model_name: str, api_key: str | None = None, queue_size
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "running": min(engine.pending, 1),
-                "waiting": max(engine.pending - 1, 0), "queue_size": engine.queue_size}
+        running = min(engine.pending, engine.max_batch)
+        return {"status": "ok", "model": model_name, "running": running, "waiting": engine.pending - running,
+                "max_batch": engine.max_batch, "queue_size": engine.queue_size}
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
@@ -125,12 +128,13 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def serve(model, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          queue_size: int = 16, defaults: dict | None = None, log_level: str = "info") -> None:
+          queue_size: int = 16, max_batch: int = 8, defaults: dict | None = None, log_level: str = "info") -> None:
     """Run the server until interrupted (see create_app for the options)."""
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
-    app = create_app(model, model_name=model_name, api_key=api_key, queue_size=queue_size, defaults=defaults)
+    app = create_app(model, model_name=model_name, api_key=api_key, queue_size=queue_size, max_batch=max_batch,
+                     defaults=defaults)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
