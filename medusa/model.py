@@ -271,13 +271,14 @@ class MedusaModel(nn.Module):
         return reqs, padded
 
     def stream(self, input_ids, attention_mask=None, *, tree=None, lookup=None, max_batch: int | None = None,
-               **options) -> Iterator[Step]:
+               trees_by_load: bool = True, **options) -> Iterator[Step]:
         """One Step per decoding step of each prompt (Step.tokens: the ids it added; Step.row: which prompt).
         `input_ids`: see `generate`. `tree` and `lookup` override the model's for this call; `max_batch`: rows
-        decoded at once (default: all). Options (each one value, or a list with one per prompt): see
-        `decode_options`."""
+        decoded at once (default: all); `trees_by_load`: in a batch, greedy and lossless rows skip their trees
+        on steps where that is faster (inference/load.py; their output is the same). Options (each one value,
+        or a list with one per prompt): see `decode_options`."""
         reqs, _ = self.requests(input_ids, attention_mask, tree=tree, lookup=lookup, **options)
-        return decode(self.engine, reqs, slots=min(max_batch or len(reqs), len(reqs)))
+        return decode(self.engine, reqs, slots=min(max_batch or len(reqs), len(reqs)), trees_by_load=trees_by_load)
 
     def generate_baseline(self, input_ids, generate_kwargs: dict | None = None, *, attention_mask=None,
                           **options) -> torch.Tensor:
@@ -310,9 +311,10 @@ class MedusaModel(nn.Module):
         list of prompts (token lists or 1-D tensors of any lengths) gives a list of 1-D tensors, each prompt
         followed by its new tokens. Options: see `stream`."""
         reqs, padded = self.requests(input_ids, attention_mask, **{k: v for k, v in options.items()
-                                                                    if k not in ("max_batch",)})
+                                                                    if k not in ("max_batch", "trees_by_load")})
         new: list[list[torch.Tensor]] = [[] for _ in reqs]
-        for step in decode(self.engine, reqs, slots=min(options.get("max_batch") or len(reqs), len(reqs))):
+        for step in decode(self.engine, reqs, slots=min(options.get("max_batch") or len(reqs), len(reqs)),
+                           trees_by_load=options.get("trees_by_load", True)):
             new[step.row].append(step.tokens)
         outs = [torch.cat([r.ids, *n]) for r, n in zip(reqs, new)]
         if padded is None:

@@ -61,7 +61,7 @@ def test_heads_that_predict_well_accept_different_lengths_in_one_step(arch):
     n = 60
     refs = [torch.cat([p, _alone(model, p, n + 8)]) for p in prompts]
     m = MedusaModel(model, OracleHeads(model, refs, max_rank=3, miss_every=4), tree="cpu_small", lookup=0)
-    steps = list(m.stream(prompts, max_new_tokens=n))
+    steps = list(m.stream(prompts, max_new_tokens=n, trees_by_load=False))   # every step verifies the trees
     for row, (p, ref) in enumerate(zip(prompts, refs)):
         got = torch.cat([s.tokens for s in steps if s.row == row])
         assert torch.equal(got, ref[p.numel():p.numel() + n])
@@ -140,3 +140,36 @@ def test_one_forward_per_step_for_the_whole_batch():
     assert [s[1] for s in prefills] == list(LENGTHS) and all(s[0] == 1 for s in prefills)
     assert all(s[0] == 4 for s in forwards[:2])              # every row in one forward while all run
     assert len(forwards) <= max(sum(1 for s in steps if s.row == r) for r in range(4))
+
+
+def test_trees_by_load_takes_the_faster_way_and_tries_the_other_now_and_then():
+    from medusa.inference.load import TreeByLoad
+
+    load = TreeByLoad(explore_every=4)
+    assert load.use_trees(1)                                  # a lone row keeps its tree
+    assert load.use_trees(8)                                  # nothing measured: trees first...
+    load.record(8, True, tokens=16, seconds=0.4)              # 40 tokens/s
+    assert not load.use_trees(8)                              # ...then plain steps
+    load.record(8, False, tokens=8, seconds=0.1)              # 80 tokens/s
+    picks = [load.use_trees(8) for _ in range(8)]
+    assert picks.count(True) == 2 and not picks[0]            # plain, trying trees every 4th step
+    load.record(8, True, tokens=40, seconds=0.2)              # trees got faster: 200 tokens/s, smoothed
+    load.record(8, True, tokens=40, seconds=0.2)
+    assert load.rate[(8, True)] > 80 and load.use_trees(8)
+    assert load.use_trees(4)                                  # each row count is measured on its own
+
+
+def test_rows_sampling_typically_keep_their_trees_in_a_batch():
+    model = tiny_model("llama")
+    m = MedusaModel(model, random_heads(), tree="cpu_small")
+    batch = Batch(m.engine, slots=4, capacity=64)
+    reqs, _ = m.requests(_prompts(), max_new_tokens=20, temperature=[0.0, 0.7, 0.0, 0.0], seed=3)
+    for r in reqs:
+        batch.add(r)
+    batch.load.rate.update({(4, True): 1.0, (4, False): 100.0, (3, True): 1.0, (3, False): 100.0})
+    batch.load.explore_every = 10 ** 9                        # plain steps are measured faster: never trees
+    sizes: dict[int, set] = {i: set() for i in range(4)}
+    while batch.rows:
+        for s in batch.step():
+            sizes[s.row].add(s.tree_size)
+    assert min(sizes[1] - {0}) >= 15 and all(sizes[i] <= {0, 1} for i in (0, 2, 3))

@@ -19,6 +19,7 @@ from torch.profiler import record_function
 
 from medusa.inference.cache import BatchCache
 from medusa.inference.engine import DecodeOptions, Engine, PromptTooLongError, Request, Row, Step
+from medusa.inference.load import TreeByLoad
 
 __all__ = ["Batch", "DecodeOptions", "PromptTooLongError", "Request", "Step", "decode"]
 
@@ -27,10 +28,11 @@ class Batch:
     """Rows decoding together over one BatchCache of `slots` rows. A scheduler (`decode`, the server) adds
     requests while `free` and calls `step` until no row is left."""
 
-    def __init__(self, engine: Engine, slots: int = 1, capacity: int = 256):
+    def __init__(self, engine: Engine, slots: int = 1, capacity: int = 256, trees_by_load: bool = True):
         self.engine = engine
         self.cache = BatchCache(engine.num_layers, slots, capacity)
         self.rows: list[Row] = []          # rows[i] decodes in cache row i
+        self.load = TreeByLoad() if trees_by_load else None   # else every row verifies its tree every step
 
     @property
     def free(self) -> int:
@@ -74,8 +76,10 @@ class Batch:
                 self._drop(row)
         rows = list(self.rows)
         if rows:
+            trees = self.load is None or self.load.use_trees(len(rows))
+            trees = trees or not any(r.exact for r in rows)      # rows that sample typically keep their trees
             with record_function("medusa.propose"):
-                cands = [r.propose(alone=len(rows) == 1) for r in rows]
+                cands = self.engine.proposer.propose([r.proposal(plain=not trees and r.exact) for r in rows])
             with record_function("medusa.verify"):
                 self.cache.reserve(max(c.tokens.numel() for c in cands))
                 verified = self.engine.verifier.verify(self.cache, [r.length for r in rows], cands,
@@ -89,20 +93,23 @@ class Batch:
                 if steps[-1].finish_reason:
                     self._drop(r)
         seconds = time.perf_counter() - t0
+        if rows and self.load is not None:
+            self.load.record(len(rows), trees, sum(s.accepted for s in steps), seconds)
         for s in steps:
             s.seconds += seconds
         return steps
 
 
 @torch.inference_mode()
-def decode(engine: Engine, requests: Iterable[Request], *, slots: int = 1,
-           capacity: int | None = None) -> Iterator[Step]:
+def decode(engine: Engine, requests: Iterable[Request], *, slots: int = 1, capacity: int | None = None,
+           trees_by_load: bool = True) -> Iterator[Step]:
     """Decode `requests` with up to `slots` rows at a time: one Step per row per step, in step order. A request
-    waits until a row is free; `requests` may be a deque the caller appends to while iterating (a next turn)."""
+    waits until a row is free; `requests` may be a deque the caller appends to while iterating (a next turn).
+    `trees_by_load`: exact rows of a batch skip their trees on steps where that is faster (load.py)."""
     pending = requests if isinstance(requests, deque) else deque(requests)
     if capacity is None:
         capacity = max((engine.capacity(r) for r in pending), default=256)
-    batch = Batch(engine, slots, capacity)
+    batch = Batch(engine, slots, capacity, trees_by_load)
     while True:
         while pending and batch.free:
             batch.add(pending.popleft())

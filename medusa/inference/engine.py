@@ -18,7 +18,7 @@ from medusa.inference.cache import context_limit
 from medusa.inference.greedy_head import greedy_head_for
 from medusa.inference.heads import draft_projection
 from medusa.inference.lookup import ContextIndex, LookupOptions
-from medusa.inference.propose import Candidates, Proposer, TreeShapes
+from medusa.inference.propose import Candidates, Proposal, Proposer, TreeShapes
 from medusa.inference.tree import DynamicTree, TreeBuffers
 from medusa.inference.tree_attention import uses_tree_attention
 from medusa.inference.verify import Verified, Verifier
@@ -155,10 +155,18 @@ class Row:
             return self.finish([int(self.root)], None, nodes=(0,), size=0)
         return None
 
-    def propose(self, alone: bool) -> Candidates:
+    @property
+    def exact(self) -> bool:
+        """Whether this row's output is the same whatever tree verifies it (greedy, lossless sampling)."""
+        return self.greedy or self.opts.sampling.mode == "lossless"
+
+    def proposal(self, plain: bool = False) -> Proposal:
+        """What the proposer needs of this row: its tree (the root alone where the cache has no room for
+        more, or `plain`: no candidates this step), root, hidden state, context and room."""
         room = self.capacity - self.length
-        shapes = self.shapes if room >= self.shapes.nodes else self.engine.root_only
-        return self.engine.proposer.propose(shapes, self.root, self.last_hidden, self.context, room, alone)
+        if plain or room < self.shapes.nodes:
+            return Proposal(self.engine.root_only, self.root, self.last_hidden, None, room)
+        return Proposal(self.shapes, self.root, self.last_hidden, self.context, room)
 
     def accept(self, c: Candidates, v: Verified) -> torch.Tensor:
         """The accepted nodes (root first); sets the next root (greedy, lossless) or the logits to draw it from."""

@@ -264,23 +264,25 @@ def propose(heads: MedusaHeads, tree, hidden: torch.Tensor, root: torch.Tensor, 
             embedding: nn.Module) -> torch.Tensor:
     """(tree.head_nodes,) the tree's tokens at decode time: the root (the base's own next token), then each
     node's guess, the rank-th best of its head. `hidden` (H,): the base's last hidden state before the root.
+    A batch of rows sharing the tree at once: `hidden` (B, H) and `root` (B,) give (B, tree.head_nodes).
     Heads that take their parent's token run level by level: head d once for each node of depth d that has
     children, its guesses following that node's token."""
-    n = tree.head_nodes
-    tokens = root.view(1)
-    if n == 1:
-        return tokens
-    nxt = next_token_embeds(heads, embedding, root)       # heads that condition on the root
-    if not heads.config.parent_token_input:
-        top = guess(heads, hidden, draft_head, tree.topk, upto=tree.max_depth, next_embeds=nxt)
-        return torch.cat([tokens, top[tree.head[1:n], tree.rank[1:n]]])
-    tokens = tokens.repeat(n)
-    for d, (nodes, parents, rows, k) in enumerate(tree.levels):
-        m = parents.numel()
-        par = embedding(tokens[parents]) if d > 0 else None
-        top = _best(heads.head_logits(d, hidden.expand(m, -1), draft_head, nxt.expand(m, -1), par), draft_head, k)
-        tokens[nodes] = top[rows, tree.rank[nodes]]
-    return tokens
+    single = hidden.dim() == 1
+    hidden, root = hidden.reshape(-1, hidden.shape[-1]), root.reshape(-1)
+    B, n = root.numel(), tree.head_nodes
+    tokens = root[:, None].repeat(1, n)
+    if n > 1:
+        nxt = next_token_embeds(heads, embedding, root)       # heads that condition on the root
+        if not heads.config.parent_token_input:
+            top = guess(heads, hidden, draft_head, tree.topk, upto=tree.max_depth, next_embeds=nxt)  # (d, B, k)
+            tokens[:, 1:] = top[tree.head[1:n], :, tree.rank[1:n]].T
+        for d, (nodes, parents, rows, k) in enumerate(tree.levels if heads.config.parent_token_input else ()):
+            m = parents.numel()
+            par = embedding(tokens[:, parents]) if d > 0 else None
+            x = None if nxt is None else nxt[:, None].expand(B, m, -1)
+            top = _best(heads.head_logits(d, hidden[:, None].expand(B, m, -1), draft_head, x, par), draft_head, k)
+            tokens[:, nodes] = top[:, rows, tree.rank[nodes]]
+    return tokens[0] if single else tokens
 
 
 def draft_projection(lm_head: nn.Module, heads: MedusaHeads) -> nn.Module:

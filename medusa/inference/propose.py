@@ -58,6 +58,16 @@ class Candidates:
     shape: object            # the tree's additive (N, N) block, or its medusa_tree path groups
 
 
+@dataclass
+class Proposal:
+    """What a row brings to a step's proposal."""
+    shapes: TreeShapes       # its tree (the root alone where its cache has no room for more)
+    root: torch.Tensor       # its next token
+    hidden: torch.Tensor     # (H,) the base's last hidden state before the root
+    context: object = None   # its ContextIndex, or None (no drafts)
+    room: int | None = None  # cache entries it has left (>= shapes.nodes)
+
+
 class Proposer:
     """The heads and what they guess through, fixed at load. `pad`: the row count a forward pays for anyway
     (packed_linear.padded_rows), which context drafts may fill, or None."""
@@ -65,23 +75,34 @@ class Proposer:
     def __init__(self, heads: MedusaHeads, draft_head: nn.Module, embedding: nn.Module, pad=None):
         self.heads, self.draft_head, self.embedding, self.pad = heads, draft_head, embedding, pad
 
-    def propose(self, shapes: TreeShapes, root: torch.Tensor, hidden: torch.Tensor, context=None,
-                room: int | None = None, alone: bool = True) -> Candidates:
-        """A row's candidates: `root` its next token, `hidden` (H,) the base's last hidden state before it,
-        `context` its ContextIndex (or None), `room` the cache entries it has left (>= shapes.nodes). `alone`:
-        the only row of its forward (then drafts may fill the rows the products pad to)."""
-        n_tree = shapes.nodes
+    def propose(self, rows: list[Proposal]) -> list[Candidates]:
+        """Each row's candidates. Rows sharing a static tree run their heads in one call; a dynamic tree's
+        shape is each row's own. A lone row's drafts may fill the rows the products pad to."""
+        heads_tokens: dict[int, torch.Tensor] = {}
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            if not (r.shapes.dynamic and r.shapes.nodes > 1):
+                groups.setdefault(id(r.shapes), []).append(i)
+        for idx in groups.values():
+            tree, _ = rows[idx[0]].shapes.get(0)
+            out = propose(self.heads, tree, torch.stack([rows[i].hidden for i in idx]),
+                          torch.stack([rows[i].root.reshape(()) for i in idx]), self.draft_head, self.embedding)
+            heads_tokens.update(zip(idx, out))
+        return [self._one(r, heads_tokens.get(i), alone=len(rows) == 1) for i, r in enumerate(rows)]
+
+    def _one(self, r: Proposal, tokens: torch.Tensor | None, alone: bool) -> Candidates:
+        n_tree = r.shapes.nodes
         pad = self.pad if alone else None
         fill = (lambda n: pad(n_tree + n) - n_tree) if pad is not None else None
-        limit = None if room is None else room - n_tree
-        drafts = context.draft(int(root), limit, fill) if context is not None else []
-        if shapes.dynamic and n_tree > 1:
-            paths, pick = propose_dynamic(self.heads, shapes.tree, hidden, root, self.draft_head, self.embedding)
-            tree, shape = shapes.get(len(drafts), paths)
+        limit = None if r.room is None else r.room - n_tree
+        drafts = r.context.draft(int(r.root), limit, fill) if r.context is not None else []
+        if tokens is None:          # a dynamic tree: its paths are chosen from this row's heads
+            paths, pick = propose_dynamic(self.heads, r.shapes.tree, r.hidden, r.root, self.draft_head,
+                                          self.embedding)
+            tree, shape = r.shapes.get(len(drafts), paths)
             tokens = pick(tree)
         else:
-            tree, shape = shapes.get(len(drafts))
-            tokens = propose(self.heads, tree, hidden, root, self.draft_head, self.embedding)
+            tree, shape = r.shapes.get(len(drafts))
         if drafts:
             tokens = torch.cat([tokens, torch.tensor(drafts, dtype=torch.long, device=tokens.device)])
         return Candidates(tree, tokens, shape)
