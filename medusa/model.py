@@ -17,7 +17,8 @@ from medusa.inference.decode import DecodeOptions, Request, Step, decode
 from medusa.inference.engine import Engine, build_engine
 from medusa.inference.heads import HeadsConfig, MedusaHeads
 from medusa.inference.lookup import DEFAULT as DEFAULT_LOOKUP, LookupOptions, with_max_tokens
-from medusa.inference.tree import DEFAULT_TREE, fit_tree_to_heads, load_tree, tree_for_device
+from medusa.inference.tree import (DEFAULT_TREE, default_tree, fit_tree_to_heads, load_tree, tree_for_device,
+                                   tree_label)
 
 EMBEDDED_DEFAULT = "embedded:" + loading.DEFAULT_MODEL_NAME
 DEFAULT_HEADS_DIR = Path(__file__).parent / "default_heads"
@@ -207,12 +208,16 @@ class MedusaModel(nn.Module):
             heads.init_projections_from(model.get_output_embeddings())
         head_dtype = model.dtype if model.dtype.is_floating_point else torch.float16
         heads.to(device=model.get_output_embeddings().weight.device, dtype=head_dtype).eval()
-        if tree is None and saved_tree is not None:
+        if tree is None:
             kind = _device_type(model)
-            tree = tree_for_device(saved_tree, kind)
+            tree = tree_for_device(saved_tree, kind) if saved_tree else None
             if tree is None:
-                log(f"The heads' trees were calibrated for {', '.join(sorted(saved_tree))}, not {kind}: using the "
-                    f"{DEFAULT_TREE} preset (`medusa calibrate` fits one to this machine).")
+                preset = default_tree(kind)
+                tree = fit_tree_to_heads(load_tree(preset), heads.num_heads)
+                why = (f"The heads' trees were calibrated for {', '.join(sorted(saved_tree))}, not {kind}"
+                       if saved_tree else "No tree is calibrated for these heads")
+                log(f"{why}: decoding on {kind} with the {preset} preset ({tree_label(tree)}); `medusa calibrate` "
+                    f"fits a tree to this model and machine.")
         m = cls(model, heads, tokenizer, tree=tree, lookup=lookup, compile=compile)
         m._note_inexact(log)
         return m

@@ -18,7 +18,7 @@ from conftest import HIDDEN, VOCAB, random_heads, tiny_model
 from medusa import MedusaModel
 from medusa.inference.checkpoint import build_heads, load_heads_checkpoint, save_heads
 from medusa.inference.heads import HeadsConfig, MedusaHeads
-from medusa.inference.tree import DEFAULT_TREE, PRESETS
+from medusa.inference.tree import DEFAULT_TREE, PRESETS, default_tree
 
 
 def _prompt(seed=0, n=10):
@@ -322,7 +322,7 @@ def test_the_loader_picks_the_tree_saved_for_its_device_type(tmp_path, saved_bas
     logs = []
     m = MedusaModel.from_pretrained(folder, base_model=str(saved_base), log=logs.append)
     assert m.device_type == "cpu"
-    assert m.tree == (want or [p for p in PRESETS[DEFAULT_TREE] if len(p) <= 3])
+    assert m.tree == (want or [p for p in PRESETS[default_tree("cpu")] if len(p) <= 3])
     assert any("calibrated for cuda, not cpu" in line for line in logs) == (want is None)
     # the same file given as --tree: this device's entry, or a clear error
     if want is None:
@@ -330,6 +330,23 @@ def test_the_loader_picks_the_tree_saved_for_its_device_type(tmp_path, saved_bas
             m.generate(_prompt(), max_new_tokens=2, tree=str(folder / "tree.json"))
     else:
         assert MedusaModel(m.base_model, m.heads, tree=str(folder / "tree.json")).tree == want
+
+
+@pytest.mark.parametrize("num_heads", [4, 2])
+def test_heads_with_no_tree_get_a_small_one_on_a_cpu_and_say_so(tmp_path, saved_base, num_heads):
+    """Heads as `medusa train` writes them (no tree.json): on a CPU, where every node costs time, the 8-node
+    preset (cut to the heads), not the GPU's 64 nodes; the loader names it and `medusa calibrate`."""
+    folder = tmp_path / "heads"
+    save_heads(folder, MedusaHeads(HeadsConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=num_heads)))
+    logs = []
+    m = MedusaModel.from_pretrained(folder, base_model=str(saved_base), log=logs.append)
+    assert m.device_type == "cpu" and default_tree("cpu") == "cpu_8" and default_tree("cuda") == DEFAULT_TREE
+    assert m.tree == [p for p in PRESETS["cpu_8"] if len(p) <= num_heads]
+    assert len(m.tree) + 1 <= 8 and max(map(len, m.tree)) == min(num_heads, 3)
+    said = [line for line in logs if "cpu_8" in line]
+    assert len(said) == 1 and "No tree is calibrated" in said[0] and "`medusa calibrate`" in said[0]
+    ids = _prompt(5)
+    assert torch.equal(m.generate(ids, max_new_tokens=12), _hf_greedy(tiny_model("llama"), ids, 12))
 
 
 def test_a_malformed_tree_file_names_itself(tmp_path, saved_base):
@@ -357,7 +374,7 @@ def test_from_pretrained_loads_and_decodes_like_plain_greedy(tmp_path, saved_bas
         orig = original_heads(3, 1, projection=(fmt == "original"))
         write_original(heads_dir, orig, num_layers=1, base="does/not-matter")
         want_logits = original_logits(orig, hidden, None if fmt == "original" else reference.lm_head)
-        want_tree = [p for p in PRESETS[DEFAULT_TREE] if len(p) <= 3]     # no tree.json: the default, cut
+        want_tree = [p for p in PRESETS[default_tree("cpu")] if len(p) <= 3]  # no tree.json: the CPU's, cut
     m = MedusaModel.from_pretrained(heads_dir, base_model=str(saved_base))
     assert m.tokenizer is None                                         # the base folder has none
     assert m.heads.num_heads == 3 and m.heads.config.vocab_size == VOCAB

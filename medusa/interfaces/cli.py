@@ -22,11 +22,12 @@ class LoadOptions:
     lookup: int | None = None
     compile: bool = False
     lookup_short: int | None = None
+    chat_template: str | None = None
 
     @classmethod
     def from_args(cls, a) -> "LoadOptions":
         return cls(a.model, a.base_model, a.tree, a.device, a.dtype, a.load_in_8bit, a.load_in_4bit, a.attn,
-                   a.lookup, a.compile, a.lookup_short)
+                   a.lookup, a.compile, a.lookup_short, a.chat_template)
 
     def lookup_options(self):
         """What MedusaModel takes as `lookup`: None (the default), an int, or LookupOptions when the draft
@@ -38,7 +39,9 @@ class LoadOptions:
         return with_max_tokens(DEFAULT.max_tokens if self.lookup is None else self.lookup, self.lookup_short)
 
     def check(self) -> None:
-        """Refuse what is wrong before any loading: the device, the dtype, the tree (a file is read)."""
+        """Refuse what is wrong before any loading: the device, the dtype, the tree and the chat template (files
+        are read)."""
+        from medusa.chat_format import read_template
         from medusa.inference.loading import resolve_device, resolve_dtype
         from medusa.inference.tree import load_tree
 
@@ -46,8 +49,11 @@ class LoadOptions:
         resolve_dtype(self.dtype)
         if self.tree is not None:
             load_tree(self.tree, device_type=device.type)
+        if self.chat_template is not None:
+            read_template(self.chat_template)
 
     def load(self):
+        from medusa.chat_format import use_template
         from medusa.inference.checkpoint import is_heads_folder
         from medusa.inference.loading import BaseModelUnavailable
         from medusa.model import MedusaModel
@@ -69,6 +75,7 @@ class LoadOptions:
         if model.tokenizer is None:
             raise ValueError(f"{self.base_model or self.model} has no tokenizer; the command line needs one "
                              f"(the Python API works on token ids without it)")
+        use_template(model.tokenizer, self.chat_template, log)
         if self.compile:
             log("Compiling the model's forward passes (torch.compile; minutes on a small CPU) ...")
             t1 = time.perf_counter()
@@ -93,6 +100,8 @@ def gen_options(a) -> dict:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
+    from medusa import chat_format
+
     g = p.add_argument_group("model")
     g.add_argument("--model", help="heads folder (ours or original Medusa format), or a base model "
                                    "(Hub id, folder, .gguf); default: the embedded SmolLM2-135M-Instruct")
@@ -113,6 +122,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="run decoding's forward passes under torch.compile: faster steps (tree steps most) after a "
                         "compilation of minutes on a small CPU at start-up")
+    g.add_argument("--chat-template", metavar="FILE", help=chat_format.HELP)
     g.add_argument("--load-in-8bit", action="store_true", help="8-bit base via bitsandbytes (CUDA only)")
     g.add_argument("--load-in-4bit", action="store_true", help="4-bit base via bitsandbytes (CUDA only)")
     s = p.add_argument_group("generation")

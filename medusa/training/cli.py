@@ -12,12 +12,16 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_commands(sub) -> dict:
+    from medusa import chat_format
+
     d = sub.add_parser("distill", help="self-distillation: the base model answers prompts (resumable)",
                        formatter_class=_Defaults)
     d.add_argument("--input", action="append", required=True,
                    help="prompt JSONL (prompt / ShareGPT conversations / MT-Bench turns); repeatable")
     d.add_argument("--output", required=True, help="ShareGPT JSONL to append to; re-running resumes")
     d.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    d.add_argument("--chat-template", metavar="FILE", help=chat_format.HELP + " (local generation; an endpoint "
+                                                                              "applies its own)")
     d.add_argument("--max-new-tokens", type=int, default=512)
     d.add_argument("--batch-size", type=int, default=32,
                    help="answers decoded side by side (continuous batching: a finished one's slot takes the next "
@@ -63,11 +67,13 @@ def cmd_distill(a) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.chat_template and a.api_base:
+        raise ValueError("--chat-template applies to local generation; the endpoint of --api-base uses its own")
     cfg = DistillConfig(inputs=a.input, output=a.output, model=a.model, max_new_tokens=a.max_new_tokens,
                         batch_size=a.batch_size, temperature=a.temperature, top_p=a.top_p, limit=a.limit,
                         api_base=a.api_base, api_model=a.api_model, api_key=a.api_key,
                         concurrency=a.concurrency, dtype=a.dtype, device=a.device,
-                        pack_weights=False if a.no_pack_weights else None)
+                        pack_weights=False if a.no_pack_weights else None, chat_template=a.chat_template)
     print(json.dumps(run_distill(cfg)))
     return 0
 
@@ -109,6 +115,8 @@ _HELP = {
     "heads_warmup_steps": "medusa2: heads-only steps before the base's adapters start training",
     "base_lr": "medusa2: learning rate of the LoRA adapters",
     "save_merged": "medusa2: also save the base with the adapters merged in",
+    "chat_template": "a Jinja chat template file for a model without one (else plain text); the same as decoding "
+                     "uses",
     "val_examples": "conversations held out from training for the final per-head accuracy (val_accuracy), at "
                     "most a tenth of the usable ones: fewer when --data has under 10 times this many, none "
                     "under 10 (val_accuracy is then empty)",
@@ -116,6 +124,7 @@ _HELP = {
 
 
 def add_train_commands(sub) -> dict:
+    from medusa import chat_format
     from medusa.inference.lookup import DEFAULT as DEFAULT_LOOKUP
 
     t = sub.add_parser("train", help="train Medusa heads (Medusa-1: frozen base; Medusa-2: LoRA + heads)",
@@ -144,6 +153,7 @@ def add_train_commands(sub) -> dict:
     e.add_argument("--limit", type=int, default=50)
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--tree")
+    e.add_argument("--chat-template", metavar="FILE", help=chat_format.HELP)
     e.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP.max_tokens,
                    help="tokens per step of the heads alone are always measured; with N > 0, also with up to N "
                         "context-draft tokens per step (what decoding uses by default)")
@@ -171,9 +181,11 @@ def cmd_train(a) -> int:
 
 def cmd_evaluate(a) -> int:
     import json
+    import sys
 
     import torch
 
+    from medusa.chat_format import read_template, use_template
     from medusa.model import MedusaModel
     from medusa.training.data import read_conversations, tokenize_conversation
     from medusa.training.evaluate import head_accuracy, tokens_per_step
@@ -188,7 +200,10 @@ def cmd_evaluate(a) -> int:
         from medusa.inference.lookup import with_max_tokens
 
         lookup = with_max_tokens(a.lookup, a.lookup_short)
+    if a.chat_template:
+        read_template(a.chat_template)
     m = MedusaModel.from_pretrained(a.model, base_model=a.base_model, dtype=a.dtype, tree=a.tree)
+    use_template(m.tokenizer, a.chat_template, lambda s: print(s, file=sys.stderr, flush=True))
     report = {}
     if a.data:
         examples = [tokenize_conversation(m.tokenizer, c, 1024) for c in read_conversations(a.data)[: a.limit]]

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 
+from medusa.chat_format import prompt_ids
 from medusa.inference import packed_linear
 from medusa.inference.acceptance import SamplingOptions, next_token
 from medusa.inference.cache import sliding_window
@@ -44,10 +45,10 @@ def eos_ids(model, tok) -> list[int]:
 
 
 class ContinuousBatcher:
-    """Up to `slots` records decode side by side, a turn at a time with the model's chat template;
-    `run(recs)` yields each record as soon as its last turn ends (so out of order); one whose turn does not
-    fit the model's context ends there, with finish "context" (not an answer to keep). `temperature` 0 is
-    greedy; above it, temperature / top-p sampling from torch's global RNG."""
+    """Up to `slots` records decode side by side, a turn at a time with the model's chat template (plain text
+    without one: chat_format); `run(recs)` yields each record as soon as its last turn ends (so out of order);
+    one whose turn does not fit the model's context ends there, with finish "context" (not an answer to keep).
+    `temperature` 0 is greedy; above it, temperature / top-p sampling from torch's global RNG."""
 
     def __init__(self, model, tokenizer, *, slots: int, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0):
@@ -65,8 +66,7 @@ class ContinuousBatcher:
         """`req`'s next turn as a request; a turn that could pass the sliding window is answered here and now
         instead (None)."""
         req.history.append({"role": "user", "content": req.rec.turns[req.turn]})
-        text = self.tok.apply_chat_template(req.history, tokenize=False, add_generation_prompt=True)
-        ids = torch.tensor(self.tok(text, add_special_tokens=False)["input_ids"], device=self.device)
+        ids = torch.tensor(prompt_ids(self.tok, req.history), device=self.device)
         req.generated = []
         if self.window is not None and ids.numel() + self.max_new_tokens > self.window:
             self._alone(req, ids)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from medusa.chat_format import render, special_tokens
+
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -38,19 +40,19 @@ def read_conversations(path: str | Path, *, warn=None) -> list[list[dict]]:
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> Example:
-    """Render with the chat template; mark the characters of each assistant turn (through its end-of-turn
-    marker) and map them to tokens through the tokenizer's offsets."""
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    """Render with the chat template (plain text without one: chat_format); mark the characters of each
+    assistant turn (through its end-of-turn marker) and map them to tokens through the tokenizer's offsets."""
+    full = render(tokenizer, messages, add_generation_prompt=False)
     spans = []
     for j, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:j], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: j + 1], tokenize=False)
+        before = render(tokenizer, messages[:j])
+        through = render(tokenizer, messages[: j + 1], add_generation_prompt=False)
         if not full.startswith(through) or not through.startswith(before):
             raise ValueError("chat template renders turns inconsistently; cannot locate assistant tokens")
         spans.append((len(before), len(through.rstrip())))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+    enc = tokenizer(full, add_special_tokens=special_tokens(tokenizer), return_offsets_mapping=True, truncation=True,
                     max_length=max_length)
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
     mask = torch.zeros(len(ids), dtype=torch.bool)

@@ -31,6 +31,7 @@ class TrainConfig:
     data: str                          # ShareGPT JSONL (e.g. from `medusa distill`)
     output: str                        # heads folder; checkpoints and feature cache live inside it
     model: str | None = None           # base model; None = the embedded default
+    chat_template: str | None = None   # a Jinja file for a model without a template (else plain text: chat_format)
     mode: str = "medusa1"              # or "medusa2"
     num_heads: int = 4
     num_layers: int = 1
@@ -201,8 +202,11 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from medusa.chat_format import read_template, use_template
     from medusa.inference.loading import load_base_model
 
+    if cfg.chat_template is not None:
+        read_template(cfg.chat_template)          # before loading
     # cpu=True where there is no accelerator: only then does accelerate join a torchrun / mpirun launch of
     # several CPU processes (gloo) instead of letting each train alone into the same folder
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
@@ -220,6 +224,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
         base, tokenizer = load_base_model(cfg.model, dtype=cfg.base_dtype, device=acc.device,
                                           load_in_8bit=cfg.load_in_8bit, load_in_4bit=cfg.load_in_4bit, log=say)
     tok = tokenizer
+    use_template(tok, cfg.chat_template, say)
     convs = read_conversations(cfg.data, warn=say)[: cfg.limit]
     examples = [tokenize_conversation(tok, c, cfg.max_length) for c in convs]
     examples = [e for e in examples if e.loss_mask[2:].any()]
