@@ -245,7 +245,7 @@ class MedusaModel(nn.Module):
     # ---------------------------------------------------------------- generation
     @property
     def context_limit(self) -> int:
-        return context_limit(self.base_model.config)
+        return self.engine.context_limit
 
     def decode_options(self, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                        posterior_threshold: float = 0.09, posterior_alpha: float = 0.3, sampling: str = "typical",

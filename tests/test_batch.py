@@ -173,3 +173,59 @@ def test_rows_sampling_typically_keep_their_trees_in_a_batch():
         for s in batch.step():
             sizes[s.row].add(s.tree_size)
     assert min(sizes[1] - {0}) >= 15 and all(sizes[i] <= {0, 1} for i in (0, 2, 3))
+
+
+def _windowed(arch: str):
+    """Tiny models whose layers see only their last 16 positions: Mistral's and Gemma 3's every layer (Gemma's
+    through a mask per layer type), Qwen2's second."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    if arch == "gemma3":
+        torch.manual_seed(0)
+        cfg = Gemma3TextConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                               sliding_window=16, layer_types=["sliding_attention", "sliding_attention"],
+                               initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        model.generation_config.eos_token_id = None
+        return model
+    extra = dict(use_sliding_window=True, layer_types=["full_attention", "sliding_attention"]) if arch == "qwen2" else {}
+    return tiny_model(arch, sliding_window=16, **extra)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma3"])
+def test_sliding_window_layers_see_their_window_past_it(arch):
+    """Prompts and answers far longer than the window, alone and in a batch, with trees and drafts: each row
+    is generate's on its prompt alone, and the context is the model's position limit, not the window."""
+    model = _windowed(arch)
+    m = MedusaModel(model, random_heads(), tree="cpu_small", lookup=4)
+    assert m.context_limit == 256
+    prompts = _prompts((5, 30, 20))
+    for out in (m.generate(prompts, max_new_tokens=40, trees_by_load=False),
+                [m.generate(p, max_new_tokens=40)[0] for p in prompts]):
+        for p, o in zip(prompts, out):
+            assert torch.equal(o[p.numel():], _alone(model, p, 40)), arch
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma3"])
+def test_sliding_window_masks_give_every_tree_node_its_own_logits(arch):
+    """A batch's tree step past the window: every node's logits are the model's on that node's path alone
+    (Gemma 3's tiny model repeats one token greedily, so its window shows only here)."""
+    model = _windowed(arch)
+    m = MedusaModel(model, random_heads(), tree="cpu_small", lookup=0)
+    prompts = _prompts((30, 20))
+    reqs, _ = m.requests(prompts, max_new_tokens=5)
+    batch = Batch(m.engine, slots=2, capacity=64)
+    for r in reqs:
+        batch.add(r)
+    with torch.inference_mode():
+        for r in batch.rows:
+            r.choose_root()
+        cands = m.engine.proposer.propose([r.proposal() for r in batch.rows])
+        batch.cache.reserve(max(c.tokens.numel() for c in cands))
+        verified = m.engine.verifier.verify(batch.cache, [r.length for r in batch.rows], cands, [False, False])
+        for p, c, v in zip(prompts, cands, verified):
+            for node in range(c.tokens.numel()):
+                path = c.tree.attn_mask[node].nonzero().flatten()
+                alone = model(torch.cat([p, c.tokens[path]])[None]).logits[0, -1]
+                torch.testing.assert_close(v.logits[node], alone, atol=2e-4, rtol=2e-4)

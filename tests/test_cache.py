@@ -80,5 +80,5 @@ def test_sliding_window_is_read_where_a_layer_uses_one():
                                       num_hidden_layers=2)) == 512
     full = Gemma2Config(sliding_window=512, num_hidden_layers=2, layer_types=["full_attention"] * 2)
     assert sliding_window(full) is None and sliding_window(LlamaConfig()) is None
-    assert context_limit(MistralConfig(sliding_window=16, max_position_embeddings=64)) == 16
+    assert context_limit(MistralConfig(sliding_window=16, max_position_embeddings=64)) == 64   # masks apply it
     assert context_limit(full) == full.max_position_embeddings

@@ -12,8 +12,8 @@ A forward over one row (`focus(row)`, or a cache with one row in use) writes and
 that row, exactly as a single-sequence cache does: a one-token step with no mask then takes the same attention
 kernel as `generate`.
 
-No sliding window is applied: one 4D mask serves every layer, so a model whose layers see only their last
-`sliding_window(config)` positions is exact only while a sequence stays that short.
+The cache keeps every position: sliding-window layers see only their last `sliding_window(config)` positions
+through the masks the decode loop gives them (verify.py), not by forgetting entries.
 
 Why not `DynamicCache.crop`: in transformers 5 it takes a negative count of tokens to remove and a
 positive one raises; and it would not let us keep a non-contiguous subset (the accepted path) anyway.
@@ -40,13 +40,20 @@ def sliding_window(config) -> int | None:
 
 
 def context_limit(config) -> int:
-    """Longest sequence the base model handles: its position limit, or its sliding window if smaller
-    (a single 4D mask cannot express per-layer windows, so we stay where they make no difference)."""
+    """Longest sequence the base model handles: its position limit (sliding-window layers get their own
+    masks, so a window does not shorten it)."""
     cfg = config.get_text_config(decoder=True)
-    limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
-                  if getattr(cfg, k, None)), 2048)
+    return int(next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                     if getattr(cfg, k, None)), 2048))
+
+
+def mask_layout(config) -> tuple[int | None, tuple[str, ...] | None]:
+    """(the sliding window or None, the layer types a model takes one mask each for, or None when one mask
+    serves every layer). Models with `layer_types` (Qwen2, Gemma 2/3, ...) take a dict of masks by layer type;
+    others with a window (Mistral) apply it to every layer through their one mask."""
     window = sliding_window(config)
-    return int(min(limit, window) if window else limit)
+    types = getattr(config.get_text_config(decoder=True), "layer_types", None)
+    return window, (tuple(sorted(set(types))) if window and types else None)
 
 
 class _Layer(StaticLayer):

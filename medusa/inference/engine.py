@@ -14,7 +14,7 @@ import torch
 
 from medusa.inference import packed_linear
 from medusa.inference.acceptance import SamplingOptions, accept, accept_greedy, next_token
-from medusa.inference.cache import context_limit
+from medusa.inference.cache import context_limit, mask_layout
 from medusa.inference.greedy_head import greedy_head_for
 from medusa.inference.heads import draft_projection
 from medusa.inference.lookup import ContextIndex, LookupOptions
@@ -116,12 +116,16 @@ def build_engine(base_model, heads=None, tokenizer=None, *, tree=(), lookup: Loo
     lm_head = base_model.get_output_embeddings()
     proposer = Proposer(heads, lm_head if heads is None else draft_projection(lm_head, heads), embedding,
                         pad=None if forward is not None else packed_linear.padded_rows(base_model))
+    window, layer_types = mask_layout(base_model.config)
+    tree_attention = uses_tree_attention(base_model)
     verifier = Verifier(forward if forward is not None else base_model, dtype=dtype,
                         greedy_head=None if forward is not None else greedy_head_for(base_model),
-                        tree_attention=uses_tree_attention(base_model))
+                        tree_attention=tree_attention, window=window, layer_types=layer_types)
+    limit = context_limit(base_model.config)
+    if tree_attention and window:       # medusa_tree gathers a node's whole prefix: stay inside the window
+        limit = min(limit, window)
     return Engine(proposer, verifier, num_layers=base_model.config.get_text_config(decoder=True).num_hidden_layers,
-                  tree=tree, lookup=lookup, context_limit=context_limit(base_model.config),
-                  device=embedding.weight.device, tokenizer=tokenizer)
+                  tree=tree, lookup=lookup, context_limit=limit, device=embedding.weight.device, tokenizer=tokenizer)
 
 
 class Row:

@@ -3,7 +3,8 @@
 Rows' trees are padded to the longest (a padding node sees only itself and is never read). Each row's nodes
 attend to that row's cache and their own ancestors through a 4D additive float mask (0 = attend, dtype min =
 blocked) with explicit position ids, or, under medusa_tree attention, through each node's path
-(tree_attention.py). A lone root of a lone row needs no mask: the model's own causal path then matches
+(tree_attention.py). Sliding-window layers get the mask with their window applied (a dict by layer type for
+models that take one). A lone root of a lone row needs no mask: the model's own causal path then matches
 `generate` exactly. With a greedy head (greedy decoding, greedy_head.py) the model skips its output projection
 and only each node's argmax is computed.
 """
@@ -32,8 +33,11 @@ class Verifier:
     """How forwards run, fixed at load: `run` the model (or its compiled forward), `greedy_head` or None,
     `tree_attention` whether the model uses medusa_tree attention, `dtype` the masks'."""
 
-    def __init__(self, run, *, greedy_head=None, tree_attention: bool = False, dtype=torch.float32):
+    def __init__(self, run, *, greedy_head=None, tree_attention: bool = False, dtype=torch.float32,
+                 window: int | None = None, layer_types: tuple[str, ...] | None = None):
         self.run, self.greedy_head, self.tree_attention, self.dtype = run, greedy_head, tree_attention, dtype
+        # sliding-window layers (cache.mask_layout): the window, and the layer types given a mask each
+        self.window, self.layer_types = window, layer_types
 
     def forward(self, ids, cache, positions, mask=None, logits_to_keep=0, **extra):
         """-> (logits (B, n, V) or empty, last hidden states (B, n, H))."""
@@ -88,4 +92,19 @@ class Verifier:
                 mask[b, 0, :size, n:n + size] = c.shape
             pad = torch.arange(size, N, device=device)
             mask[b, 0, pad, n + pad] = 0        # a padding node sees only itself
-        return mask, {}
+        return self._windowed(mask, lengths, cands), {}
+
+    def _windowed(self, mask: torch.Tensor, lengths: list[int], cands: list[Candidates]):
+        """`mask` as every layer takes it: without a window, as it is; else the window applied (a node at
+        position p sees cached positions above p - window), for every layer or as the sliding layers' mask."""
+        if self.window is None:
+            return mask
+        slid = mask.clone()
+        cols = torch.arange(mask.shape[-1], device=mask.device)
+        for b, (c, n) in enumerate(zip(cands, lengths)):
+            pos = torch.full((mask.shape[2],), n, device=mask.device)
+            pos[:c.tokens.numel()] += c.tree.depth
+            slid[b, 0][cols[None] <= pos[:, None] - self.window] = torch.finfo(self.dtype).min
+        if self.layer_types is None:
+            return slid
+        return {t: slid if t == "sliding_attention" else mask for t in self.layer_types}

@@ -5,8 +5,7 @@ Batched `generate` runs every batch until its longest answer ends: with answers 
 almost half of them reaching the cap, a third of the rows a batch computes are finished ones. Here up to
 `slots` turns decode side by side, one row each, and a row whose answer ends takes the next turn at once (its
 prompt prefilled alone). Greedy answers are those of `generate` on each prompt alone (each row attends to its
-own entries only). One mask serves every layer, so a model with sliding-window layers has a turn that could
-outgrow the window decoded alone, with the model's own masks.
+own entries only; sliding-window layers get their window through the engine's masks).
 """
 from __future__ import annotations
 
@@ -17,9 +16,7 @@ from typing import Iterator
 import torch
 
 from medusa.chat_format import prompt_ids
-from medusa.inference import packed_linear
-from medusa.inference.acceptance import SamplingOptions, next_token
-from medusa.inference.cache import sliding_window
+from medusa.inference.acceptance import SamplingOptions
 from medusa.inference.decode import DecodeOptions, Request, decode
 from medusa.inference.engine import build_engine
 from medusa.training.prompts import PromptRecord
@@ -60,37 +57,16 @@ class ContinuousBatcher:
         self.opts = DecodeOptions(max_new_tokens=max_new_tokens, eos_token_ids=self.eos,
                                   sampling=SamplingOptions(temperature=temperature, top_p=top_p))
         self.device = next(model.parameters()).device
-        self.window = sliding_window(model.config)
 
     def _request(self, req: Answered) -> Request | None:
-        """`req`'s next turn as a request; a turn that could pass the sliding window is answered here and now
-        instead (None)."""
+        """`req`'s next turn as a request (None for one longer than the model's context)."""
         req.history.append({"role": "user", "content": req.rec.turns[req.turn]})
         ids = torch.tensor(prompt_ids(self.tok, req.history), device=self.device)
         req.generated = []
-        if self.window is not None and ids.numel() + self.max_new_tokens > self.window:
-            self._alone(req, ids)
-            return None
         if ids.numel() >= self.engine.context_limit:
             req.finish = "context"          # no answer: the record is reported, not written
             return None
         return Request(ids, self.opts, key=req)
-
-    def _alone(self, req: Answered, ids: torch.Tensor) -> None:
-        """Decode `req`'s turn with its prompt alone and no mask of ours, so the model masks its sliding layers."""
-        from transformers import DynamicCache
-
-        own, token = DynamicCache(config=self.model.config), ids[None]
-        while True:
-            with packed_linear.engaged():
-                logits = self.model(input_ids=token, past_key_values=own, use_cache=True, logits_to_keep=1).logits
-            token = next_token(logits[0, -1], self.opts.sampling).view(1, 1)
-            if int(token) in self.eos:
-                return
-            req.generated.append(int(token))
-            if len(req.generated) >= self.max_new_tokens:
-                req.finish = "length"
-                return
 
     def _end_turn(self, req: Answered) -> bool:
         """Close the turn; True when the record has no turn left."""
@@ -102,13 +78,14 @@ class ContinuousBatcher:
         return req.turn >= len(req.rec.turns)
 
     def _next(self, req: Answered, pending: deque) -> bool:
-        """Queue `req`'s next turn (turns answered alone are answered at once); True when `req` is done."""
-        while req.finish != "context" and not self._end_turn(req):
-            r = self._request(req)
-            if r is not None:
-                pending.append(r)
-                return False
-        return True
+        """Queue `req`'s next turn; True when `req` is done."""
+        if req.finish == "context" or self._end_turn(req):
+            return True
+        r = self._request(req)
+        if r is None:
+            return True
+        pending.append(r)
+        return False
 
     @torch.inference_mode()
     def run(self, recs: list[PromptRecord]) -> Iterator[Answered]:
@@ -118,7 +95,7 @@ class ContinuousBatcher:
             r = self._request(req)
             if r is not None:
                 pending.append(r)
-            elif req.finish == "context" or self._next(req, pending):
+            else:
                 yield req
         for step in decode(self.engine, pending, slots=self.slots, capacity=256):
             req = step.row
