@@ -260,3 +260,23 @@ def test_batch_sizes_command_compares_three_methods_side_by_side(tmp_path):
     assert got[(1, "generate")]["exact"] == 5
     assert result["settings"]["prompts"] == 5 and (tmp_path / "out" / "batch.png").is_file()
     assert "| 4 |" in proc.stdout
+
+
+def test_bench_serve_runs_the_server_side_by_side(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    rows = [{"question_id": i, "category": "qa", "turns": [f"question {i} " * (1 + i % 3)]} for i in range(4)]
+    questions = _write_questions(tmp_path / "q.jsonl", rows)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "medusa", "bench-serve", "--model", str(model_dir), "--questions",
+                           str(questions), "--output", str(tmp_path / "out"), "--max-new-tokens", "8",
+                           "--concurrency", "1,3", "--max-batch", "2", "--threads", "1"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "out" / "serve.json").read_text())
+    got = {(r["clients"], r["setting"]): r for r in result["rows"]}
+    assert set(got) == {(c, s) for c in (1, 3) for s in ("medusa", "plain", "one-at-a-time")}
+    for r in got.values():
+        assert r["same_as_alone"] == 4 and r["tokens"] > 0 and r["ttft_p50"] > 0
+    assert (tmp_path / "out" / "serve.png").is_file() and "| 3 |" in proc.stdout

@@ -12,11 +12,12 @@ Each answer is compared with the prompt decoded alone by `generate` (exact match
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
+
+from medusa.evaluation.report import write_result
 
 METHODS = ("medusa", "plain", "generate")
 
@@ -95,32 +96,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method in METHODS:
-        rs = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["batch_size"])
-        ax.plot([r["batch_size"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("total new tokens / s")
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    ax.set_title(result.get("settings", {}).get("title", "medusa bench --batch-size"), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def write(out: Path, result: dict, *, log=print) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "batch.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    try:
-        plot(result, out / "batch.png")
-    except ImportError:
-        log("No plot: matplotlib is not installed (pip install 'medusa[bench]')")
-    log(f"Wrote {out}/batch.json and {out}/batch.png")
+    write_result(out, "batch", result, x="batch_size", series="method", xlabel="batch size",
+                 ylabel="total new tokens / s", log=log)

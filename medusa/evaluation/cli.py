@@ -135,3 +135,4 @@ def _batch_bench(a, model, name: str) -> int:
     batch_bench.write(Path(a.output), result)
     print(batch_bench.format_table(result))
     return 0
+

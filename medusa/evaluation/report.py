@@ -193,3 +193,37 @@ def write_summary(out: Path, summary: dict, *, log=print) -> None:
     else:
         methods = ", ".join(f"{m}.jsonl" for m in summary["settings"].get("methods", []))
         log(f"Wrote {out}/summary.json, {out}/bench.png and the answer files ({methods})")
+
+
+def line_plot(rows: list[dict], path: Path, *, x: str, series: str, xlabel: str, ylabel: str, title: str,
+              y: str = "tokens_per_s") -> None:
+    """One line per value of `series`: `y` against `x` (log2 axis), from `rows`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name in dict.fromkeys(r[series] for r in rows):
+        rs = sorted((r for r in rows if r[series] == name), key=lambda r: r[x])
+        ax.plot([r[x] for r in rs], [r[y] for r in rs], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_result(out: Path, name: str, result: dict, *, log=print, **plot_args) -> None:
+    """`result` as OUT/NAME.json and its rows plotted as OUT/NAME.png (see line_plot)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    try:
+        line_plot(result["rows"], out / f"{name}.png", title=result.get("settings", {}).get("title", ""), **plot_args)
+    except ImportError:
+        log("No plot: matplotlib is not installed (pip install 'medusa[bench]')")
+    else:
+        log(f"Wrote {out}/{name}.json and {out}/{name}.png")

@@ -22,7 +22,19 @@ def add_commands(sub) -> dict:
     g.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait while the batch is full; more get 429 at once")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    return {"serve": cmd_serve}
+    b = sub.add_parser("bench-serve", help="the batching server under 1, 2, 4, ... concurrent clients: medusa "
+                                           "against plain decoding and one request at a time")
+    _model_args(b)
+    b.set_defaults(max_new_tokens=128)
+    b.add_argument("--questions", required=True, help="question JSONL (Spec-Bench / MT-Bench or dev prompts): "
+                                                      "each client asks first turns")
+    b.add_argument("--limit", type=int, help="only the first N questions")
+    b.add_argument("--per-category", type=int, help="only N questions of each category, evenly spread")
+    b.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated client counts")
+    b.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
+    b.add_argument("--output", default="bench-serve", help="folder for serve.json and serve.png")
+    b.add_argument("--threads", type=int, help="torch CPU threads")
+    return {"serve": cmd_serve, "bench-serve": cmd_bench_serve}
 
 
 def cmd_serve(a) -> int:
@@ -34,4 +46,34 @@ def cmd_serve(a) -> int:
     name = a.served_model_name or (a.model.rstrip("/") if a.model else DEFAULT_MODEL_NAME)
     serve(model, model_name=name, host=a.host, port=a.port, api_key=a.api_key, queue_size=a.queue_size,
           max_batch=a.max_batch, defaults=defaults, log_level=a.log_level)
+    return 0
+
+
+def cmd_bench_serve(a) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from medusa.evaluation.bench import load_questions, machine
+    from medusa.inference.loading import DEFAULT_MODEL_NAME
+    from medusa.interfaces import serve_bench
+
+    clients = [int(c) for c in a.concurrency.split(",")]
+    if any(c < 1 for c in clients) or a.max_batch < 1:
+        raise ValueError(f"--concurrency and --max-batch take counts >= 1, got {a.concurrency} and {a.max_batch}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    prompts = [q.turns[0] for q in load_questions(a.questions, limit=a.limit, per_category=a.per_category)]
+    model = LoadOptions.from_args(a).load()
+    name = a.model.rstrip("/") if a.model else DEFAULT_MODEL_NAME
+    result = serve_bench.run_serve_bench(model, prompts, clients, a.max_new_tokens, max_batch=a.max_batch)
+    threads = torch.get_num_threads()
+    result["settings"] = {"model_id": name, "dtype": str(model.base_model.dtype), "threads": threads,
+                          "machine": machine(model.base_model.get_input_embeddings().weight.device),
+                          "max_batch": a.max_batch, "questions": a.questions, "prompts": len(prompts),
+                          "max_new_tokens": a.max_new_tokens,
+                          "title": f"{Path(name).name}, {len(prompts)} prompts, {threads} threads, "
+                                   f"max batch {a.max_batch}"}
+    serve_bench.write(Path(a.output), result)
+    print(serve_bench.format_table(result))
     return 0

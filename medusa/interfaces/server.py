@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hmac
 import html
+import socket
 import sys
+import threading
+import time
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -138,3 +141,37 @@ def serve(model, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, 
     app = create_app(model, model_name=model_name, api_key=api_key, queue_size=queue_size, max_batch=max_batch,
                      defaults=defaults)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+class LocalServer:
+    """`with LocalServer(app) as s:` serves `app` on 127.0.0.1:<free port> in a background thread; `s.url` is
+    its base URL (tests, `medusa bench-serve`)."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    def __enter__(self) -> "LocalServer":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the local server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
