@@ -380,6 +380,48 @@ def test_malformed_requests_get_openai_style_4xx_and_the_server_stays_healthy(se
         assert http.post(CHAT, json=OK_CHAT).json()["usage"]["completion_tokens"] > 0
 
 
+def test_soak_mixed_clients_leave_no_trace(model):
+    """60 requests from 12 clients into a batch of 4: streaming and not, clients that hang up mid-answer,
+    malformed bodies. Zero 5xx, every finished answer its solo answer (no cross-talk between rows), and the
+    engine back to empty and healthy."""
+    prompts = [f"Soak {i}: {'tell ' * (i % 5)}more" for i in range(12)]
+    alone = {p: reference(model, [{"role": "user", "content": p}], 24) for p in prompts}
+
+    def one(i: int):
+        p = prompts[i % len(prompts)]
+        body = {"messages": [{"role": "user", "content": p}], "max_tokens": 24}
+        with httpx.Client(base_url=s.url, timeout=120) as http:
+            if i % 7 == 3:                                       # malformed
+                r = http.post(CHAT, content=b'{"messages": [', headers={"content-type": "application/json"})
+                return "bad", r.status_code, None
+            if i % 5 == 1:                                       # hangs up after two chunks
+                with http.stream("POST", CHAT, json={**body, "stream": True}) as r:
+                    for k, _ in enumerate(r.iter_lines()):
+                        if k >= 2:
+                            break
+                return "cancelled", r.status_code, None
+            if i % 2:
+                with http.stream("POST", CHAT, json={**body, "stream": True}) as r:
+                    pieces = [json.loads(line[6:]) for line in r.iter_lines()
+                              if line.startswith("data: ") and line != "data: [DONE]"]
+                text = "".join(c["choices"][0]["delta"].get("content") or "" for c in pieces if c.get("choices"))
+                return "stream", r.status_code, (p, text)
+            r = http.post(CHAT, json=body)
+            return "whole", r.status_code, (p, r.json()["choices"][0]["message"]["content"])
+
+    with serve(model, max_batch=4, queue_size=64) as s:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(one, range(60)))
+        wait_idle(s.engine)
+        assert s.engine.running == 0 and httpx.get(s.url + "/health").json()["running"] == 0
+        assert not any(t.name == "medusa-engine" and not t.is_alive() for t in threading.enumerate())
+    assert all(code < 500 for _, code, _ in results)
+    assert {kind for kind, _, _ in results} == {"bad", "cancelled", "stream", "whole"}
+    assert all(code == 400 for kind, code, _ in results if kind == "bad")
+    answered = [got for kind, _, got in results if kind in ("stream", "whole")]
+    assert len(answered) > 30 and all(text == alone[p] for p, text in answered)
+
+
 # ---------------------------------------------------------------- `medusa serve` on the real default model
 def _free_port() -> int:
     import socket

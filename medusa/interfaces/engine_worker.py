@@ -194,6 +194,7 @@ class EngineWorker:
             for key, r in list(running.items()):         # clients that went away free their rows now
                 if r.job.cancelled.is_set():
                     batch.cancel(key)
+                    self.running = len(running) - 1
                     self._end(running.pop(key), error=None, cancelled=True)
             self.running = len(running)
             if not running:
@@ -201,6 +202,7 @@ class EngineWorker:
             try:
                 steps = batch.step()
             except Exception as e:  # reported to every client in the batch; the worker keeps serving
+                self.running = 0
                 for r in running.values():
                     self._end(r, error=e, cancelled=False)
                 batch, running = Batch(self.model.engine, slots=self.max_batch), {}
@@ -210,6 +212,7 @@ class EngineWorker:
                 if r.feed(step):
                     if step.finish_reason is None:      # a stop string ended it: the row still runs
                         batch.cancel(step.row)
+                    self.running = len(running) - 1
                     self._end(running.pop(step.row), error=None, cancelled=False)
 
     def _admit(self, batch: Batch, running: dict, job: Job) -> None:
