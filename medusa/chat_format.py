@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 HELP = ("a Jinja chat template file, set as the tokenizer's chat_template: for a model without one (a base "
         "model's GGUF), whose prompts otherwise go in as plain text")
 
@@ -45,6 +47,16 @@ def special_tokens(tokenizer) -> bool:
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Messages -> the ids the model answers after."""
     return tokenizer(render(tokenizer, messages), add_special_tokens=special_tokens(tokenizer))["input_ids"]
+
+
+def encode_prompt(tokenizer, messages: list[dict], *, chat: bool = True) -> torch.Tensor:
+    """Messages -> (1, T) ids with the model's chat template (plain text without one, see above); `chat=False`:
+    the last message's raw text."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+        return enc["input_ids"]
+    return tokenizer(plain_text(messages) if chat else messages[-1]["content"], return_tensors="pt")["input_ids"]
 
 
 def read_template(path) -> str:

@@ -14,7 +14,7 @@ import time
 import torch
 
 from medusa import MedusaModel
-from medusa.interfaces.chat import encode_prompt
+from medusa.chat_format import encode_prompt
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from medusa import MedusaModel
-from medusa.interfaces.chat import encode_prompt
+from medusa.chat_format import encode_prompt
 
 LABELS = ("medusa.propose", "medusa.verify", "medusa.accept", "medusa.compact")
 PREFILL = "medusa.prefill"

@@ -16,9 +16,9 @@ import time
 
 import torch
 
+from medusa.chat_format import encode_prompt
 from medusa.evaluation.replay import replay
 from medusa.inference.tree import load_tree, tree_label
-from medusa.interfaces.chat import encode_prompt
 from medusa.model import MedusaModel
 from medusa.training.prompts import read_prompts
 

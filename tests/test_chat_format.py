@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from conftest import CHAT_TEMPLATE, random_heads, tiny_model, tiny_tokenizer
-from medusa.chat_format import plain_text, prompt_ids, render
+from medusa.chat_format import encode_prompt, plain_text, prompt_ids, render
 from medusa.inference.checkpoint import save_heads
-from medusa.interfaces.chat import encode_prompt
 from medusa.interfaces.cli import main
 from medusa.training.data import tokenize_conversation
 from medusa.training.distill import DistillConfig, run_distill

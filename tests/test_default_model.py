@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medusa import MedusaModel
-from medusa.interfaces.chat import encode_prompt
+from medusa.chat_format import encode_prompt
 
 PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string.",
            "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "

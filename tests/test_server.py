@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from medusa.interfaces.chat import encode_prompt
+from medusa.chat_format import encode_prompt
 from medusa.interfaces.engine_worker import cut_at_stop
 from medusa.interfaces.textstream import RunStats, stream_text
 from serving import serve, tiny_medusa

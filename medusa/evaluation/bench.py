@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from medusa.chat_format import encode_prompt
 from medusa.evaluation import report
 from medusa.inference.tree import tree_nodes, tree_spec
 from medusa.training.prompts import PromptRecord, read_prompts
@@ -165,8 +166,6 @@ def question_id(q: PromptRecord):
 
 def answer_question(model, q: PromptRecord, cfg: BenchConfig, order, seed: int) -> dict[str, list[Answer]]:
     """Each method answers each turn of `q`; later turns carry the baseline's earlier answers."""
-    from medusa.interfaces.chat import encode_prompt
-
     device = model.base_model.get_input_embeddings().weight.device
     answers: dict[str, list[Answer]] = {m: [] for m in order}
     history = []

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from medusa.chat_format import encode_prompt
 from medusa.inference.tree import DynamicTree, most_likely_paths, tree_nodes, tree_spec
 from medusa.training.data import Example
 from medusa.training.evaluate import accuracy_by_rank, assistant_positions, dynamic_parent_tokens, guess_table
@@ -146,8 +147,6 @@ def save_tree(folder: str | Path, result: dict, device_type: str) -> Path:
 
 def examples_from_prompts(model, prompts, *, max_new_tokens: int = 128) -> list[Example]:
     """Calibration data from prompts alone: the model's own greedy answers (the text it will produce)."""
-    from medusa.interfaces.chat import encode_prompt
-
     out = []
     for rec in prompts:
         ids = encode_prompt(model.tokenizer, [{"role": "user", "content": rec.turns[0]}])

@@ -49,7 +49,7 @@ def cmd_calibrate(a) -> int:
     import torch
 
     from medusa.evaluation.calibrate import calibrate, examples_from_prompts, save_tree
-    from medusa.interfaces.chat import encode_prompt
+    from medusa.chat_format import encode_prompt
     from medusa.interfaces.cli import LoadOptions
     from medusa.model import DEFAULT_HEADS_DIR
     from medusa.training.data import read_conversations, tokenize_conversation
@@ -117,7 +117,7 @@ def _batch_bench(a, model, name: str) -> int:
     from medusa.evaluation import batch_bench
     from medusa.evaluation.bench import load_questions, machine
     from medusa.inference.tree import tree_label
-    from medusa.interfaces.chat import encode_prompt
+    from medusa.chat_format import encode_prompt
 
     sizes = [int(b) for b in a.batch_size.split(",")]
     if any(b < 1 for b in sizes):

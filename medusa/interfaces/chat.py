@@ -6,18 +6,8 @@ import time
 
 import torch
 
-from medusa.chat_format import plain_text
+from medusa.chat_format import encode_prompt
 from medusa.interfaces.textstream import RunStats, TextStream, stream_text
-
-
-def encode_prompt(tokenizer, messages: list[dict], *, chat: bool = True) -> torch.Tensor:
-    """Messages -> (1, T) ids with the model's chat template (plain text without one: chat_format);
-    `chat=False`: the last message's raw text."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
-        return enc["input_ids"]
-    return tokenizer(plain_text(messages) if chat else messages[-1]["content"], return_tensors="pt")["input_ids"]
 
 
 def generate_once(model, ids: torch.Tensor, options: dict, *, baseline: bool = False, on_text=None):

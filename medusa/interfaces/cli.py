@@ -158,7 +158,8 @@ def cmd_chat(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    from medusa.interfaces.chat import encode_prompt, generate_once
+    from medusa.chat_format import encode_prompt
+    from medusa.interfaces.chat import generate_once
 
     options = gen_options(a)
     model = LoadOptions.from_args(a).load()

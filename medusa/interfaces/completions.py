@@ -6,7 +6,7 @@ import torch
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from medusa.interfaces.chat import encode_prompt
+from medusa.chat_format import encode_prompt
 from medusa.interfaces.engine_worker import EngineWorker, Job, QueueFullError
 from medusa.interfaces.openai_api import APIError, Reply, error_body, sse
 

@@ -154,8 +154,8 @@ def tokens_per_step(model, prompts, *, max_new_tokens: int = 256, tree=None, loo
     caller's `settings` plus the tree, device type and dtype decoding used, id, category, tokens, steps,
     seconds); prompts it already holds for this run are not decoded again, so a stopped evaluation resumes
     where it was."""
+    from medusa.chat_format import encode_prompt
     from medusa.inference.tree import load_tree, tree_fingerprint
-    from medusa.interfaces.chat import encode_prompt
 
     used = model.tree if tree is None else load_tree(tree, model.heads.num_heads, model.device_type)
     settings = dict(settings or {}, max_new_tokens=max_new_tokens, tree=tree_fingerprint(used),
