@@ -1,5 +1,5 @@
 """How messages become a prompt: the model's chat template, one from a file (`--chat-template FILE`), or, for a
-model without one (a base model's GGUF), plain text.
+model without one (a base model's GGUF), plain text; and which tokens end the model's turn.
 
 Every command goes through here, so a model without a template is treated alike everywhere: one notice when
 it loads, then plain text. Plain text is what a base model continues: one message is its content as it is;
@@ -57,6 +57,23 @@ def encode_prompt(tokenizer, messages: list[dict], *, chat: bool = True) -> torc
                                             return_dict=True)
         return enc["input_ids"]
     return tokenizer(plain_text(messages) if chat else messages[-1]["content"], return_tensors="pt")["input_ids"]
+
+
+def _ids(value) -> tuple[int, ...]:
+    """None, an id, or a list of ids -> a tuple of ids."""
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def eos_token_ids(model, tokenizer=None, given=None) -> tuple[int, ...]:
+    """The tokens that end a turn: `given` when the caller names them (an id or a list; [] = none), else the
+    model's generation config's end-of-sequence ids and the tokenizer's (a chat's end of turn), in that
+    order, each once."""
+    if given is not None:
+        return _ids(given)
+    found = _ids(model.generation_config.eos_token_id) + _ids(getattr(tokenizer, "eos_token_id", None))
+    return tuple(dict.fromkeys(found))
 
 
 def read_template(path) -> str:

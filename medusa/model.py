@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from medusa.chat_format import eos_token_ids
 from medusa.inference import compiled, loading, packed_linear
 from medusa.inference.acceptance import SamplingOptions
 from medusa.inference.cache import context_limit
@@ -250,10 +251,7 @@ class MedusaModel(nn.Module):
     def decode_options(self, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                        posterior_threshold: float = 0.09, posterior_alpha: float = 0.3, sampling: str = "typical",
                        stop=None, eos_token_id=None, seed: int | None = None) -> DecodeOptions:
-        eos = eos_token_id if eos_token_id is not None else self.base_model.generation_config.eos_token_id
-        if eos is None and self.tokenizer is not None:
-            eos = self.tokenizer.eos_token_id
-        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        eos = eos_token_ids(self.base_model, self.tokenizer, eos_token_id)
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         sampling = SamplingOptions(temperature=temperature, top_p=top_p, posterior_threshold=posterior_threshold,
                                    posterior_alpha=posterior_alpha, mode=sampling)

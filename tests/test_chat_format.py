@@ -171,3 +171,19 @@ def test_every_command_that_encodes_prompts_takes_chat_template():
     for command in ["chat", "generate", "serve", "distill", "train", "evaluate", "calibrate", "bench"]:
         a = parser.parse_args([command, *need.get(command, []), "--chat-template", "t.jinja"])
         assert a.chat_template == "t.jinja", command
+
+
+def test_eos_ids_are_the_callers_else_the_models_and_the_tokenizers():
+    from medusa import MedusaModel
+    from medusa.chat_format import eos_token_ids
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()           # no EOS in the generation config
+    assert eos_token_ids(model, tok) == (tok.eos_token_id,) and eos_token_ids(model) == ()
+    model.generation_config.eos_token_id = [5, tok.eos_token_id]
+    assert eos_token_ids(model, tok) == (5, tok.eos_token_id)    # each once, the model's first
+    model.generation_config.eos_token_id = 7
+    assert eos_token_ids(model, tok) == (7, tok.eos_token_id)
+    assert eos_token_ids(model, tok, 9) == (9,) and eos_token_ids(model, tok, []) == ()
+    m = MedusaModel(model, random_heads(), tok)
+    assert m.decode_options().eos_token_ids == (7, tok.eos_token_id)   # decoding and distill share it
+    assert m.decode_options(eos_token_id=[3, 4]).eos_token_ids == (3, 4)

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from medusa.chat_format import prompt_ids
+from medusa.chat_format import eos_token_ids, prompt_ids
 from medusa.inference.acceptance import SamplingOptions
 from medusa.inference.decode import DecodeOptions, Request, decode
 from medusa.inference.engine import build_engine
@@ -34,13 +34,6 @@ class Answered:
     generated: list = field(default_factory=list)   # the current turn's tokens
 
 
-def eos_ids(model, tok) -> list[int]:
-    """The tokens that end a turn: the model's generation config's and the tokenizer's end-of-sequence."""
-    eos = model.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    return list({*eos, tok.eos_token_id} - {None})
-
-
 class ContinuousBatcher:
     """Up to `slots` records decode side by side, a turn at a time with the model's chat template (plain text
     without one: chat_format); `run(recs)` yields each record as soon as its last turn ends (so out of order);
@@ -52,7 +45,7 @@ class ContinuousBatcher:
         if slots < 1 or max_new_tokens < 1:
             raise ValueError(f"slots and max_new_tokens must be >= 1 (got {slots} and {max_new_tokens})")
         self.model, self.tok, self.slots, self.max_new_tokens = model, tokenizer, slots, max_new_tokens
-        self.eos = tuple(eos_ids(model, tokenizer))
+        self.eos = eos_token_ids(model, tokenizer)
         self.engine = build_engine(model, tokenizer=tokenizer)
         self.opts = DecodeOptions(max_new_tokens=max_new_tokens, eos_token_ids=self.eos,
                                   sampling=SamplingOptions(temperature=temperature, top_p=top_p))
