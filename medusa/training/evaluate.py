@@ -9,7 +9,7 @@ import torch
 
 from medusa.inference.heads import draft_projection, ranked_guesses, true_inputs
 from medusa.training.data import Example, collate
-from medusa.training.distill import append_rows, read_rows
+from medusa.training.jsonl import append_rows, read_rows
 from medusa.training.features import last_hidden
 from medusa.training.losses import targets
 
