@@ -139,7 +139,8 @@ def test_dynamic_trees_of_parent_token_heads_are_measured_by_growing_them():
     rank (t mod 3) guess at each position, so depth-1 nodes are accepted when the tree holds that rank.
     calibrate measures dynamic trees for parent-token heads this way."""
     from medusa.evaluation.calibrate import measured_tokens
-    from medusa.training.evaluate import dynamic_parent_tokens, guess_table
+    from medusa.evaluation.calibrate import dynamic_parent_tokens
+    from medusa.training.accuracy import guess_table
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     heads, plain = parent_heads_ignoring_parent()

@@ -10,7 +10,7 @@ from medusa import MedusaModel
 from medusa.evaluation.calibrate import answer_example
 from medusa.evaluation.replay import replay, walk
 from medusa.inference.tree import DynamicTree, load_tree
-from medusa.training.evaluate import assistant_positions
+from medusa.training.accuracy import assistant_positions
 
 TREES = {"chain": "chain", "small": [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], "dynamic:6": DynamicTree(6)}
 

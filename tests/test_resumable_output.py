@@ -57,7 +57,7 @@ def test_distill_cuts_only_a_torn_last_line(tmp_path):
 
 
 def test_evaluate_records_keep_a_malformed_line_and_count_lines_past_it(tmp_path):
-    from medusa.training.evaluate import tokens_per_step
+    from medusa.evaluation.tokens_per_step import tokens_per_step
 
     m = MedusaModel(tiny_model("llama"), random_heads(), tiny_tokenizer(), tree="cpu_small")
     recs = [PromptRecord(id=str(k), turns=(f"say {k}",)) for k in range(3)]

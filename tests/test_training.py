@@ -384,7 +384,8 @@ def test_evaluate_command_on_trained_heads(distilled, tmp_path, capsys):
     prompts (overall and per category), the same figures as the functions behind it; a bad draft length is
     refused before loading."""
     from medusa.interfaces.cli import main
-    from medusa.training.evaluate import head_accuracy, tokens_per_step
+    from medusa.evaluation.tokens_per_step import tokens_per_step
+    from medusa.training.accuracy import head_accuracy
     from medusa.training.prompts import read_prompts
 
     _train(distilled, tmp_path / "h")
@@ -423,7 +424,7 @@ def test_tokens_per_step_records_resume_a_stopped_evaluation(tmp_path):
     file lacks (a torn last line is redone) and reports what an uninterrupted run does; a file of the same run
     from other settings (here the token limit, or the tree decoding uses) is refused; the same tree given as
     paths is the same setting."""
-    from medusa.training.evaluate import tokens_per_step
+    from medusa.evaluation.tokens_per_step import tokens_per_step
     from medusa.training.prompts import PromptRecord
 
     m = MedusaModel(tiny_model("llama"), random_heads(), tiny_tokenizer(), tree="cpu_small")

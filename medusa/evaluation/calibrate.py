@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 
 from medusa.chat_format import encode_prompt
+from medusa.inference.dynamic import grow
+from medusa.inference.heads import draft_projection
 from medusa.inference.tree import DynamicTree, most_likely_paths, tree_nodes, tree_spec
+from medusa.training.accuracy import accuracy_by_rank, assistant_positions, guess_table
 from medusa.training.data import Example
-from medusa.training.evaluate import accuracy_by_rank, assistant_positions, dynamic_parent_tokens, guess_table
 
 DEFAULT_BUDGETS = (1, 4, 8, 12, 16, 24, 32, 48, 64)
 
@@ -76,6 +78,48 @@ def accepted_depths(tree, probs: torch.Tensor, hit: torch.Tensor) -> torch.Tenso
             ok &= hit[d, :, r]
         best = torch.maximum(best, ok * len(path))
     return best
+
+
+@torch.inference_mode()
+def dynamic_accepted(heads, hidden: torch.Tensor, next_embeds: torch.Tensor, tgt: torch.Tensor, lm_head, embedding,
+                     *, width: int, topk: int = 10, chunk: int = 64) -> torch.Tensor:
+    """Heads that take their parent's token, grown as at decode time (dynamic.grow: each node's children follow
+    that node's own token, right or wrong) at n positions: `hidden` (n, H), the root's embedding `next_embeds`
+    (n, H), the text's tokens `tgt` (K, n) (-1: none). -> (n, width): for the `width` most probable nodes in
+    the order a DynamicTree chooses them, the candidates accepted if that node's path were the deepest
+    chosen one (its depth when all its tokens are the text's, else 0). A DynamicTree of b nodes accepts 1 (the
+    root) + the max over the first b - 1."""
+    parts = []
+    for c in range(0, hidden.shape[0], chunk):
+        g = grow(heads, hidden[c:c + chunk], next_embeds[c:c + chunk], lm_head, embedding,
+                 depth=min(heads.num_heads, width), width=width, topk=topk)
+        right, depths = [], []
+        for d, ids in enumerate(g.ids):
+            t = tgt[d, c:c + chunk, None]
+            ok = (ids == t) & (t >= 0)
+            right.append(ok if d == 0 else ok & right[-1].gather(1, g.parent[d]))
+            depths.append(right[-1] * (d + 1))
+        parts.append(torch.cat(depths, 1).gather(1, g.order())[:, :width])          # in choice order
+    return torch.cat(parts) if parts else torch.zeros(0, width, dtype=torch.long)
+
+
+def dynamic_parent_tokens(base, heads, examples: list[Example], budgets, *, topk: int = 10, batch_size: int = 8,
+                          chunk: int = 64, positions=None) -> dict[int, float]:
+    """Heads that take their parent's token with a DynamicTree of each budget (nodes): the mean tokens a step
+    accepts at the positions where every head has a target (`dynamic_accepted`; one growth wide enough for the
+    largest budget serves all). `positions`: `assistant_positions` already run, else run here."""
+    lm_head = draft_projection(base.get_output_embeddings(), heads)
+    embedding, most = base.get_input_embeddings(), max(budgets)
+    total, n = {b: 0.0 for b in budgets}, 0
+    positions = positions if positions is not None else assistant_positions(base, heads, examples, batch_size)
+    for h, tgt, inputs in positions:
+        full = (tgt >= 0).all(0)
+        accepted = dynamic_accepted(heads, h[full], inputs["next_embeds"][full], tgt[:, full], lm_head, embedding,
+                                    width=most - 1, topk=topk, chunk=chunk)
+        for b in budgets:
+            total[b] += float(accepted[:, : b - 1].amax(1).sum()) if b > 1 else 0.0
+        n += accepted.shape[0]
+    return {b: 1 + total[b] / max(n, 1) for b in budgets}
 
 
 def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budgets=DEFAULT_BUDGETS,

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from medusa.evaluation.calibrate import accepted_depths, answer_example
+from medusa.evaluation.calibrate import accepted_depths, answer_example, dynamic_accepted
 from medusa.inference.heads import draft_projection
 from medusa.inference.tree import DynamicTree
-from medusa.training.evaluate import assistant_positions, dynamic_accepted, guess_table
+from medusa.training.accuracy import assistant_positions, guess_table
 
 
 def answer_depths(model, prompt_ids: torch.Tensor, answer: torch.Tensor, trees: dict) -> dict[str, torch.Tensor]:

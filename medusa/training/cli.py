@@ -188,7 +188,8 @@ def cmd_evaluate(a) -> int:
     from medusa.chat_format import read_template, use_template
     from medusa.model import MedusaModel
     from medusa.training.data import read_conversations, tokenize_conversation
-    from medusa.training.evaluate import head_accuracy, tokens_per_step
+    from medusa.evaluation.tokens_per_step import tokens_per_step
+    from medusa.training.accuracy import head_accuracy
     from medusa.training.prompts import read_prompts
 
     if a.threads:

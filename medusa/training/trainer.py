@@ -349,7 +349,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
                 return {"step": step, "total": total, "finished": False}
     acc.wait_for_everyone()
     step_module = acc.unwrap_model(step_module)
-    from medusa.training.evaluate import head_accuracy
+    from medusa.training.accuracy import head_accuracy
 
     accuracy = head_accuracy(step_module.base if cfg.mode == "medusa2" else base, step_module.heads, val)
     result = {"step": step, "total": total, "finished": True, "train_examples": len(train_ex),
