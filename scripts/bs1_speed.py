@@ -11,10 +11,9 @@ import hashlib
 import json
 import time
 
-import torch
-
 from medusa import MedusaModel
 from medusa.chat_format import encode_prompt
+from medusa.interfaces.cli_args import add_threads, set_threads
 
 
 def main() -> None:
@@ -22,9 +21,9 @@ def main() -> None:
     p.add_argument("--prompts", required=True)
     p.add_argument("-n", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p, default=2)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    set_threads(a)
     m = MedusaModel.from_pretrained()
     rows = [json.loads(line) for line in open(a.prompts)][: a.n]
     prompts = [encode_prompt(m.tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in rows]

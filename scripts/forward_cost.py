@@ -22,6 +22,7 @@ from medusa import MedusaModel
 from medusa.inference import packed_linear
 from medusa.inference.cache import BatchCache
 from medusa.inference.compiled import compile_forward
+from medusa.interfaces.cli_args import add_threads, set_threads
 
 
 @torch.inference_mode()
@@ -53,11 +54,10 @@ def main() -> None:
                    help="packings to compare: none, onednn, or MKL row counts joined by +")
     p.add_argument("--min-rows", type=int, default=4, help="fewest rows that use a packed copy (sizes != 16)")
     p.add_argument("--repeat", type=int, default=9)
-    p.add_argument("--threads", type=int)
+    add_threads(p)
     p.add_argument("--compile", action="store_true", help="also time each packing under torch.compile")
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a)
     nodes = [int(x) for x in a.nodes.split(",")]
     rows = {}
     for packing in a.packs.split(","):

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from medusa import MedusaModel
 from medusa.chat_format import encode_prompt
+from medusa.interfaces.cli_args import add_threads, set_threads
 
 LABELS = ("medusa.propose", "medusa.verify", "medusa.accept", "medusa.compact")
 PREFILL = "medusa.prefill"
@@ -29,13 +29,12 @@ def main() -> None:
     p.add_argument("--attn", help="attention implementation (sdpa, eager, medusa_tree)")
     p.add_argument("--trees", default="root,chain,cpu_small,mc_sim_7b_63")
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--threads", type=int)
+    add_threads(p)
     p.add_argument("--lookup", type=int, help="context-draft tokens per step (default: the model's, 10; 0 = off)")
     p.add_argument("--pack", choices=("auto", "onednn", "mkl", "none"), default="auto",
                    help="packed fp32 CPU weights for the loop's products (packed_linear.py); none = stock products")
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a)
     m = MedusaModel.from_pretrained(a.model, dtype=a.dtype, attn_implementation=a.attn, lookup=a.lookup,
                                     pack_weights={"auto": None, "none": False}.get(a.pack, a.pack))
     text = "Write a short story about a lighthouse keeper who finds a message in a bottle."

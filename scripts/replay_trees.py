@@ -19,6 +19,7 @@ import torch
 from medusa.chat_format import encode_prompt
 from medusa.evaluation.replay import replay
 from medusa.inference.tree import load_tree, tree_label
+from medusa.interfaces.cli_args import add_threads, set_threads
 from medusa.model import MedusaModel
 from medusa.training.prompts import read_prompts
 
@@ -33,11 +34,10 @@ def main() -> None:
     ap.add_argument("--decode-tree", default=None, help="the tree to decode with (default: the model's)")
     ap.add_argument("--lookup", type=int, default=None, help="context drafts while decoding (0: off; default: "
                     "the model's)")
-    ap.add_argument("--threads", type=int, default=None)
+    add_threads(ap)
     ap.add_argument("--output", default=None, help="JSON with each prompt's steps per tree")
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a)
     model = MedusaModel.from_pretrained(a.model, dtype=torch.float32)
     trees = {t: load_tree(t, model.heads.num_heads, model.device_type) for t in a.trees.split(",") if t}
     drafts = "no context drafts" if a.lookup == 0 else "context drafts"

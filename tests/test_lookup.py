@@ -72,7 +72,7 @@ def test_an_int_lookup_keeps_the_default_policy():
 
 
 def test_cli_lookup_options():
-    from medusa.interfaces.cli import LoadOptions
+    from medusa.interfaces.cli_args import LoadOptions
 
     opts = lambda **kw: LoadOptions(None, None, None, None, None, False, False, **kw).lookup_options()
     assert opts() is None and opts(lookup=5) == 5                   # the model's default policy

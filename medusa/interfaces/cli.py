@@ -4,144 +4,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
-
-@dataclass(frozen=True)
-class LoadOptions:
-    model: str | None
-    base_model: str | None
-    tree: str | None
-    device: str | None
-    dtype: str | None
-    load_in_8bit: bool
-    load_in_4bit: bool
-    attn: str | None = None
-    lookup: int | None = None
-    compile: bool = False
-    lookup_short: int | None = None
-    chat_template: str | None = None
-
-    @classmethod
-    def from_args(cls, a) -> "LoadOptions":
-        return cls(a.model, a.base_model, a.tree, a.device, a.dtype, a.load_in_8bit, a.load_in_4bit, a.attn,
-                   a.lookup, a.compile, a.lookup_short, a.chat_template)
-
-    def lookup_options(self):
-        """What MedusaModel takes as `lookup`: None (the default), an int, or LookupOptions when the draft
-        length after a weak match is given too."""
-        if self.lookup_short is None:
-            return self.lookup
-        from medusa.inference.lookup import DEFAULT, with_max_tokens
-
-        return with_max_tokens(DEFAULT.max_tokens if self.lookup is None else self.lookup, self.lookup_short)
-
-    def check(self) -> None:
-        """Refuse what is wrong before any loading: the device, the dtype, the tree and the chat template (files
-        are read)."""
-        from medusa.chat_format import read_template
-        from medusa.inference.loading import resolve_device, resolve_dtype
-        from medusa.inference.tree import load_tree
-
-        device = resolve_device(self.device)
-        resolve_dtype(self.dtype)
-        if self.tree is not None:
-            load_tree(self.tree, device_type=device.type)
-        if self.chat_template is not None:
-            read_template(self.chat_template)
-
-    def load(self):
-        from medusa.chat_format import use_template
-        from medusa.inference.checkpoint import is_heads_folder
-        from medusa.inference.loading import BaseModelUnavailable
-        from medusa.model import MedusaModel
-
-        log = lambda m: print(m, file=sys.stderr, flush=True)
-        lookup = self.lookup_options()        # bad draft lengths are refused before any loading
-        self.check()
-        t0 = time.perf_counter()
-        try:
-            model = MedusaModel.from_pretrained(self.model, base_model=self.base_model, dtype=self.dtype,
-                                                device=self.device, tree=self.tree, load_in_8bit=self.load_in_8bit,
-                                                load_in_4bit=self.load_in_4bit, attn_implementation=self.attn,
-                                                lookup=lookup, compile=self.compile, log=log)
-        except BaseModelUnavailable as e:
-            if self.base_model is None and self.model and is_heads_folder(Path(self.model).expanduser()):
-                raise BaseModelUnavailable(f"{e}; the heads in {self.model} name it as their base: pass "
-                                           f"--base-model (a local folder or Hub id)") from None
-            raise
-        if model.tokenizer is None:
-            raise ValueError(f"{self.base_model or self.model} has no tokenizer; the command line needs one "
-                             f"(the Python API works on token ids without it)")
-        use_template(model.tokenizer, self.chat_template, log)
-        if self.compile:
-            log("Compiling the model's forward passes (torch.compile; minutes on a small CPU) ...")
-            t1 = time.perf_counter()
-            model.warm_up()
-            log(f"Compiled in {time.perf_counter() - t1:.0f} s")
-        from medusa.inference.tree import tree_label
-
-        log(f"Ready in {time.perf_counter() - t0:.1f} s: {model.heads.num_heads} heads, "
-            f"tree of {tree_label(model.tree)}, {model.base_model.dtype}, {model.base_model.device}")
-        return model
-
-
-def gen_options(a) -> dict:
-    """The generation flags as model.stream options, checked (call it before loading the model)."""
-    from medusa.inference.acceptance import SamplingOptions
-    from medusa.inference.decode import DecodeOptions
-
-    DecodeOptions(max_new_tokens=a.max_new_tokens, seed=a.seed,
-                  sampling=SamplingOptions(temperature=a.temperature, top_p=a.top_p, mode=a.sampling))
-    return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
-            "sampling": a.sampling}
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    from medusa import chat_format
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="heads folder (ours or original Medusa format), or a base model "
-                                   "(Hub id, folder, .gguf); default: the embedded SmolLM2-135M-Instruct")
-    g.add_argument("--base-model", help="override the base model named in a heads checkpoint")
-    g.add_argument("--tree", help="tree preset name, dynamic:N (N nodes chosen each step from the heads' confidence) or JSON file of "
-                   "paths (default: the heads' own or mc_sim_7b_63)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
-    g.add_argument("--attn", help="attention implementation: sdpa, eager, or medusa_tree (each tree node "
-                                  "computed like a one-token step: bit-identical greedy output in bf16 on CPU)")
-    g.add_argument("--lookup", type=int, metavar="N",
-                   help="also verify up to N tokens copied from the context each step (prompt lookup as one more "
-                        "tree branch: helps summaries, translations, answers quoting a passage; 2 after a weak "
-                        "match, more where packed products pad the step's rows anyway; 0 = off)")
-    g.add_argument("--lookup-short", type=int, metavar="M",
-                   help="context-draft tokens after a weak match (default 2; M = N drafts N on every match: "
-                        "better where rows are cheap, as on GPUs with large trees)")
-    g.add_argument("--compile", action="store_true",
-                   help="run decoding's forward passes under torch.compile: faster steps (tree steps most) after a "
-                        "compilation of minutes on a small CPU at start-up")
-    g.add_argument("--chat-template", metavar="FILE", help=chat_format.HELP)
-    g.add_argument("--load-in-8bit", action="store_true", help="8-bit base via bitsandbytes (CUDA only)")
-    g.add_argument("--load-in-4bit", action="store_true", help="4-bit base via bitsandbytes (CUDA only)")
-    s = p.add_argument_group("generation")
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 = typical acceptance")
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--sampling", choices=["typical", "lossless"], default="typical",
-                   help="with temperature > 0: typical acceptance (faster) or lossless rejection sampling "
-                        "(exactly the base model's sampling distribution)")
-    s.add_argument("--max-new-tokens", type=int, default=512)
-    s.add_argument("--seed", type=int, default=None)
+from medusa.interfaces.cli_args import LoadOptions, gen_options, model_args, set_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medusa", description="Faster decoding with Medusa heads.")
     sub = p.add_subparsers(dest="command", required=True)
     chat = sub.add_parser("chat", help="interactive multi-turn chat (answers each stdin line when piped)")
-    _model_args(chat)
+    model_args(chat)
     gen = sub.add_parser("generate", help="answer one prompt")
-    _model_args(gen)
+    model_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--baseline", action="store_true", help="decode plainly with transformers generate instead")
     gen.add_argument("--json", action="store_true", help="print text and figures as JSON")
@@ -176,8 +49,8 @@ def cmd_generate(a) -> int:
 
 
 # Each of these modules has `add_commands(subparsers) -> {name: handler}`; they parse, the library works.
-COMMAND_MODULES = ["medusa.training.cli", "medusa.integrations.cli", "medusa.interfaces.serve_cli",
-                   "medusa.evaluation.cli"]
+COMMAND_MODULES = ["medusa.interfaces.train_cli", "medusa.interfaces.export_cli", "medusa.interfaces.serve_cli",
+                   "medusa.interfaces.eval_cli"]
 
 
 def build_cli() -> tuple[argparse.ArgumentParser, dict]:
@@ -195,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = handlers[args.command]
     try:
+        set_threads(args)
         return handler(args)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"medusa {args.command}: error: {e}", file=sys.stderr)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 
-from medusa.interfaces.cli import LoadOptions, _model_args, gen_options
+from medusa.interfaces.cli_args import LoadOptions, gen_options, model_args
 
 
 def add_commands(sub) -> dict:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server and chat page (requests batched together)")
-    _model_args(s)  # the generation flags are the defaults for requests that leave them out
+    model_args(s)  # the generation flags are the defaults for requests that leave them out
     g = s.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     g.add_argument("--port", type=int, default=8000)
@@ -24,7 +24,7 @@ def add_commands(sub) -> dict:
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     b = sub.add_parser("bench-serve", help="the batching server under 1, 2, 4, ... concurrent clients: medusa "
                                            "against plain decoding and one request at a time")
-    _model_args(b)
+    model_args(b)
     b.set_defaults(max_new_tokens=128)
     b.add_argument("--questions", required=True, help="question JSONL (Spec-Bench / MT-Bench or dev prompts): "
                                                       "each client asks first turns")
@@ -33,7 +33,6 @@ def add_commands(sub) -> dict:
     b.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated client counts")
     b.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
     b.add_argument("--output", default="bench-serve", help="folder for serve.json and serve.png")
-    b.add_argument("--threads", type=int, help="torch CPU threads")
     return {"serve": cmd_serve, "bench-serve": cmd_bench_serve}
 
 
@@ -61,8 +60,6 @@ def cmd_bench_serve(a) -> int:
     clients = [int(c) for c in a.concurrency.split(",")]
     if any(c < 1 for c in clients) or a.max_batch < 1:
         raise ValueError(f"--concurrency and --max-batch take counts >= 1, got {a.concurrency} and {a.max_batch}")
-    if a.threads:
-        torch.set_num_threads(a.threads)
     prompts = [q.turns[0] for q in load_questions(a.questions, limit=a.limit, per_category=a.per_category)]
     model = LoadOptions.from_args(a).load()
     name = a.model.rstrip("/") if a.model else DEFAULT_MODEL_NAME

@@ -1,15 +1,15 @@
-"""`medusa bench` and `medusa calibrate`: argument parsing only; the work is in medusa.evaluation."""
+"""`medusa bench`, `calibrate` and `evaluate`: argument parsing only; the work is in medusa.evaluation."""
 from __future__ import annotations
 
 import argparse
 
+from medusa.interfaces.cli_args import LoadOptions, add_threads, model_args
+
 
 def add_commands(sub) -> dict:
-    from medusa.interfaces.cli import _model_args
-
     b = sub.add_parser("bench", help="speed against transformers generate on MT-Bench / Spec-Bench questions",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _model_args(b)
+    model_args(b)
     b.set_defaults(max_new_tokens=256)
     b.add_argument("--questions", required=True,
                    help="question JSONL: MT-Bench / Spec-Bench (question_id, category, turns), e.g. Spec-Bench's "
@@ -23,14 +23,13 @@ def add_commands(sub) -> dict:
     b.add_argument("--no-plain", action="store_true", help="skip plain one-token-per-step decoding on our engine")
     b.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="prompt lookup's draft length")
     b.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")
-    b.add_argument("--threads", type=int, help="torch CPU threads")
     b.add_argument("--batch-size", help="comma-separated batch sizes, e.g. 1,2,4,8,16: total tokens/s of medusa, "
                                         "plain batched decoding and batched generate over the questions' first turns "
                                         "(greedy), written to OUTPUT/batch.json and batch.png")
     c = sub.add_parser("calibrate", help="fit the tree to these heads and this machine; saves it in tree.json beside "
                                          "the heads, as the tree for this device type (cpu, cuda, ...)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _model_args(c)
+    model_args(c)
     c.add_argument("--data", help="ShareGPT JSONL (e.g. held-out distilled answers) to measure head accuracy on")
     c.add_argument("--prompts", help="or a prompt file: the model's own greedy answers are used")
     c.add_argument("--limit", type=int, default=40, help="conversations / prompts to use")
@@ -39,24 +38,44 @@ def add_commands(sub) -> dict:
                    help="timing passes over all budgets (12 steps each; medians over all): more on noisy machines")
     c.add_argument("--no-dynamic", action="store_true", help="static trees only (no dynamic:N trees)")
     c.add_argument("--save-to", help="folder for tree.json (default: the heads folder given by --model)")
-    c.add_argument("--threads", type=int, help="torch CPU threads")
-    return {"bench": cmd_bench, "calibrate": cmd_calibrate}
+    _add_evaluate(sub)
+    return {"bench": cmd_bench, "calibrate": cmd_calibrate, "evaluate": cmd_evaluate}
+
+
+def _add_evaluate(sub) -> None:
+    from medusa import chat_format
+    from medusa.inference.lookup import DEFAULT
+
+    e = sub.add_parser("evaluate", help="per-head top-k accuracy and mean tokens per step of a heads folder")
+    e.add_argument("--model", help="heads folder (default: the shipped default heads)")
+    e.add_argument("--base-model")
+    e.add_argument("--data", help="held-out ShareGPT JSONL for per-head accuracy")
+    e.add_argument("--prompts", help="prompt file (dev prompts, MT-Bench...) for tokens per step")
+    e.add_argument("--limit", type=int, default=50)
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--tree")
+    e.add_argument("--chat-template", metavar="FILE", help=chat_format.HELP)
+    e.add_argument("--lookup", type=int, default=DEFAULT.max_tokens,
+                   help="tokens per step of the heads alone are always measured; with N > 0, also with up to N "
+                        "context-draft tokens per step (what decoding uses by default)")
+    e.add_argument("--lookup-short", type=int, metavar="M",
+                   help="context-draft tokens after a weak match (default 2; M = N drafts N on every match)")
+    e.add_argument("--records", metavar="JSONL",
+                   help="write a line per prompt here as it is done; re-running with the same file and settings "
+                        "skips the prompts it holds (a long evaluation resumes)")
+    e.add_argument("--dtype")
+    add_threads(e)
 
 
 def cmd_calibrate(a) -> int:
     import json
 
-    import torch
-
     from medusa.evaluation.calibrate import calibrate, examples_from_prompts, save_tree
     from medusa.chat_format import encode_prompt
-    from medusa.interfaces.cli import LoadOptions
     from medusa.model import DEFAULT_HEADS_DIR
     from medusa.training.data import read_conversations, tokenize_conversation
     from medusa.training.prompts import read_prompts
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
     if not (a.data or a.prompts):
         raise ValueError("give --data (conversations) or --prompts (a prompt file) to calibrate on")
     target = a.save_to or a.model or DEFAULT_HEADS_DIR
@@ -79,15 +98,10 @@ def cmd_calibrate(a) -> int:
 def cmd_bench(a) -> int:
     from pathlib import Path
 
-    import torch
-
     from medusa.evaluation.bench import BenchConfig, run_bench
     from medusa.evaluation.report import format_table
     from medusa.inference.loading import DEFAULT_MODEL_NAME
-    from medusa.interfaces.cli import LoadOptions
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
     if not Path(a.questions).is_file():
         raise FileNotFoundError(f"question file not found: {a.questions} (Spec-Bench's is data/spec_bench/"
                                 f"question.jsonl in its repository)")
@@ -136,3 +150,44 @@ def _batch_bench(a, model, name: str) -> int:
     print(batch_bench.format_table(result))
     return 0
 
+
+def cmd_evaluate(a) -> int:
+    import json
+    import sys
+
+    from medusa.chat_format import read_template, use_template
+    from medusa.evaluation.tokens_per_step import tokens_per_step
+    from medusa.model import MedusaModel
+    from medusa.training.accuracy import head_accuracy
+    from medusa.training.data import read_conversations, tokenize_conversation
+    from medusa.training.prompts import read_prompts
+
+    if not (a.data or a.prompts):
+        raise ValueError("give --data (held-out conversations) and/or --prompts (a prompt file)")
+    lookup = a.lookup
+    if a.lookup_short is not None:      # checked before any loading
+        from medusa.inference.lookup import with_max_tokens
+
+        lookup = with_max_tokens(a.lookup, a.lookup_short)
+    if a.chat_template:
+        read_template(a.chat_template)
+    m = MedusaModel.from_pretrained(a.model, base_model=a.base_model, dtype=a.dtype, tree=a.tree)
+    use_template(m.tokenizer, a.chat_template, lambda s: print(s, file=sys.stderr, flush=True))
+    report = {}
+    if a.data:
+        examples = [tokenize_conversation(m.tokenizer, c, 1024) for c in read_conversations(a.data)[: a.limit]]
+        report["head_accuracy"] = head_accuracy(m.base_model, m.heads, examples)
+    if a.prompts:
+        log = lambda s: print(s, flush=True)
+        prompts = read_prompts(a.prompts)[: a.limit]
+        settings = {"model": a.model, "base_model": a.base_model}   # + the tree, device and dtype in use
+        runs = dict(records=a.records, max_new_tokens=a.max_new_tokens, log=log)
+        report["greedy"] = tokens_per_step(m, prompts, lookup=0, run="greedy", settings=settings, **runs)
+        if a.lookup:
+            report["greedy_with_context_drafts"] = tokens_per_step(
+                m, prompts, lookup=lookup, run="greedy_with_context_drafts",
+                settings=settings | {"lookup": a.lookup, "lookup_short": a.lookup_short}, **runs) | {"lookup": a.lookup}
+            if a.lookup_short is not None:
+                report["greedy_with_context_drafts"]["lookup_short"] = a.lookup_short
+    print(json.dumps(report, indent=2))
+    return 0

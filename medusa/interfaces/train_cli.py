@@ -1,7 +1,9 @@
-"""Training-side subcommands of `medusa`: argument parsing only; the work is in the library."""
+"""`medusa distill`, `compose-prompts` and `train`: argument parsing only; the work is in medusa.training."""
 from __future__ import annotations
 
 import argparse
+
+from medusa.interfaces.cli_args import add_threads
 
 
 class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -31,7 +33,7 @@ def add_commands(sub) -> dict:
     d.add_argument("--limit", type=int, help="only the first N prompts")
     d.add_argument("--dtype", help="e.g. bfloat16 (fast on CPUs with AMX) or float32")
     d.add_argument("--device")
-    d.add_argument("--threads", type=int, help="torch CPU threads")
+    add_threads(d)
     d.add_argument("--no-pack-weights", action="store_true",
                    help="stock fp32 CPU products (default: weights packed once for oneDNN, faster)")
     d.add_argument("--api-base", help="OpenAI-compatible endpoint instead of local generation, e.g. "
@@ -61,12 +63,8 @@ def cmd_compose(a) -> int:
 def cmd_distill(a) -> int:
     import json
 
-    import torch
-
     from medusa.training.distill import DistillConfig, run_distill
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
     if a.chat_template and a.api_base:
         raise ValueError("--chat-template applies to local generation; the endpoint of --api-base uses its own")
     cfg = DistillConfig(inputs=a.input, output=a.output, model=a.model, max_new_tokens=a.max_new_tokens,
@@ -76,7 +74,6 @@ def cmd_distill(a) -> int:
                         pack_weights=False if a.no_pack_weights else None, chat_template=a.chat_template)
     print(json.dumps(run_distill(cfg)))
     return 0
-
 
 
 _HELP = {
@@ -124,9 +121,6 @@ _HELP = {
 
 
 def add_train_commands(sub) -> dict:
-    from medusa import chat_format
-    from medusa.inference.lookup import DEFAULT as DEFAULT_LOOKUP
-
     t = sub.add_parser("train", help="train Medusa heads (Medusa-1: frozen base; Medusa-2: LoRA + heads)",
                        formatter_class=_Defaults)
     from medusa.training.trainer import TrainConfig
@@ -144,82 +138,13 @@ def add_train_commands(sub) -> dict:
         else:
             kind = type(value) if value is not None else (int if name in ("stop_after", "limit") else str)
             t.add_argument(flag, type=kind, default=value, help=_HELP.get(name))
-    t.add_argument("--threads", type=int, help="torch CPU threads")
-    e = sub.add_parser("evaluate", help="per-head top-k accuracy and mean tokens per step of a heads folder")
-    e.add_argument("--model", help="heads folder (default: the shipped default heads)")
-    e.add_argument("--base-model")
-    e.add_argument("--data", help="held-out ShareGPT JSONL for per-head accuracy")
-    e.add_argument("--prompts", help="prompt file (dev prompts, MT-Bench...) for tokens per step")
-    e.add_argument("--limit", type=int, default=50)
-    e.add_argument("--max-new-tokens", type=int, default=256)
-    e.add_argument("--tree")
-    e.add_argument("--chat-template", metavar="FILE", help=chat_format.HELP)
-    e.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP.max_tokens,
-                   help="tokens per step of the heads alone are always measured; with N > 0, also with up to N "
-                        "context-draft tokens per step (what decoding uses by default)")
-    e.add_argument("--lookup-short", type=int, metavar="M",
-                   help="context-draft tokens after a weak match (default 2; M = N drafts N on every match)")
-    e.add_argument("--records", metavar="JSONL",
-                   help="write a line per prompt here as it is done; re-running with the same file and settings "
-                        "skips the prompts it holds (a long evaluation resumes)")
-    e.add_argument("--dtype")
-    e.add_argument("--threads", type=int)
-    return {"train": cmd_train, "evaluate": cmd_evaluate}
+    add_threads(t)
+    return {"train": cmd_train}
 
 
 def cmd_train(a) -> int:
-    import torch
-
     from medusa.training.trainer import TrainConfig, train
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
     fields = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}
     train(TrainConfig(**fields), log=lambda m: print(m, flush=True))
-    return 0
-
-
-def cmd_evaluate(a) -> int:
-    import json
-    import sys
-
-    import torch
-
-    from medusa.chat_format import read_template, use_template
-    from medusa.model import MedusaModel
-    from medusa.training.data import read_conversations, tokenize_conversation
-    from medusa.evaluation.tokens_per_step import tokens_per_step
-    from medusa.training.accuracy import head_accuracy
-    from medusa.training.prompts import read_prompts
-
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if not (a.data or a.prompts):
-        raise ValueError("give --data (held-out conversations) and/or --prompts (a prompt file)")
-    lookup = a.lookup
-    if a.lookup_short is not None:      # checked before any loading
-        from medusa.inference.lookup import with_max_tokens
-
-        lookup = with_max_tokens(a.lookup, a.lookup_short)
-    if a.chat_template:
-        read_template(a.chat_template)
-    m = MedusaModel.from_pretrained(a.model, base_model=a.base_model, dtype=a.dtype, tree=a.tree)
-    use_template(m.tokenizer, a.chat_template, lambda s: print(s, file=sys.stderr, flush=True))
-    report = {}
-    if a.data:
-        examples = [tokenize_conversation(m.tokenizer, c, 1024) for c in read_conversations(a.data)[: a.limit]]
-        report["head_accuracy"] = head_accuracy(m.base_model, m.heads, examples)
-    if a.prompts:
-        log = lambda s: print(s, flush=True)
-        prompts = read_prompts(a.prompts)[: a.limit]
-        settings = {"model": a.model, "base_model": a.base_model}   # + the tree, device and dtype in use
-        runs = dict(records=a.records, max_new_tokens=a.max_new_tokens, log=log)
-        report["greedy"] = tokens_per_step(m, prompts, lookup=0, run="greedy", settings=settings, **runs)
-        if a.lookup:
-            report["greedy_with_context_drafts"] = tokens_per_step(
-                m, prompts, lookup=lookup, run="greedy_with_context_drafts",
-                settings=settings | {"lookup": a.lookup, "lookup_short": a.lookup_short}, **runs) | {"lookup": a.lookup}
-            if a.lookup_short is not None:
-                report["greedy_with_context_drafts"]["lookup_short"] = a.lookup_short
-    print(json.dumps(report, indent=2))
     return 0

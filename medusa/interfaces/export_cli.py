@@ -1,4 +1,5 @@
-"""Ecosystem subcommands of `medusa`: export to serving engines' formats, push to the Hub. Parsing only."""
+"""`medusa export` and `push`: argument parsing only; the work is in medusa.integrations (export to serving
+engines' formats, push to the Hub)."""
 from __future__ import annotations
 
 import sys
