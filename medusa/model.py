@@ -17,7 +17,7 @@ from medusa.inference.checkpoint import (build_heads, fetch_heads_repo, is_heads
 from medusa.inference.decode import DecodeOptions, Request, Step, decode
 from medusa.inference.engine import Engine, build_engine
 from medusa.inference.heads import HeadsConfig, MedusaHeads
-from medusa.inference.lookup import DEFAULT as DEFAULT_LOOKUP, LookupOptions, with_max_tokens
+from medusa.inference.lookup import Lookup, as_lookup
 from medusa.inference.tree import (DEFAULT_TREE, default_tree, fit_tree_to_heads, load_tree, tree_for_device,
                                    tree_label)
 
@@ -83,25 +83,16 @@ def _device_type(base_model) -> str:
     return base_model.get_input_embeddings().weight.device.type
 
 
-def _lookup_options(lookup) -> LookupOptions:
-    """None: the default (up to 10 tokens, 2 after a weak match); an int: at most that many context-draft
-    tokens per step (0 = off); or LookupOptions as they are."""
-    if lookup is None:
-        return DEFAULT_LOOKUP
-    if isinstance(lookup, LookupOptions):
-        return lookup
-    return with_max_tokens(int(lookup))
-
-
 class MedusaModel(nn.Module):
-    def __init__(self, base_model, heads: MedusaHeads, tokenizer=None, tree=None, lookup=None, compile: bool = False):
+    def __init__(self, base_model, heads: MedusaHeads, tokenizer=None, tree=None, lookup: Lookup | None = None,
+                 compile: bool = False):
         super().__init__()
         self.base_model = base_model
         self.heads = heads
         self.tokenizer = tokenizer
         self.tree = load_tree(tree if tree is not None else fit_tree_to_heads(load_tree(DEFAULT_TREE), heads.num_heads),
                               heads.num_heads, self.device_type)
-        self.lookup = _lookup_options(lookup)
+        self.lookup = as_lookup(lookup)
         self._check_compatible()
         # held in a tuple, not as a submodule: the compiled wrapper shares base_model's parameters
         self._compiled = (compiled.compile_forward(base_model),) if compile else ()
@@ -153,15 +144,16 @@ class MedusaModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *, base_model=None, dtype=None,
                         device=None, tree=None, num_heads: int = 4, num_layers: int = 1,
-                        shared_lm_head: bool = True, load_in_8bit: bool = False, load_in_4bit: bool = False,
-                        attn_implementation: str | None = None, lookup=None, pack_weights: bool | str | None = None,
-                        compile: bool = False, log=None) -> "MedusaModel":
+                        shared_lm_head: bool = True, quantize: str | None = None,
+                        attn_implementation: str | None = None, lookup: Lookup | None = None,
+                        pack_weights: str = "auto", compile: bool = False, log=None) -> "MedusaModel":
         """Load heads + base. `name_or_path` is a heads folder (ours or the original Medusa format), a base
         model (Hub id, folder or GGUF file; new untrained heads), or None for the embedded default.
-        `lookup`: tokens copied from the context per step as extra candidates (0 = off; see lookup.py).
-        `pack_weights`: copies of fp32 CPU weights packed for the decode loop's products (packed_linear.py):
-        "onednn" or "mkl"; None = oneDNN where torch has it (else MKL) when the copies take at most 2 GiB;
-        True = the same regardless of memory; False = none.
+        `quantize`: "8bit" or "4bit" loads the base through bitsandbytes (CUDA only).
+        `lookup`: tokens copied from the context per step as extra candidates: an int or LookupOptions
+        (lookup.as_lookup).
+        `pack_weights`: copies of fp32 CPU weights packed for the decode loop's products: "auto", "onednn",
+        "mkl" or "off" (packed_linear.packing).
         `compile`: run decoding's forward passes under torch.compile (compiled.py; call `warm_up()` to compile
         before first use: minutes on a small CPU)."""
         log = log or (lambda m: None)
@@ -185,8 +177,7 @@ class MedusaModel(nn.Module):
         if base_ref == EMBEDDED_DEFAULT:
             base_ref = None
         log(f"Loading base model {base_ref or EMBEDDED_DEFAULT} ...")
-        model, tokenizer = loading.load_base_model(base_ref, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
-                                                   load_in_4bit=load_in_4bit,
+        model, tokenizer = loading.load_base_model(base_ref, dtype=dtype, device=device, quantize=quantize,
                                                    attn_implementation=attn_implementation, log=log)
         adapter = (config.extra or {}).get("adapter") if config is not None else None
         if adapter:  # Medusa-2: the base was fine-tuned with LoRA alongside the heads
@@ -194,8 +185,7 @@ class MedusaModel(nn.Module):
 
             model = PeftModel.from_pretrained(model, str(Path(name_or_path).expanduser() / adapter)).merge_and_unload()
             model.eval()
-        if pack_weights is not False:
-            packed_linear.pack_for_inference(model, pack_weights, log)
+        packed_linear.pack_for_inference(model, pack_weights, log)
         text_cfg = model.config.get_text_config(decoder=True)
         vocab = model.get_output_embeddings().weight.shape[0]
         if config is None:
@@ -266,7 +256,7 @@ class MedusaModel(nn.Module):
             raise ValueError("no prompt given")
         paths = self.tree if tree is None else load_tree(tree, self.heads.num_heads, self.device_type)
         shapes = self.engine.shapes(paths)
-        lookup = self.lookup if lookup is None else _lookup_options(lookup)
+        lookup = as_lookup(lookup, self.lookup)
         reqs = [Request(ids, self.decode_options(**opts), shapes, lookup, key=i)
                 for i, (ids, opts) in enumerate(zip(prompts, _per_row(options, len(prompts))))]
         for r in reqs:

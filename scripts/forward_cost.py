@@ -61,7 +61,7 @@ def main() -> None:
     nodes = [int(x) for x in a.nodes.split(",")]
     rows = {}
     for packing in a.packs.split(","):
-        m = MedusaModel.from_pretrained(a.model, pack_weights=False)
+        m = MedusaModel.from_pretrained(a.model, pack_weights="off")
         if packing == "onednn":
             packed_linear.pack_linears(m.base_model, backend="onednn")
         elif packing != "none":

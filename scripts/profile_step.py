@@ -2,7 +2,7 @@
 work (propose = heads + top-k, accept, compact, and everything else between).
 
     python scripts/profile_step.py [--model HEADS] [--trees root,chain,cpu_small,mc_sim_7b_63] [--tokens 64]
-                                   [--lookup N] [--pack auto|onednn|mkl|none] [--dtype D] [--attn A] [--threads N]
+                                   [--lookup N] [--pack auto|onednn|mkl|off] [--dtype D] [--attn A] [--threads N]
 
 "nodes" is the mean number of nodes verified per step (the tree, plus context drafts where there were some).
 The prompt's forward (prefill) is left out of the step time.
@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from medusa import MedusaModel
 from medusa.chat_format import encode_prompt
+from medusa.inference.packed_linear import PACKINGS
 from medusa.interfaces.cli_args import add_threads, set_threads
 
 LABELS = ("medusa.propose", "medusa.verify", "medusa.accept", "medusa.compact")
@@ -31,12 +32,12 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     add_threads(p)
     p.add_argument("--lookup", type=int, help="context-draft tokens per step (default: the model's, 10; 0 = off)")
-    p.add_argument("--pack", choices=("auto", "onednn", "mkl", "none"), default="auto",
-                   help="packed fp32 CPU weights for the loop's products (packed_linear.py); none = stock products")
+    p.add_argument("--pack", choices=PACKINGS, default="auto",
+                   help="packed fp32 CPU weights for the loop's products (packed_linear.packing); off = stock products")
     a = p.parse_args()
     set_threads(a)
     m = MedusaModel.from_pretrained(a.model, dtype=a.dtype, attn_implementation=a.attn, lookup=a.lookup,
-                                    pack_weights={"auto": None, "none": False}.get(a.pack, a.pack))
+                                    pack_weights=a.pack)
     text = "Write a short story about a lighthouse keeper who finds a message in a bottle."
     ids = encode_prompt(m.tokenizer, [{"role": "user", "content": text}])
     list(m.stream(ids, max_new_tokens=8))                                   # warm-up

@@ -118,3 +118,25 @@ def test_chat_and_serve_check_generation_flags_before_loading(folders, capsys, m
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"medusa {command}: error: max_new_tokens must be >= 1, got -5"]
     assert served == []
+
+
+def test_quantize_flags_and_their_deprecated_aliases(capsys):
+    from medusa.interfaces.cli import build_cli
+    from medusa.interfaces.cli_args import LoadOptions, quantize_of
+
+    parser, _ = build_cli()
+    quantize = lambda *flags: LoadOptions.from_args(parser.parse_args(["generate", "--prompt", "hi", *flags])).quantize
+    assert quantize() is None and quantize("--quantize", "4bit") == "4bit"
+    assert quantize("--load-in-8bit") == "8bit" and quantize("--load-in-8bit", "--quantize", "8bit") == "8bit"
+    assert "--load-in-8bit is deprecated; use --quantize 8bit" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="choose one quantization, not 4bit and 8bit"):
+        quantize("--quantize", "4bit", "--load-in-8bit")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--prompt", "hi", "--quantize", "16bit"])
+    assert quantize_of(parser.parse_args(["train", "--data", "d", "--output", "o", "--load-in-4bit"])) == "4bit"
+
+
+def test_quantize_without_cuda_is_refused_in_one_line(folders, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line, _ = refusal(capsys, "--model", str(folders / "base"), "--load-in-4bit")
+    assert "--quantize 4bit" in line and "CUDA" in line

@@ -6,15 +6,23 @@ import torch
 
 from medusa.inference import loading
 from medusa.model import MedusaModel
+from medusa.training.trainer import TrainConfig
 
 
 def test_quantized_loading_needs_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(RuntimeError, match="--load-in-8bit .*CUDA"):
-        loading.load_base_model("any/model", load_in_8bit=True)
-    with pytest.raises(RuntimeError, match="--load-in-4bit .*CUDA"):
-        MedusaModel.from_pretrained(load_in_4bit=True)
+    with pytest.raises(RuntimeError, match="--quantize 8bit.*CUDA"):
+        loading.load_base_model("any/model", quantize="8bit")
+    with pytest.raises(RuntimeError, match="--quantize 4bit.*CUDA"):
+        MedusaModel.from_pretrained(quantize="4bit")
+
+
+def test_quantize_takes_8bit_or_4bit():
+    with pytest.raises(ValueError, match="quantize must be None, '8bit' or '4bit', got '16bit'"):
+        loading.load_base_model("any/model", quantize="16bit")
+    with pytest.raises(ValueError, match="quantize must be"):
+        TrainConfig(data="", output="", quantize=True)
 
 
 def test_missing_local_paths_are_named(tmp_path):

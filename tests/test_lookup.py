@@ -71,10 +71,25 @@ def test_an_int_lookup_keeps_the_default_policy():
     assert MedusaModel(tiny_model("llama"), random_heads(), lookup=7).lookup == with_max_tokens(7)
 
 
+def test_lookup_is_an_int_or_lookup_options():
+    from medusa.inference.lookup import as_lookup
+
+    assert as_lookup(None) == DEFAULT and as_lookup(None, with_max_tokens(3)) == with_max_tokens(3)
+    assert as_lookup(7) == with_max_tokens(7) and not as_lookup(0).enabled
+    opts = LookupOptions(max_tokens=4, min_ngram=1)
+    assert as_lookup(opts) is opts
+    for wrong in (True, "5", 2.5):
+        with pytest.raises(TypeError, match="lookup is an int"):
+            as_lookup(wrong)
+    m = MedusaModel(tiny_model("llama"), random_heads(), lookup=opts)
+    assert m.lookup is opts and m.requests([5, 6, 7], lookup=3)[0][0].lookup == with_max_tokens(3)
+    assert m.requests([5, 6, 7])[0][0].lookup is opts                   # None: the model's own
+
+
 def test_cli_lookup_options():
     from medusa.interfaces.cli_args import LoadOptions
 
-    opts = lambda **kw: LoadOptions(None, None, None, None, None, False, False, **kw).lookup_options()
+    opts = lambda **kw: LoadOptions(**kw).lookup_options()
     assert opts() is None and opts(lookup=5) == 5                   # the model's default policy
     assert opts(lookup=10, lookup_short=10) == LookupOptions(max_tokens=10, short_tokens=10)
     assert opts(lookup_short=0) == LookupOptions(max_tokens=DEFAULT.max_tokens, short_tokens=0,

@@ -116,3 +116,20 @@ def test_onednn_refuses_mkl_row_counts():
         pytest.skip("torch without onednn")
     with pytest.raises(ValueError, match="sizes and min_rows are MKL's"):
         pack_linears(nn.Linear(8, 4), PACK_SIZES, backend="onednn")
+
+
+def test_pack_weights_is_one_string_and_the_older_values_map_onto_it():
+    packing = packed_linear.packing
+    assert [packing(p) for p in packed_linear.PACKINGS] == list(packed_linear.PACKINGS) and packing(None) == "auto"
+    with pytest.warns(DeprecationWarning, match='pack_weights="off"'):
+        assert packing(False) == "off"
+    with pytest.warns(DeprecationWarning, match="pack_weights=True is deprecated"):
+        assert packing(True) == (packed_linear.default_backend() or "off")   # the auto backend, no memory cap
+    with pytest.raises(ValueError, match="unknown weight packing 'none'"):
+        packing("none")
+    model = tiny_model("llama")
+    assert packed_linear.pack_for_inference(model, "off") is None and not packed_linear.is_packed(model)
+    if packed_linear.default_backend() is not None:
+        assert packed_linear.pack_for_inference(model, "auto") == packed_linear.default_backend()
+        assert packed_linear.is_packed(model)
+

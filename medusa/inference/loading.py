@@ -70,17 +70,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _quantization_config(load_in_8bit: bool, load_in_4bit: bool, dtype):
-    if not (load_in_8bit or load_in_4bit):
+QUANTIZE = ("8bit", "4bit")   # `quantize=`: the base's weights through bitsandbytes (CUDA only); None = as stored
+
+
+def _quantization_config(quantize: str | None, dtype):
+    if quantize is None:
         return None
-    if load_in_8bit and load_in_4bit:
-        raise ValueError("choose one of load_in_8bit and load_in_4bit, not both")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be None, '8bit' or '4bit', got {quantize!r}")
     if not torch.cuda.is_available():
-        flag = "--load-in-8bit" if load_in_8bit else "--load-in-4bit"
-        raise RuntimeError(f"{flag} uses bitsandbytes, which needs a CUDA GPU; none is available here")
+        raise RuntimeError(f"quantize={quantize!r} (--quantize {quantize}) uses bitsandbytes, which needs a CUDA "
+                           f"GPU; none is available here")
     from transformers import BitsAndBytesConfig
 
-    if load_in_8bit:
+    if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype or torch.float16)
 
@@ -151,18 +154,17 @@ def load_base_model(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
-    load_in_8bit: bool = False,
-    load_in_4bit: bool = False,
+    quantize: str | None = None,
     attn_implementation: str | None = None,
     log=None,
 ):
-    """Load (model, tokenizer). `None` means the embedded default model."""
+    """Load (model, tokenizer). `None` means the embedded default model. `quantize`: "8bit" or "4bit" (QUANTIZE)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve_base_path(name_or_path, log=log)
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    quant = _quantization_config(load_in_8bit, load_in_4bit, torch_dtype)
+    quant = _quantization_config(quantize, torch_dtype)      # refused before any conversion or download
+    source = resolve_base_path(name_or_path, log=log)
     kwargs = {"dtype": torch_dtype if torch_dtype is not None else "auto"}
     if attn_implementation:
         from medusa.inference import tree_attention

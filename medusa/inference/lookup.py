@@ -20,6 +20,7 @@ An index from n-gram to its latest position makes each lookup O(1); it grows wit
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -47,6 +48,25 @@ class LookupOptions:
 
 
 DEFAULT = LookupOptions(max_tokens=10, short_tokens=2)   # transformers' prompt lookup drafts 10 tokens
+
+
+Lookup = int | LookupOptions
+
+
+def as_lookup(lookup: Lookup | None, default: LookupOptions = DEFAULT) -> LookupOptions:
+    """What `lookup=` means wherever it is taken (MedusaModel, from_pretrained, stream, generate): an int n
+    drafts at most n tokens per step with the default policy (`with_max_tokens`; 0 = off), LookupOptions set
+    every knob; None leaves `default` (the model's own, or DEFAULT: up to 10 tokens, 2 after a weak match)."""
+    if lookup is None:
+        return default
+    if isinstance(lookup, LookupOptions):
+        return lookup
+    if isinstance(lookup, bool):
+        raise TypeError(f"lookup is an int (tokens per step, 0 = off) or LookupOptions, not {lookup!r}")
+    try:
+        return with_max_tokens(operator.index(lookup))
+    except TypeError:
+        raise TypeError(f"lookup is an int (tokens per step, 0 = off) or LookupOptions, not {lookup!r}") from None
 
 
 def with_max_tokens(n: int, short: int | None = None) -> LookupOptions:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,11 @@ class PackedLinear(nn.Linear):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+def is_packed(model: nn.Module) -> bool:
+    """Whether any linear of `model` holds packed copies."""
+    return any(isinstance(m, (OneDNNLinear, PackedLinear)) for m in model.modules())
+
+
 def padded_rows(model: nn.Module):
     """n -> the rows a forward of n tokens pays for in `model`'s MKL-packed products (the next packed row
     count), or None when the model has none (oneDNN's products pad nothing)."""
@@ -174,17 +180,37 @@ def packed_bytes(model: nn.Module, copies: int = 1) -> int:
     return sum(m.weight.numel() * 4 for m in _packable(model)) * copies
 
 
-def pack_for_inference(model: nn.Module, how: bool | str | None = None, log=None) -> str | None:
-    """Pack `model`'s fp32 CPU weights for products run inside `engaged()`: `how` "onednn" or "mkl"; None =
-    oneDNN where torch has it (else MKL) when the copies take at most 2 GiB; True = the same regardless of
-    memory. Returns the backend used, or None where nothing was packed."""
-    backend = how if isinstance(how, str) else default_backend()
+PACKINGS = ("auto", "onednn", "mkl", "off")
+AUTO_BUDGET = 2 * 2**30   # "auto" packs only where the copies take at most this many bytes
+
+
+def packing(how) -> str:
+    """`pack_weights=` as one of PACKINGS: "auto" = oneDNN where torch has it, else MKL, when the copies take at
+    most 2 GiB; "onednn" or "mkl" = that backend whatever the memory; "off" = stock products. The older
+    spellings map onto these: None = "auto", True = the "auto" backend whatever the memory, False = "off"."""
+    if how is None:
+        return "auto"
+    if isinstance(how, bool):
+        now = (default_backend() or "off") if how else "off"
+        warnings.warn(f"pack_weights={how} is deprecated: use pack_weights=\"{now}\" (one of "
+                      f"{', '.join(PACKINGS)})", DeprecationWarning, stacklevel=3)
+        return now
+    if how not in PACKINGS:
+        raise ValueError(f"unknown weight packing {how!r}: one of {', '.join(PACKINGS)}")
+    return how
+
+
+def pack_for_inference(model: nn.Module, how: str = "auto", log=None) -> str | None:
+    """Pack `model`'s fp32 CPU weights for products run inside `engaged()`, as `how` says (`packing`). Returns
+    the backend used, or None where nothing was packed."""
+    how = packing(how)
+    backend = default_backend() if how == "auto" else None if how == "off" else how
     if backend is None:
         return None
     if not available(backend):
         raise ValueError(f"pack_weights={backend!r}: this torch build has no {backend} (one of "
                          f"{[b for b in BACKENDS if available(b)]})")
-    options = fitting(model, 2 * 2**30 if how is None else float("inf"), backend)
+    options = fitting(model, AUTO_BUDGET if how == "auto" else float("inf"), backend)
     if options is None or not pack_linears(model, backend=backend, **options):
         return None
     if log:

@@ -24,15 +24,36 @@ def set_threads(a) -> None:
         torch.set_num_threads(a.threads)
 
 
+def add_quantize(p) -> None:
+    """--quantize 8bit|4bit, and the older --load-in-8bit / --load-in-4bit that map onto it (`quantize_of`)."""
+    from medusa.inference.loading import QUANTIZE
+
+    p.add_argument("--quantize", choices=QUANTIZE, help="8-bit or 4-bit base via bitsandbytes (CUDA only)")
+    p.add_argument("--load-in-8bit", action="store_true", help="deprecated: --quantize 8bit")
+    p.add_argument("--load-in-4bit", action="store_true", help="deprecated: --quantize 4bit")
+
+
+def quantize_of(a) -> str | None:
+    """--quantize, or the one a deprecated --load-in-8bit / --load-in-4bit names (said on stderr); two
+    different ones are refused."""
+    chosen = [a.quantize] if a.quantize else []
+    for q in ("8bit", "4bit"):
+        if getattr(a, f"load_in_{q}", False):
+            print(f"medusa: --load-in-{q} is deprecated; use --quantize {q}", file=sys.stderr)
+            chosen.append(q)
+    if len(set(chosen)) > 1:
+        raise ValueError(f"choose one quantization, not {' and '.join(sorted(set(chosen)))}")
+    return chosen[0] if chosen else None
+
+
 @dataclass(frozen=True)
 class LoadOptions:
-    model: str | None
-    base_model: str | None
-    tree: str | None
-    device: str | None
-    dtype: str | None
-    load_in_8bit: bool
-    load_in_4bit: bool
+    model: str | None = None
+    base_model: str | None = None
+    tree: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    quantize: str | None = None
     attn: str | None = None
     lookup: int | None = None
     compile: bool = False
@@ -41,12 +62,13 @@ class LoadOptions:
 
     @classmethod
     def from_args(cls, a) -> "LoadOptions":
-        return cls(a.model, a.base_model, a.tree, a.device, a.dtype, a.load_in_8bit, a.load_in_4bit, a.attn,
-                   a.lookup, a.compile, a.lookup_short, a.chat_template)
+        return cls(model=a.model, base_model=a.base_model, tree=a.tree, device=a.device, dtype=a.dtype,
+                   quantize=quantize_of(a), attn=a.attn, lookup=a.lookup, compile=a.compile,
+                   lookup_short=a.lookup_short, chat_template=a.chat_template)
 
     def lookup_options(self):
-        """What MedusaModel takes as `lookup`: None (the default), an int, or LookupOptions when the draft
-        length after a weak match is given too."""
+        """What MedusaModel takes as `lookup` (lookup.as_lookup): None (the default), an int, or LookupOptions
+        when the draft length after a weak match is given too."""
         if self.lookup_short is None:
             return self.lookup
         from medusa.inference.lookup import DEFAULT, with_max_tokens
@@ -79,8 +101,8 @@ class LoadOptions:
         t0 = time.perf_counter()
         try:
             model = MedusaModel.from_pretrained(self.model, base_model=self.base_model, dtype=self.dtype,
-                                                device=self.device, tree=self.tree, load_in_8bit=self.load_in_8bit,
-                                                load_in_4bit=self.load_in_4bit, attn_implementation=self.attn,
+                                                device=self.device, tree=self.tree, quantize=self.quantize,
+                                                attn_implementation=self.attn,
                                                 lookup=lookup, compile=self.compile, log=log)
         except BaseModelUnavailable as e:
             if self.base_model is None and self.model and is_heads_folder(Path(self.model).expanduser()):
@@ -139,8 +161,7 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="run decoding's forward passes under torch.compile: faster steps (tree steps most) after a "
                         "compilation of minutes on a small CPU at start-up")
     g.add_argument("--chat-template", metavar="FILE", help=chat_format.HELP)
-    g.add_argument("--load-in-8bit", action="store_true", help="8-bit base via bitsandbytes (CUDA only)")
-    g.add_argument("--load-in-4bit", action="store_true", help="4-bit base via bitsandbytes (CUDA only)")
+    add_quantize(g)
     add_threads(g)
     s = p.add_argument_group("generation")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 = typical acceptance")

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from medusa.interfaces.cli_args import add_threads
+from medusa.interfaces.cli_args import add_quantize, add_threads, quantize_of
 
 
 class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -34,8 +35,10 @@ def add_commands(sub) -> dict:
     d.add_argument("--dtype", help="e.g. bfloat16 (fast on CPUs with AMX) or float32")
     d.add_argument("--device")
     add_threads(d)
-    d.add_argument("--no-pack-weights", action="store_true",
-                   help="stock fp32 CPU products (default: weights packed once for oneDNN, faster)")
+    d.add_argument("--pack-weights", choices=("auto", "onednn", "mkl", "off"), default="auto",
+                   help="fp32 CPU weights packed once for decoding's products: auto = oneDNN where torch has it "
+                        "(else MKL) when the copies take at most 2 GiB; off = stock products")
+    d.add_argument("--no-pack-weights", action="store_true", help="deprecated: --pack-weights off")
     d.add_argument("--api-base", help="OpenAI-compatible endpoint instead of local generation, e.g. "
                                       "http://127.0.0.1:8000/v1")
     d.add_argument("--api-model", help="model name to send to the endpoint")
@@ -71,9 +74,17 @@ def cmd_distill(a) -> int:
                         batch_size=a.batch_size, temperature=a.temperature, top_p=a.top_p, limit=a.limit,
                         api_base=a.api_base, api_model=a.api_model, api_key=a.api_key,
                         concurrency=a.concurrency, dtype=a.dtype, device=a.device,
-                        pack_weights=False if a.no_pack_weights else None, chat_template=a.chat_template)
+                        pack_weights=_pack_weights(a), chat_template=a.chat_template)
     print(json.dumps(run_distill(cfg)))
     return 0
+
+
+def _pack_weights(a) -> str:
+    """--pack-weights, or "off" from the deprecated --no-pack-weights (said on stderr)."""
+    if a.no_pack_weights:
+        print("medusa: --no-pack-weights is deprecated; use --pack-weights off", file=sys.stderr)
+        return "off"
+    return a.pack_weights
 
 
 _HELP = {
@@ -94,8 +105,6 @@ _HELP = {
     "log_every": "log every N optimizer steps: loss, and per-head accuracy on that step's training batch",
     "lora_r": "medusa2: LoRA rank",
     "lora_alpha": "medusa2: LoRA alpha",
-    "load_in_8bit": "8-bit base via bitsandbytes (CUDA only)",
-    "load_in_4bit": "4-bit base via bitsandbytes (CUDA only)",
     "shared_lm_head": "heads reuse the base's frozen lm_head (small heads) instead of one projection each",
     "next_token_input": "heads also see the embedding of the token the base predicts next (more accurate; "
                         "our format only, not exportable to vLLM/TGI/TensorRT-LLM)",
@@ -132,6 +141,9 @@ def add_train_commands(sub) -> dict:
     for name, value in vars(defaults).items():
         if name in ("data", "output", "model", "extra"):
             continue
+        if name == "quantize":
+            add_quantize(t)
+            continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             t.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=_HELP.get(name))
@@ -146,5 +158,6 @@ def cmd_train(a) -> int:
     from medusa.training.trainer import TrainConfig, train
 
     fields = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}
+    fields["quantize"] = quantize_of(a)
     train(TrainConfig(**fields), log=lambda m: print(m, flush=True))
     return 0

@@ -39,7 +39,7 @@ class DistillConfig:
     concurrency: int = 8
     dtype: str | None = None
     device: str | None = None
-    pack_weights: bool | str | None = None   # fp32 CPU weights packed for generate's products (as MedusaModel's)
+    pack_weights: str = "auto"        # fp32 CPU weights packed for decoding's products (packed_linear.packing)
     extra: list[PromptRecord] = field(default_factory=list)
 
 
@@ -178,6 +178,5 @@ def _local_generator(cfg: DistillConfig, log) -> LocalGenerator:
     # 2-core AMD EPYC (Zen 3), 25.8 -> 34.2 tokens/s on 16 prompts (25.7 -> 35.5 on 32 others), the answers
     # the same (fp32 products too, rounded differently: a near-tie
     # could in principle flip)
-    if cfg.pack_weights is not False:
-        packed_linear.pack_for_inference(model, cfg.pack_weights, log)
+    packed_linear.pack_for_inference(model, cfg.pack_weights, log)
     return LocalGenerator(model, tok, cfg)

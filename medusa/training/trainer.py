@@ -22,6 +22,7 @@ from torch import nn
 
 from medusa.inference.checkpoint import OUR_CONFIG, OUR_WEIGHTS, save_heads
 from medusa.inference.heads import DraftProjection, HeadsConfig, MedusaHeads, set_draft_vocab, true_inputs
+from medusa.inference.loading import QUANTIZE
 from medusa.training.data import collate, read_conversations, tokenize_conversation
 from medusa.training.losses import medusa_loss
 
@@ -63,8 +64,7 @@ class TrainConfig:
     heads_weight: float = 0.2          # lambda0: total = KL(base kept) + lambda0 * heads loss
     heads_warmup_steps: int = 0        # heads-only steps before the joint phase
     save_merged: bool = False
-    load_in_8bit: bool = False
-    load_in_4bit: bool = False
+    quantize: str | None = None        # "8bit" or "4bit": the base through bitsandbytes (CUDA only)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -74,6 +74,8 @@ class TrainConfig:
             raise ValueError("--parent-token-input needs --next-token-input (head 0's parent is the next token)")
         if self.loss not in ("ce", "kl"):
             raise ValueError(f"loss must be ce or kl, got {self.loss!r}")
+        if self.quantize not in (None, *QUANTIZE):
+            raise ValueError(f"quantize must be None, '8bit' or '4bit', got {self.quantize!r}")
 
 
 def _projector(heads: MedusaHeads, lm_head: nn.Module) -> dict:
@@ -222,7 +224,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     t_start = time.time()
     if base is None:
         base, tokenizer = load_base_model(cfg.model, dtype=cfg.base_dtype, device=acc.device,
-                                          load_in_8bit=cfg.load_in_8bit, load_in_4bit=cfg.load_in_4bit, log=say)
+                                          quantize=cfg.quantize, log=say)
     tok = tokenizer
     use_template(tok, cfg.chat_template, say)
     convs = read_conversations(cfg.data, warn=say)[: cfg.limit]
