@@ -103,6 +103,22 @@ class MedusaModel(nn.Module):
         return build_engine(base_model, heads, tokenizer, tree=self.tree, lookup=self.lookup,
                             forward=self._compiled[0] if compile else None)
 
+    def _apply(self, fn, *args, **kwargs):
+        """`to`, `cuda`, `half` ... move or cast the base model and the heads, then rebuild the engine (its
+        masks, greedy head and draft projection follow the weights). Packed weights cannot follow: they are
+        copies in a CPU library's layout, so a model loaded with them refuses to change device or dtype."""
+        weight = self.base_model.get_input_embeddings().weight
+        probe = torch.empty(0, dtype=torch.float32, device=weight.device)
+        moved = fn(probe)
+        if packed_linear.is_packed(self.base_model) and (moved.device, moved.dtype) != (probe.device, probe.dtype):
+            raise RuntimeError(f"this model's fp32 CPU weights are packed for decoding (pack_weights), and packed "
+                               f"copies cannot move to {moved.device} / {moved.dtype}: load it with device=... / "
+                               f"dtype=... instead, or with pack_weights=\"off\" to move it later")
+        super()._apply(fn, *args, **kwargs)
+        if "engine" in self.__dict__:
+            self.engine = self._build_engine(self.base_model, self.heads, self.tokenizer, self.is_compiled)
+        return self
+
     @property
     def draft_head(self) -> nn.Module:
         """What turns the heads' features into guesses (heads.draft_projection)."""
@@ -153,7 +169,7 @@ class MedusaModel(nn.Module):
         `lookup`: tokens copied from the context per step as extra candidates: an int or LookupOptions
         (lookup.as_lookup).
         `pack_weights`: copies of fp32 CPU weights packed for the decode loop's products: "auto", "onednn",
-        "mkl" or "off" (packed_linear.packing).
+        "mkl" or "off" (packed_linear.packing). The model then stays where it was loaded (see `to`).
         `compile`: run decoding's forward passes under torch.compile (compiled.py; call `warm_up()` to compile
         before first use: minutes on a small CPU)."""
         log = log or (lambda m: None)

@@ -133,3 +133,24 @@ def test_pack_weights_is_one_string_and_the_older_values_map_onto_it():
         assert packed_linear.pack_for_inference(model, "auto") == packed_linear.default_backend()
         assert packed_linear.is_packed(model)
 
+
+def test_a_packed_model_refuses_to_move_and_a_plain_one_moves_whole():
+    if packed_linear.default_backend() is None:
+        pytest.skip("torch without oneDNN or MKL")
+    base = tiny_model("llama")
+    packed_linear.pack_for_inference(base, "auto")
+    m = MedusaModel(base, random_heads())
+    assert m.to("cpu") is m and m.to(torch.float32) is m                  # nothing to move: allowed
+    with pytest.raises(RuntimeError, match='load it with device=... / dtype=... instead, or with pack_weights="off"'):
+        m.to(torch.float64)
+    with pytest.raises(RuntimeError, match="packed"):
+        m.double()
+    assert base.get_input_embeddings().weight.dtype == torch.float32      # refused before anything moved
+
+    model, ids = tiny_model("llama"), torch.randint(3, 90, (1, 10), generator=torch.Generator().manual_seed(0))
+    plain = MedusaModel(model, random_heads(), tree="chain")
+    plain.to(torch.float64)
+    assert plain.heads.heads[0].blocks[0].linear.weight.dtype == torch.float64
+    assert plain.engine.verifier.dtype == torch.float64                   # the engine follows the weights
+    want = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(plain.generate(ids, max_new_tokens=12), want)
