@@ -9,8 +9,8 @@ import torch
 
 from conftest import OracleHeads, parent_heads_ignoring_parent, random_heads, tiny_model, tiny_tokenizer
 from medusa import MedusaModel
-from medusa.evaluation.calibrate import best_tree, calibrate, expected_tokens, save_tree, time_steps
-from medusa.inference.tree import DynamicTree, validate_tree
+from medusa.evaluation.calibrate import calibrate, expected_tokens, save_tree, time_steps
+from medusa.inference.tree import DynamicTree, most_likely_paths, validate_tree
 from medusa.training.data import Example
 
 
@@ -27,7 +27,7 @@ def test_greedy_tree_is_the_best_tree_of_its_size(seed):
     acc = acc / acc.sum(1, keepdim=True) * 0.9           # rank accuracies of a head sum to at most 1
     acc = acc.sort(dim=1, descending=True).values        # better ranks are more often right
     for n in range(1, 6):
-        tree = best_tree(acc, n + 1)
+        tree = most_likely_paths(acc, n + 1)
         validate_tree(tree, num_heads=2)
         best = max(expected_tokens(t, acc) for t in _all_trees(2, 3, n))
         assert len(tree) == n and expected_tokens(tree, acc) == pytest.approx(best)
@@ -35,8 +35,8 @@ def test_greedy_tree_is_the_best_tree_of_its_size(seed):
 
 def test_confident_first_ranks_give_a_chain():
     acc = torch.tensor([[0.95, 0.01, 0.01], [0.9, 0.02, 0.01], [0.9, 0.01, 0.0]])
-    assert best_tree(acc, 4) == [(0,), (0, 0), (0, 0, 0)]
-    assert expected_tokens(best_tree(acc, 4), acc) == pytest.approx(1 + 0.95 + 0.95 * 0.9 + 0.95 * 0.9 * 0.9)
+    assert most_likely_paths(acc, 4) == [(0,), (0, 0), (0, 0, 0)]
+    assert expected_tokens(most_likely_paths(acc, 4), acc) == pytest.approx(1 + 0.95 + 0.95 * 0.9 + 0.95 * 0.9 * 0.9)
 
 
 def test_calibrate_saves_a_tree_the_loader_uses(tmp_path):

@@ -28,11 +28,6 @@ from medusa.training.data import Example
 DEFAULT_BUDGETS = (1, 4, 8, 12, 16, 24, 32, 48, 64)
 
 
-def best_tree(acc: torch.Tensor, budget: int) -> list[tuple[int, ...]]:
-    """The `budget - 1` non-root nodes of highest acceptance probability (products of rank accuracies)."""
-    return most_likely_paths(acc, budget)
-
-
 def expected_tokens(tree: list[tuple[int, ...]], acc: torch.Tensor) -> float:
     """1 (the root) + the sum over nodes of the chance that the whole path to the node is accepted."""
     total = 1.0
@@ -150,7 +145,7 @@ def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budge
     log("rank accuracy (head x rank): " + json.dumps([[round(x, 3) for x in row[:5]] for row in acc.tolist()]))
     full = valid.all(0)                       # positions where a path of any depth can be judged
     probs, hit = probs[:, full], hit[:, full]
-    trees = [(b, best_tree(acc, b) if b > 1 else []) for b in budgets]
+    trees = [(b, most_likely_paths(acc, b) if b > 1 else []) for b in budgets]
     trees += [(b, DynamicTree(b, topk=max_rank)) for b in dynamic_budgets]
     grown = dynamic_parent_tokens(model.base_model, model.heads, examples, grow_budgets, topk=max_rank,
                                   positions=positions) if grow_budgets else {}

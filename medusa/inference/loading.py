@@ -11,7 +11,6 @@ import importlib.util
 import os
 import pickle
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -214,7 +213,3 @@ def weights_only_refusal(e: Exception) -> str:
 def _first_line(e) -> str:
     text = str(e).strip()
     return text.splitlines()[0].rstrip(".") if text else type(e).__name__
-
-
-def stderr_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
