@@ -15,7 +15,6 @@ Greedy answers are identical anyway; under sampling each method's own answer wou
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import sys
@@ -27,7 +26,7 @@ import torch
 
 from medusa.chat_format import encode_prompt
 from medusa.evaluation import report
-from medusa.inference.tree import tree_nodes, tree_spec
+from medusa.inference.tree import tree_digest, tree_nodes
 from medusa.training.prompts import PromptRecord, read_prompts
 
 METHODS = ("baseline", "medusa", "prompt_lookup", "plain")
@@ -188,10 +187,6 @@ _RESULT_KEYS = ("model_id", "max_new_tokens", "temperature", "top_p", "sampling"
                 "prompt_lookup_num_tokens")
 
 
-def _digest(tree) -> str:
-    return hashlib.sha1(json.dumps(tree_spec(tree)).encode()).hexdigest()[:12]
-
-
 def _matches(answers: dict[str, list[Answer]], method: str, cfg: BenchConfig) -> list[bool] | None:
     """Per turn, whether `method` gave the baseline's tokens; None for the baseline and when sampling."""
     if method == "baseline" or not cfg.greedy:
@@ -248,7 +243,7 @@ def run_bench(model, cfg: BenchConfig, *, progress: bool = True, log=None) -> di
     settings = {**{k: v for k, v in asdict(cfg).items() if k in _RESULT_KEYS}, "methods": list(cfg.methods),
                 "dtype": str(base.dtype).removeprefix("torch."), "device": str(base.device),
                 "machine": machine(base.device),
-                "tree_nodes": tree_nodes(model.tree), "tree_digest": _digest(model.tree), "lookup": asdict(model.lookup),
+                "tree_nodes": tree_nodes(model.tree), "tree_digest": tree_digest(model.tree), "lookup": asdict(model.lookup),
                 "compiled": model.is_compiled,
                 "threads": torch.get_num_threads(),
                 "questions_file": str(cfg.questions), "questions": len(questions)}

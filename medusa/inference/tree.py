@@ -114,12 +114,16 @@ def tree_spec(tree: Tree):
     return str(tree) if isinstance(tree, DynamicTree) else [list(p) for p in tree]
 
 
+def tree_digest(tree: Tree) -> str:
+    """12 hex digits that tell trees apart (a hash of `tree_spec`), as run settings record them."""
+    return hashlib.sha1(json.dumps(tree_spec(tree)).encode()).hexdigest()[:12]
+
+
 def tree_fingerprint(tree: Tree) -> str:
-    """A short name that tells trees apart: "dynamic:6", or "6 nodes <digest of the paths>"."""
+    """A short name that tells trees apart: "dynamic:6", or "6 nodes <tree_digest>"."""
     if isinstance(tree, DynamicTree):
         return str(tree)
-    digest = hashlib.sha1(json.dumps(tree_spec(tree)).encode()).hexdigest()[:12]
-    return f"{tree_nodes(tree)} nodes {digest}"
+    return f"{tree_nodes(tree)} nodes {tree_digest(tree)}"
 
 
 def validate_tree(paths: Tree, num_heads: int | None = None) -> Tree:
