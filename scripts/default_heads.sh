@@ -57,7 +57,7 @@ from medusa.inference.checkpoint import build_heads, load_heads_checkpoint, save
 from medusa.model import DEFAULT_HEADS_DIR
 cfg, state, _ = load_heads_checkpoint(Path(sys.argv[1]))
 cfg.extra["training"].update(data="distill_smollm2.jsonl (self-distilled; see README.md)", output="heads")
-save_heads(DEFAULT_HEADS_DIR, build_heads(cfg, state).to(torch.float16))
+save_heads(DEFAULT_HEADS_DIR, build_heads(cfg, state), dtype=torch.float16)
 PY
     ;;
   calibrate)

@@ -78,12 +78,17 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_heads(folder: str | Path, heads: MedusaHeads, tree: list | dict | None = None) -> Path:
-    """`tree`: paths for every device, or {device type: paths} (see tree.trees_from_json)."""
+def save_heads(folder: str | Path, heads: MedusaHeads, tree: list | dict | None = None, *,
+               config: HeadsConfig | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write `heads` in our format, the one writer of it (training, save_pretrained, export, the default heads'
+    recipe): medusa_config.json from `config` (default: the heads' own), heads.safetensors with the floats in
+    `dtype` (default: as they are), and with `tree` tree.json: paths for every device, or {device type: paths}
+    (see tree.trees_from_json)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    heads.config.save(folder)
-    state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    (config or heads.config).save(folder)
+    cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v   # token ids stay integers
+    state = {k: cast(v.detach()).contiguous().cpu() for k, v in heads.state_dict().items()}
     save_file(state, str(folder / OUR_WEIGHTS), metadata={"format": "pt"})
     if tree is not None:
         write_trees(folder, tree)

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from medusa.inference.checkpoint import (OUR_CONFIG, OUR_WEIGHTS, ORIG_CONFIG, ORIG_WEIGHTS, TREE_FILE, build_heads,
-                                         load_heads_checkpoint, write_trees)
+                                         load_heads_checkpoint, save_heads, write_trees)
 from medusa.inference.heads import MedusaHeads
 from medusa.inference.loading import resolve_dtype
 from medusa.model import DEFAULT_HEADS_DIR, EMBEDDED_DEFAULT, MedusaModel
@@ -104,11 +104,6 @@ def vllm_config(heads: MedusaHeads, base_name: str | None) -> dict:
             **({"base_model_name_or_path": base_name} if base_name else {})}
 
 
-def _write_tree(out: Path, tree) -> None:
-    if tree is not None:   # ours (engines ignore it): `medusa --model DIR` keeps the trees the heads were tuned with
-        write_trees(out, tree)
-
-
 def write_format(heads: MedusaHeads, out_dir: str | Path, fmt: str, *, base_name: str | None,
                  lm_head_weight: torch.Tensor | None = None, tree=None, dtype=None) -> Path:
     """Write `heads` to `out_dir` in `fmt` ("original", "vllm" or "ours"); returns the folder. `base_name` is the
@@ -120,9 +115,8 @@ def write_format(heads: MedusaHeads, out_dir: str | Path, fmt: str, *, base_name
                          "without --next-token-input for vLLM, TGI or TensorRT-LLM")
     if fmt == "ours":
         config = replace(heads.config, base_model_name_or_path=base_name)
-        state = {k: _tensor(v, dtype) for k, v in heads.state_dict().items()}
-        weights = OUR_WEIGHTS
-    elif fmt == "original":
+        return save_heads(out, heads, tree, config=config, dtype=dtype)
+    if fmt == "original":
         config = original_config(heads, _check_base_name(hub_base_name(base_name)))
         state, weights = state_dict(heads, ORIGINAL_KEYS, lm_head_weight, dtype), ORIG_WEIGHTS[0]
     elif fmt == "vllm":   # vLLM is given the base (target) separately; the name here is for people
@@ -132,12 +126,9 @@ def write_format(heads: MedusaHeads, out_dir: str | Path, fmt: str, *, base_name
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / weights), metadata={"format": "pt"})
-    if fmt == "ours":
-        config.save(out)
-    else:
-        (out / ORIG_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    if fmt != "vllm":
-        _write_tree(out, tree)
+    (out / ORIG_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if fmt == "original" and tree is not None:   # engines ignore it: `medusa --model DIR` keeps the tuned trees
+        write_trees(out, tree)
     return out
 
 
