@@ -1,5 +1,6 @@
 """What one forward of N new tokens costs the base model over a cache of C tokens, per weight packing: the
-figure a tree of N nodes pays per step (packed_linear.py). Medians of --repeat runs, in ms.
+figure a tree of N nodes pays per step (packed_linear.py), timed on the engine's own verify forward. Medians
+of --repeat runs, in ms.
 
     python scripts/forward_cost.py [--model HEADS] [--cached 300] [--nodes 1,2,3,4,5,6,8,10,12,16]
                                    [--packs none,onednn,16,4+8+16] [--min-rows 4] [--repeat 9] [--threads 2]
@@ -22,24 +23,27 @@ from medusa import MedusaModel
 from medusa.inference import packed_linear
 from medusa.inference.cache import BatchCache
 from medusa.inference.compiled import compile_forward
+from medusa.inference.engine import build_engine
+from medusa.inference.propose import Candidates
 from medusa.interfaces.cli_args import add_threads, set_threads
 
 
 @torch.inference_mode()
-def cost_ms(model, cached: int, n: int, repeat: int) -> float:
+def cost_ms(model, cached: int, n: int, repeat: int, forward=None) -> float:
+    """The verify forward decoding runs (the engine's Verifier, its mask and positions) for a chain of n nodes,
+    the root and n - 1 below it, over a cache of `cached` tokens: median ms of `repeat` runs. `forward`: a
+    compiled forward to run instead of the model's."""
+    engine = build_engine(model, forward=forward)
+    ids = torch.randint(100, 20000, (cached + n,), generator=torch.Generator().manual_seed(0))
     cache = BatchCache.for_model(model, capacity=cached + n)
-    ids = torch.randint(100, 20000, (1, cached + n), generator=torch.Generator().manual_seed(0))
-    model(input_ids=ids[:, :cached], past_key_values=cache, use_cache=True)
-    dtype = next(model.parameters()).dtype
-    mask = torch.zeros(1, 1, n, cached + n, dtype=dtype)
-    mask[..., cached:] = torch.triu(torch.full((n, n), torch.finfo(dtype).min, dtype=dtype), 1)
-    positions = torch.arange(cached, cached + n)[None]
+    cache.reserve(cached, row=cache.add())
+    engine.verifier.prefill(ids[:cached], cache)
+    tree, shape = engine.shapes([(0,) * d for d in range(1, n)]).get(0)
+    chain = Candidates(tree, ids[cached:], shape)
     times = []
     for _ in range(repeat + 1):      # the first, untimed: allocation, kernel choice, compilation
         t0 = time.perf_counter()
-        with packed_linear.engaged():
-            model(input_ids=ids[:, cached:], past_key_values=cache, position_ids=positions, attention_mask=mask,
-                  use_cache=True, logits_to_keep=0)
+        engine.verifier.verify(cache, [cached], [chain], [False])
         times.append(time.perf_counter() - t0)
         cache.truncate(cached)
     return statistics.median(times[1:]) * 1e3
@@ -70,7 +74,8 @@ def main() -> None:
             packed_linear.pack_linears(m.base_model, sizes, lean_min if sizes == lean_sizes else a.min_rows)
         rows[packing] = [cost_ms(m.base_model, a.cached, n, a.repeat) for n in nodes]
         if a.compile:
-            rows[packing + " c"] = [cost_ms(compile_forward(m.base_model), a.cached, n, a.repeat) for n in nodes]
+            rows[packing + " c"] = [cost_ms(m.base_model, a.cached, n, a.repeat, compile_forward(m.base_model))
+                                     for n in nodes]
         del m
     print(f"{'N':>4} " + " ".join(f"{k:>10}" for k in rows))
     for i, n in enumerate(nodes):
