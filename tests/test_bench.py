@@ -280,3 +280,19 @@ def test_bench_serve_runs_the_server_side_by_side(tmp_path):
     for r in got.values():
         assert r["same_as_alone"] == 4 and r["tokens"] > 0 and r["ttft_p50"] > 0
     assert (tmp_path / "out" / "serve.png").is_file() and "| 3 |" in proc.stdout
+
+
+def test_a_question_longer_than_the_context_is_skipped_not_fatal(tmp_path):
+    from medusa.evaluation.tokens_per_step import tokens_per_step
+    from medusa.training.prompts import read_prompts
+
+    rows = [{"question_id": 1, "category": "qa", "turns": ["short one"]},
+            {"question_id": 2, "category": "qa", "turns": ["far too long " * 30]},     # > 256 tokens
+            {"question_id": 3, "category": "qa", "turns": ["short two"]}]
+    _write_questions(tmp_path / "q.jsonl", rows)
+    logs = []
+    summary = run_bench(_model(), _cfg(tmp_path, prompt_lookup=False), progress=False, log=logs.append)
+    assert summary["overall"]["questions"] == 2 and any("skipped question 2" in m for m in logs)
+    logs.clear()
+    report = tokens_per_step(_model(), read_prompts(str(tmp_path / "q.jsonl")), max_new_tokens=4, log=logs.append)
+    assert report["prompts"] == 2 and any("skipped 2" in m and "context" in m for m in logs)

@@ -26,6 +26,7 @@ import torch
 
 from medusa.chat_format import encode_prompt
 from medusa.evaluation import report
+from medusa.inference.engine import PromptTooLongError
 from medusa.inference.tree import tree_digest, tree_nodes
 from medusa.training.prompts import PromptRecord, read_prompts
 
@@ -260,7 +261,11 @@ def run_bench(model, cfg: BenchConfig, *, progress: bool = True, log=None) -> di
     bar = tqdm(todo, desc="bench", unit="q", disable=not progress, file=sys.stderr)
     for i, q in bar:
         order = cfg.methods if i % 2 == 0 else cfg.methods[::-1]
-        answers = answer_question(model, q, cfg, order, cfg.seed + 1000 * i)
+        try:
+            answers = answer_question(model, q, cfg, order, cfg.seed + 1000 * i)
+        except PromptTooLongError as e:     # one question past the context does not end the run
+            log(f"skipped question {ids[i]}: {e}")
+            continue
         texts = {m: [answer_text(model.tokenizer, a) for a in answers[m]] for m in cfg.methods}
         report.append_answers(out, {m: report.answer_record(ids[i], q.category, f"{cfg.model_id}-{m}", texts[m],
                                                             answers[m], matches=_matches(answers, m, cfg))
@@ -273,7 +278,7 @@ def run_bench(model, cfg: BenchConfig, *, progress: bool = True, log=None) -> di
                         medusa=f"{tps['medusa']:.1f} tok/s")
     bar.close()
     records = report.load_answers(out, cfg.methods, warn=log)
-    chosen = {m: [records[m][qid] for qid in ids] for m in cfg.methods}
+    chosen = {m: [records[m][qid] for qid in ids if qid in records[m]] for m in cfg.methods}
     summary = report.summarize(chosen, settings=settings)
     report.write_summary(out, summary, log=log)
     return summary

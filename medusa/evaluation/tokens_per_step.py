@@ -3,10 +3,12 @@ says how much a model's heads, tree and context drafts save, whatever the machin
 records file."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 from medusa.chat_format import encode_prompt
+from medusa.inference.engine import PromptTooLongError
 from medusa.inference.tree import load_tree, tree_fingerprint
 from medusa.training.jsonl import append_rows, read_rows
 
@@ -41,13 +43,20 @@ def tokens_per_step(model, prompts, *, max_new_tokens: int = 256, tree=None, loo
     tokens = steps = 0
     seconds = 0.0
     by_category: dict[str, list[int]] = {}          # category -> [tokens, steps]
+    skipped = 0
     for n, rec in enumerate(prompts, 1):
         row = done.get(rec.id)
         if row is None:
             ids = encode_prompt(model.tokenizer, [{"role": "user", "content": rec.turns[0]}])
             t0 = time.perf_counter()
             row = {"run": run, "settings": settings, "id": rec.id, "category": rec.category, "tokens": 0, "steps": 0}
-            for step in model.stream(ids, max_new_tokens=max_new_tokens, tree=tree, lookup=lookup):
+            try:
+                decoding = model.stream(ids, max_new_tokens=max_new_tokens, tree=tree, lookup=lookup)
+            except PromptTooLongError as e:   # one prompt past the context does not end the run
+                (log or (lambda m: print(m, file=sys.stderr)))(f"skipped {rec.id}: {e}")
+                skipped += 1
+                continue
+            for step in decoding:
                 row["tokens"] += step.accepted
                 row["steps"] += 1
             row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -60,7 +69,7 @@ def tokens_per_step(model, prompts, *, max_new_tokens: int = 256, tree=None, loo
             c[1] += row["steps"]
         if log:
             log(f"{n}/{len(prompts)}: {tokens / max(steps, 1):.3f} tokens/step so far")
-    report = {"prompts": len(prompts), "new_tokens": tokens, "steps": steps,
+    report = {"prompts": len(prompts) - skipped, "new_tokens": tokens, "steps": steps,
               "tokens_per_step": round(tokens / max(steps, 1), 4), "seconds": round(seconds, 1)}
     if by_category:
         report["by_category"] = {cat: round(t / max(s, 1), 4) for cat, (t, s) in sorted(by_category.items())}
