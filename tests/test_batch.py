@@ -157,6 +157,10 @@ def test_trees_by_load_takes_the_faster_way_and_tries_the_other_now_and_then():
     load.record(8, True, tokens=40, seconds=0.2)
     assert load.rate[(8, True)] > 80 and load.use_trees(8)
     assert load.use_trees(4)                                  # each row count is measured on its own
+    lost = TreeByLoad(explore_every=1000)
+    lost.record(4, True, tokens=10, seconds=1.0)
+    lost.record(4, False, tokens=50, seconds=1.0)
+    assert not lost.use_trees(8) and lost.use_trees(3)        # lost at 4 rows: not tried first at 8
 
 
 def test_rows_sampling_typically_keep_their_trees_in_a_batch():

@@ -13,19 +13,28 @@ from __future__ import annotations
 class TreeByLoad:
     """`use_trees(rows)` -> whether this step's exact rows verify their trees; `record(...)` its outcome."""
 
-    def __init__(self, explore_every: int = 24, smoothing: float = 0.3):
+    def __init__(self, explore_every: int = 48, smoothing: float = 0.3):
         self.rate: dict[tuple[int, bool], float] = {}     # (rows, trees) -> tokens/s, smoothed
         self.explore_every, self.smoothing, self.steps = explore_every, smoothing, 0
+
+    def _trees_lost(self, rows: int) -> bool:
+        """Whether plain steps were measured faster at this many rows or fewer: a step's cost grows with its
+        tokens, so trees that lose for fewer rows lose for more."""
+        return any(r <= rows and self.rate[(r, True)] < self.rate[(r, False)]
+                   for r, trees in self.rate if trees and (r, False) in self.rate)
 
     def use_trees(self, rows: int) -> bool:
         if rows <= 1:
             return True
-        trees, plain = self.rate.get((rows, True)), self.rate.get((rows, False))
-        if trees is None or plain is None:      # measure each way once
-            return trees is None
         self.steps += 1
+        explore = self.steps % self.explore_every == 0
+        trees, plain = self.rate.get((rows, True)), self.rate.get((rows, False))
+        if trees is None or plain is None:
+            if self._trees_lost(rows):          # known to lose: plain, trying trees only now and then
+                return explore
+            return trees is None                # measure each way once
         better = trees >= plain
-        return (not better) if self.steps % self.explore_every == 0 else better
+        return (not better) if explore else better
 
     def record(self, rows: int, trees: bool, tokens: int, seconds: float) -> None:
         if rows <= 1 or seconds <= 0:
