@@ -287,6 +287,9 @@ class MedusaModel(nn.Module):
         on steps where that is faster (inference/load.py; their output is the same). Options (each one value,
         or a list with one per prompt): see `decode_options`."""
         reqs, _ = self.requests(input_ids, attention_mask, tree=tree, lookup=lookup, **options)
+        return self._decode(reqs, max_batch, trees_by_load)
+
+    def _decode(self, reqs: list[Request], max_batch: int | None, trees_by_load: bool) -> Iterator[Step]:
         return decode(self.engine, reqs, slots=min(max_batch or len(reqs), len(reqs)), trees_by_load=trees_by_load)
 
     def generate_baseline(self, input_ids, generate_kwargs: dict | None = None, *, attention_mask=None,
@@ -314,21 +317,19 @@ class MedusaModel(nn.Module):
             stop_strings=list(opts.stop_strings) or None, tokenizer=tok if opts.stop_strings else None,
             **(generate_kwargs or {}))
 
-    def generate(self, input_ids, attention_mask=None, **options):
+    def generate(self, input_ids, attention_mask=None, *, max_batch: int | None = None, trees_by_load: bool = True,
+                 **options):
         """Like transformers' generate. A (B, T) tensor (left-padded, with its `attention_mask`) gives
         (B, T + new): each row its prompt as given, its new tokens, then the pad token where it ended early. A
         list of prompts (token lists or 1-D tensors of any lengths) gives a list of 1-D tensors, each prompt
         followed by its new tokens. Options: see `stream`."""
-        reqs, padded = self.requests(input_ids, attention_mask, **{k: v for k, v in options.items()
-                                                                    if k not in ("max_batch", "trees_by_load")})
+        reqs, padded = self.requests(input_ids, attention_mask, **options)
         new: list[list[torch.Tensor]] = [[] for _ in reqs]
-        for step in decode(self.engine, reqs, slots=min(options.get("max_batch") or len(reqs), len(reqs)),
-                           trees_by_load=options.get("trees_by_load", True)):
+        for step in self._decode(reqs, max_batch, trees_by_load):
             new[step.row].append(step.tokens)
-        outs = [torch.cat([r.ids, *n]) for r, n in zip(reqs, new)]
+        grown = [torch.cat(n) if n else r.ids.new_zeros(0) for r, n in zip(reqs, new)]
         if padded is None:
-            return outs
-        grown = [torch.cat(n) if n else padded.new_zeros(0) for n in new]
+            return [torch.cat([r.ids, g]) for r, g in zip(reqs, grown)]
         width = max(g.numel() for g in grown)
         out = padded.new_full((padded.shape[0], padded.shape[1] + width), self._pad_id())
         out[:, :padded.shape[1]] = padded

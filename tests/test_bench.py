@@ -42,6 +42,16 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _command(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m medusa ARGS --model TINY --threads 1`, TINY a tiny llama saved under `tmp` (once)."""
+    model_dir = tmp / "tiny"
+    if not model_dir.exists():
+        tiny_model("llama").save_pretrained(model_dir)
+        tiny_tokenizer().save_pretrained(model_dir)
+    return subprocess.run([sys.executable, "-m", "medusa", *args, "--model", str(model_dir), "--threads", "1"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
 def _cfg(tmp: Path, **kw) -> BenchConfig:
     return BenchConfig(**{"questions": str(tmp / "q.jsonl"), "output": str(tmp / "out"),
                           "max_new_tokens": MAX_NEW, **kw})
@@ -208,14 +218,10 @@ def test_dev_prompt_format_is_read(tmp_path):
 
 
 def test_command_on_a_saved_tiny_model(tmp_path):
-    model_dir = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
     questions = _write_questions(tmp_path / "q.jsonl")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "medusa", "bench", "--model", str(model_dir), "--questions",
-                           str(questions), "--output", str(tmp_path / "out"), "--max-new-tokens", "6",
-                           "--limit", "2", "--threads", "1"], capture_output=True, text=True, env=env, timeout=300)
+    proc = _command(tmp_path, "bench", "--questions", str(questions), "--output", str(tmp_path / "out"),
+                    "--max-new-tokens", "6", "--limit", "2")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:5] == ["category", "q", "base", "tok/s", "medusa"]
@@ -240,16 +246,10 @@ def test_per_category_spreads_through_every_category(tmp_path):
 
 
 def test_batch_sizes_command_compares_three_methods_side_by_side(tmp_path):
-    model_dir = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
     rows = [{"question_id": i, "category": "qa", "turns": [f"question number {i} " * (1 + i % 3)]} for i in range(5)]
     questions = _write_questions(tmp_path / "q.jsonl", rows)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "medusa", "bench", "--model", str(model_dir), "--questions",
-                           str(questions), "--output", str(tmp_path / "out"), "--max-new-tokens", "10",
-                           "--batch-size", "1,4", "--threads", "1"], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = _command(tmp_path, "bench", "--questions", str(questions), "--output", str(tmp_path / "out"),
+                    "--max-new-tokens", "10", "--batch-size", "1,4")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "out" / "batch.json").read_text())
     got = {(r["batch_size"], r["method"]): r for r in result["rows"]}
@@ -263,16 +263,10 @@ def test_batch_sizes_command_compares_three_methods_side_by_side(tmp_path):
 
 
 def test_bench_serve_runs_the_server_side_by_side(tmp_path):
-    model_dir = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
     rows = [{"question_id": i, "category": "qa", "turns": [f"question {i} " * (1 + i % 3)]} for i in range(4)]
     questions = _write_questions(tmp_path / "q.jsonl", rows)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "medusa", "bench-serve", "--model", str(model_dir), "--questions",
-                           str(questions), "--output", str(tmp_path / "out"), "--max-new-tokens", "8",
-                           "--concurrency", "1,3", "--max-batch", "2", "--threads", "1"], capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = _command(tmp_path, "bench-serve", "--questions", str(questions), "--output", str(tmp_path / "out"),
+                    "--max-new-tokens", "8", "--concurrency", "1,3", "--max-batch", "2")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "out" / "serve.json").read_text())
     got = {(r["clients"], r["setting"]): r for r in result["rows"]}

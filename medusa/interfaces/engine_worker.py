@@ -129,10 +129,7 @@ class _Running:
     def feed(self, step) -> bool:
         """Add a step's tokens; emit what text is safe; True when the job is done."""
         st = self.stats
-        st.steps += 1
-        st.new_tokens += step.accepted
-        st.accept_lengths.append(step.accepted)
-        st.finish_reason = step.finish_reason or st.finish_reason
+        st.add(step)
         out = self.cutter.push(self.text.push(step.tokens.tolist()))
         if self.cutter.stopped:
             st.finish_reason = "stop"

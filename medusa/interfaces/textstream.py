@@ -22,6 +22,13 @@ class RunStats:
     def tokens_per_step(self) -> float:
         return self.new_tokens / self.steps if self.steps else 0.0
 
+    def add(self, step) -> None:
+        """Count one decoding step (a Step): its tokens, and its finish reason once it has one."""
+        self.steps += 1
+        self.new_tokens += step.accepted
+        self.accept_lengths.append(step.accepted)
+        self.finish_reason = step.finish_reason or self.finish_reason
+
     def as_dict(self) -> dict:
         return {"new_tokens": self.new_tokens, "steps": self.steps, "seconds": round(self.seconds, 4),
                 "tokens_per_s": round(self.tokens_per_s, 2), "tokens_per_step": round(self.tokens_per_step, 3),
@@ -48,10 +55,7 @@ def stream_text(steps: Iterator, tokenizer, stats: RunStats) -> Iterator[str]:
     out = TextStream(tokenizer)
     start = time.perf_counter()
     for step in steps:
-        stats.steps += 1
-        stats.new_tokens += step.accepted
-        stats.accept_lengths.append(step.accepted)
-        stats.finish_reason = step.finish_reason or stats.finish_reason
+        stats.add(step)
         piece = out.push(step.tokens.tolist())
         stats.seconds = time.perf_counter() - start
         if piece:
