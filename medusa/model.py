@@ -18,6 +18,7 @@ from medusa.inference.decode import DecodeOptions, Request, Step, decode
 from medusa.inference.engine import Engine, build_engine
 from medusa.inference.heads import HeadsConfig, MedusaHeads
 from medusa.inference.lookup import Lookup, as_lookup
+from medusa.inference.quantized import dense_weight, device_of, is_quantized, output_rows
 from medusa.inference.tree import (DEFAULT_TREE, default_tree, fit_tree_to_heads, load_tree, tree_for_device,
                                    tree_label)
 
@@ -80,7 +81,7 @@ def _heads_folder(name) -> Path | None:
 
 
 def _device_type(base_model) -> str:
-    return base_model.get_input_embeddings().weight.device.type
+    return device_of(base_model.get_input_embeddings()).type
 
 
 class MedusaModel(nn.Module):
@@ -107,13 +108,15 @@ class MedusaModel(nn.Module):
         """`to`, `cuda`, `half` ... move or cast the base model and the heads, then rebuild the engine (its
         masks, greedy head and draft projection follow the weights). Packed weights cannot follow: they are
         copies in a CPU library's layout, so a model loaded with them refuses to change device or dtype."""
-        weight = self.base_model.get_input_embeddings().weight
-        probe = torch.empty(0, dtype=torch.float32, device=weight.device)
+        probe = torch.empty(0, dtype=torch.float32, device=device_of(self.base_model.get_input_embeddings()))
         moved = fn(probe)
         if packed_linear.is_packed(self.base_model) and (moved.device, moved.dtype) != (probe.device, probe.dtype):
             raise RuntimeError(f"this model's fp32 CPU weights are packed for decoding (pack_weights), and packed "
                                f"copies cannot move to {moved.device} / {moved.dtype}: load it with device=... / "
                                f"dtype=... instead, or with pack_weights=\"off\" to move it later")
+        if is_quantized(self.base_model) and moved.device != probe.device:
+            raise RuntimeError(f"this model's weights are held quantized for CPU products (quantize=), which cannot "
+                               f"move to {moved.device}: load it with device=... instead")
         super()._apply(fn, *args, **kwargs)
         if "engine" in self.__dict__:
             self.engine = self._build_engine(self.base_model, self.heads, self.tokenizer, self.is_compiled)
@@ -145,14 +148,14 @@ class MedusaModel(nn.Module):
     def warm_up(self) -> int:
         """Run each kind of forward pass decoding meets once (compiling them if `compile=True`); returns the
         number of steps run. Call it before timing anything."""
-        return compiled.warm_up(self.stream, self.base_model.get_input_embeddings().weight.shape[0])
+        return compiled.warm_up(self.stream, self.base_model.get_input_embeddings().num_embeddings)
 
     def _check_compatible(self) -> None:
         cfg = self.base_model.config.get_text_config(decoder=True)
         hc = self.heads.config
         if hc.hidden_size != cfg.hidden_size:
             raise ValueError(f"heads have hidden size {hc.hidden_size} but the base model's is {cfg.hidden_size}")
-        vocab = self.base_model.get_output_embeddings().weight.shape[0]
+        vocab = output_rows(self.base_model.get_output_embeddings())
         if hc.vocab_size != vocab:
             raise ValueError(f"heads have vocabulary size {hc.vocab_size} but the base model's is {vocab}")
 
@@ -165,7 +168,8 @@ class MedusaModel(nn.Module):
                         pack_weights: str = "auto", compile: bool = False, log=None) -> "MedusaModel":
         """Load heads + base. `name_or_path` is a heads folder (ours or the original Medusa format), a base
         model (Hub id, folder or GGUF file; new untrained heads), or None for the embedded default.
-        `quantize`: "8bit" or "4bit" loads the base through bitsandbytes (CUDA only).
+        `quantize`: None (a quantized GGUF file on a CPU keeps its 4-bit weights, anything else loads as stored),
+        "none", "gguf", "int4", "int8" (CPU) or "8bit", "4bit" (bitsandbytes, CUDA): loading.QUANTIZE.
         `lookup`: tokens copied from the context per step as extra candidates: an int or LookupOptions
         (lookup.as_lookup).
         `pack_weights`: copies of fp32 CPU weights packed for the decode loop's products: "auto", "onednn",
@@ -193,17 +197,22 @@ class MedusaModel(nn.Module):
         if base_ref == EMBEDDED_DEFAULT:
             base_ref = None
         log(f"Loading base model {base_ref or EMBEDDED_DEFAULT} ...")
-        model, tokenizer = loading.load_base_model(base_ref, dtype=dtype, device=device, quantize=quantize,
-                                                   attn_implementation=attn_implementation, log=log)
         adapter = (config.extra or {}).get("adapter") if config is not None else None
+        cpu_quantize = loading.resolve_quantize(quantize, base_ref, loading.resolve_device(device))
+        later = cpu_quantize if adapter and cpu_quantize in ("gguf", "int4", "int8") else None
+        model, tokenizer = loading.load_base_model(base_ref, dtype=dtype, device=device,
+                                                   quantize="none" if later else cpu_quantize,
+                                                   attn_implementation=attn_implementation, log=log)
         if adapter:  # Medusa-2: the base was fine-tuned with LoRA alongside the heads
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(Path(name_or_path).expanduser() / adapter)).merge_and_unload()
             model.eval()
+            if later:   # quantized after the merge (a GGUF file keeps only the layers the adapter left unchanged)
+                loading.quantize_in_place(model, later, base_ref, log=log)
         packed_linear.pack_for_inference(model, pack_weights, log)
         text_cfg = model.config.get_text_config(decoder=True)
-        vocab = model.get_output_embeddings().weight.shape[0]
+        vocab = output_rows(model.get_output_embeddings())
         if config is None:
             config = HeadsConfig(hidden_size=text_cfg.hidden_size, vocab_size=vocab, num_heads=num_heads,
                                  num_layers=num_layers, shared_lm_head=shared_lm_head,
@@ -212,9 +221,9 @@ class MedusaModel(nn.Module):
             config.vocab_size = vocab  # original shared-projection variant does not record it
         heads = build_heads(config, state)
         if state is None:
-            heads.init_projections_from(model.get_output_embeddings())
+            heads.init_projections_from(dense_weight(model.get_output_embeddings()))
         head_dtype = model.dtype if model.dtype.is_floating_point else torch.float16
-        heads.to(device=model.get_output_embeddings().weight.device, dtype=head_dtype).eval()
+        heads.to(device=device_of(model.get_output_embeddings()), dtype=head_dtype).eval()
         if tree is None:
             kind = _device_type(model)
             tree = tree_for_device(saved_tree, kind) if saved_tree else None
@@ -232,7 +241,8 @@ class MedusaModel(nn.Module):
     def _note_inexact(self, log) -> None:
         """Say where greedy output cannot be exactly `generate`'s on this machine: in reduced precision, a tree
         step's products must give each row the bits it gets alone (tree_attention.rows_independent)."""
-        dtype = self.base_model.dtype
+        quantized = is_quantized(self.base_model)
+        dtype = torch.bfloat16 if quantized else self.base_model.dtype     # quantized products take bf16
         if dtype not in (torch.bfloat16, torch.float16):
             return
         from medusa.inference.tree_attention import rows_independent
@@ -240,9 +250,10 @@ class MedusaModel(nn.Module):
         rows = self.engine.most_nodes(Request(torch.zeros(1), self.decode_options(), self.engine.shapes(self.tree),
                                               self.lookup))
         if not rows_independent(self.base_model, rows):
-            log(f"Note: in {str(dtype).removeprefix('torch.')} this machine's matrix products of {rows} rows "
-                f"(a step's tree, or a batch's) do not give each row the bits it gets alone, so greedy output can "
-                f"differ from `generate`'s where two tokens nearly tie; fp32 avoids it.")
+            what, fix = ("quantized weights", 'fp32 (quantize="none")') if quantized else (str(dtype)[6:], "fp32")
+            log(f"Note: with {what} this machine's matrix products of {rows} rows (a step's tree, or a batch's) do "
+                f"not give each row the bits it gets alone, so greedy output can differ from `generate`'s where two "
+                f"tokens nearly tie; {fix} avoids it.")
 
     def save_pretrained(self, folder: str | os.PathLike, *, save_tree: bool = True) -> Path:
         """Write the heads (and the tree in use, as this device type's) in our format; the base model is
@@ -267,7 +278,7 @@ class MedusaModel(nn.Module):
     def requests(self, input_ids, attention_mask=None, *, tree=None, lookup=None,
                  **options) -> tuple[list[Request], torch.Tensor | None]:
         """The requests `stream` decodes, and the (B, T) input they came from (None for a list of prompts)."""
-        prompts, padded = _as_prompts(input_ids, attention_mask, self.base_model.get_input_embeddings().weight.device)
+        prompts, padded = _as_prompts(input_ids, attention_mask, device_of(self.base_model.get_input_embeddings()))
         if not prompts:
             raise ValueError("no prompt given")
         paths = self.tree if tree is None else load_tree(tree, self.heads.num_heads, self.device_type)
@@ -297,7 +308,7 @@ class MedusaModel(nn.Module):
         """transformers' own `generate` on the base model with the same options: the reference medusa is
         measured against. A list of prompts is left-padded into one batch. `generate_kwargs` go to `generate`
         as they are (e.g. prompt_lookup_num_tokens)."""
-        prompts, ids = _as_prompts(input_ids, attention_mask, self.base_model.get_input_embeddings().weight.device)
+        prompts, ids = _as_prompts(input_ids, attention_mask, device_of(self.base_model.get_input_embeddings()))
         pad = self._pad_id()
         if ids is None or attention_mask is None:
             width = max(p.numel() for p in prompts)

@@ -6,7 +6,8 @@ of --repeat runs, in ms.
                                    [--packs none,onednn,16,4+8+16] [--min-rows 4] [--repeat 9] [--threads 2]
                                    [--compile]
 
-Packings: none (the stock product), onednn, or MKL row counts joined by + (16, 4+8+16).
+Packings: none (the stock product), onednn, or MKL row counts joined by + (16, 4+8+16); or gguf (the GGUF
+file's 4-bit weights kept, quantize="gguf", with its default attention medusa_tree) and gguf+sdpa.
 
 --compile adds, for each packing, the same model as `compile=True` runs it (compiled.py: dynamic shapes, frozen
 weights; PackedLinear steps aside there); compiling happens in an untimed first call per N.
@@ -65,8 +66,14 @@ def main() -> None:
     nodes = [int(x) for x in a.nodes.split(",")]
     rows = {}
     for packing in a.packs.split(","):
-        m = MedusaModel.from_pretrained(a.model, pack_weights="off")
-        if packing == "onednn":
+        if packing.startswith("gguf"):
+            m = MedusaModel.from_pretrained(a.model, quantize="gguf",
+                                            attn_implementation="sdpa" if packing == "gguf+sdpa" else None)
+        else:
+            m = MedusaModel.from_pretrained(a.model, pack_weights="off", quantize="none")
+        if packing.startswith("gguf"):
+            pass
+        elif packing == "onednn":
             packed_linear.pack_linears(m.base_model, backend="onednn")
         elif packing != "none":
             sizes = tuple(int(x) for x in packing.split("+"))

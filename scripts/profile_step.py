@@ -3,6 +3,7 @@ work (propose = heads + top-k, accept, compact, and everything else between).
 
     python scripts/profile_step.py [--model HEADS] [--trees root,chain,cpu_small,mc_sim_7b_63] [--tokens 64]
                                    [--lookup N] [--pack auto|onednn|mkl|off] [--dtype D] [--attn A] [--threads N]
+                                   [--quantize none|gguf|int4|int8]
 
 "nodes" is the mean number of nodes verified per step (the tree, plus context drafts where there were some).
 The prompt's forward (prefill) is left out of the step time.
@@ -31,13 +32,14 @@ def main() -> None:
     p.add_argument("--trees", default="root,chain,cpu_small,mc_sim_7b_63")
     p.add_argument("--tokens", type=int, default=64)
     add_threads(p)
+    p.add_argument("--quantize", help="base weights (loading.QUANTIZE; default: gguf for the default model on a CPU)")
     p.add_argument("--lookup", type=int, help="context-draft tokens per step (default: the model's, 10; 0 = off)")
     p.add_argument("--pack", choices=PACKINGS, default="auto",
                    help="packed fp32 CPU weights for the loop's products (packed_linear.packing); off = stock products")
     a = p.parse_args()
     set_threads(a)
     m = MedusaModel.from_pretrained(a.model, dtype=a.dtype, attn_implementation=a.attn, lookup=a.lookup,
-                                    pack_weights=a.pack)
+                                    pack_weights=a.pack, quantize=a.quantize)
     text = "Write a short story about a lighthouse keeper who finds a message in a bottle."
     ids = encode_prompt(m.tokenizer, [{"role": "user", "content": text}])
     list(m.stream(ids, max_new_tokens=8))                                   # warm-up

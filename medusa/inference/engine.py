@@ -19,6 +19,7 @@ from medusa.inference.greedy_head import greedy_head_for
 from medusa.inference.heads import draft_projection
 from medusa.inference.lookup import ContextIndex, LookupOptions
 from medusa.inference.propose import Candidates, Proposal, Proposer, TreeShapes
+from medusa.inference.quantized import device_of
 from medusa.inference.tree import DynamicTree, TreeBuffers
 from medusa.inference.tree_attention import uses_tree_attention
 from medusa.inference.verify import Verified, Verifier
@@ -125,7 +126,7 @@ def build_engine(base_model, heads=None, tokenizer=None, *, tree=(), lookup: Loo
     if tree_attention and window:       # medusa_tree gathers a node's whole prefix: stay inside the window
         limit = min(limit, window)
     return Engine(proposer, verifier, num_layers=base_model.config.get_text_config(decoder=True).num_hidden_layers,
-                  tree=tree, lookup=lookup, context_limit=limit, device=embedding.weight.device, tokenizer=tokenizer)
+                  tree=tree, lookup=lookup, context_limit=limit, device=device_of(embedding), tokenizer=tokenizer)
 
 
 class Row:

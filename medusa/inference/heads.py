@@ -27,6 +27,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from medusa.inference.quantized import Int4Linear, dense_weight
+
 
 _FIELD_KINDS = {"int": ((int,), "an integer"), "bool": ((bool,), "true or false"),
                 "str | None": ((str, type(None)), "a string or null")}
@@ -120,12 +122,13 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return len(self.heads)
 
-    def init_projections_from(self, lm_head: nn.Module) -> None:
-        """Copy the base's output projection into every head's own projection (no-op when shared)."""
+    def init_projections_from(self, weight: torch.Tensor) -> None:
+        """Copy the base's output projection (its (V, H) weight) into every head's own projection (no-op when
+        shared)."""
         with torch.no_grad():
             for head in self.heads:
                 if head.proj is not None:
-                    head.proj.weight.copy_(lm_head.weight)
+                    head.proj.weight.copy_(weight)
 
     def _check_inputs(self, next_embeds, parent_embeds, first_only: bool = False) -> None:
         """`first_only`: for head 0 alone, which takes no parent."""
@@ -157,7 +160,8 @@ class MedusaHeads(nn.Module):
             return self.heads[i].proj(feats)
         if lm_head is None:
             raise ValueError("these heads share the base model's lm_head: pass it as `lm_head`")
-        return lm_head(feats.to(lm_head.weight.dtype))
+        weight = getattr(lm_head, "weight", None)     # quantized projections take any float input
+        return lm_head(feats if weight is None else feats.to(weight.dtype))
 
     def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None, upto: int | None = None,
                 next_embeds: torch.Tensor | None = None, parent_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,8 +229,8 @@ def set_draft_vocab(heads: MedusaHeads, counts: torch.Tensor) -> None:
 class DraftProjection(nn.Linear):
     """The heads' guesses: some rows of the base's lm_head (`token_ids[i]` is output i's token)."""
 
-    def __init__(self, lm_head: nn.Linear, token_ids: torch.Tensor | None, dtype: torch.dtype):
-        w, b = lm_head.weight.detach(), None if lm_head.bias is None else lm_head.bias.detach()
+    def __init__(self, lm_head: nn.Module, token_ids: torch.Tensor | None, dtype: torch.dtype):
+        w, b = dense_weight(lm_head).detach(), None if lm_head.bias is None else lm_head.bias.detach()
         ids = torch.arange(w.shape[0], device=w.device) if token_ids is None else token_ids.to(w.device)
         super().__init__(w.shape[1], ids.numel(), bias=b is not None, device="meta")  # no random init
         self.weight = nn.Parameter(w[ids].to(dtype), requires_grad=False)
@@ -289,8 +293,10 @@ def draft_projection(lm_head: nn.Module, heads: MedusaHeads) -> nn.Module:
     """What turns shared-projection heads' features into guesses at decode time. Only each head's top-k
     matters and the base model verifies every guess, so (outputs never change, guesses rarely):
     - heads with a draft vocabulary guess among those tokens only (the product reads only their rows);
-    - with an fp32 base on a CPU the rows are copied once to bf16 (several times faster there).
+    - with an fp32 or quantized base on a CPU the rows are copied once to bf16 (several times faster there).
     Otherwise the base's own lm_head. `guess` maps output i to `token_ids[i]` when there is one."""
+    if heads.config.shared_lm_head and isinstance(lm_head, Int4Linear):
+        return DraftProjection(lm_head, getattr(heads, "draft_vocab", None), torch.bfloat16)
     w = getattr(lm_head, "weight", None)
     if not heads.config.shared_lm_head or not isinstance(lm_head, nn.Linear) or w is None:
         return lm_head

@@ -69,22 +69,88 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-QUANTIZE = ("8bit", "4bit")   # `quantize=`: the base's weights through bitsandbytes (CUDA only); None = as stored
+# `quantize=`: None picks "gguf" for a quantized GGUF file on a CPU and "none" otherwise.
+#   "none"          the weights as stored (a GGUF file's dequantized to fp32)
+#   "gguf"          a GGUF file's quantized weights kept as they are (gguf_weights.py; CPU)
+#   "int4", "int8"  fp32 weights quantized at load in groups of 32 (quantized.py; CPU)
+#   "8bit", "4bit"  through bitsandbytes (CUDA only)
+QUANTIZE = ("none", "gguf", "int4", "int8", "8bit", "4bit")
+_CPU_QUANTIZE = ("gguf", "int4", "int8")
 
 
 def _quantization_config(quantize: str | None, dtype):
-    if quantize is None:
+    if quantize not in ("8bit", "4bit"):
         return None
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize must be None, '8bit' or '4bit', got {quantize!r}")
     if not torch.cuda.is_available():
         raise RuntimeError(f"quantize={quantize!r} (--quantize {quantize}) uses bitsandbytes, which needs a CUDA "
-                           f"GPU; none is available here")
+                           f"GPU; none is available here (on a CPU: int4 or int8)")
     from transformers import BitsAndBytesConfig
 
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype or torch.float16)
+
+
+def gguf_file(name_or_path: str | os.PathLike | None) -> Path | None:
+    """The GGUF file a base-model reference loads from, if it names one (None = the embedded default's)."""
+    if name_or_path is None:
+        return default_gguf_path()
+    path = Path(name_or_path).expanduser()
+    if str(name_or_path).endswith(".gguf"):
+        return path if path.is_file() else None
+    if path.is_dir() and not (path / "config.json").exists():
+        return next(iter(sorted(path.glob("*.gguf"))), None)
+    return None
+
+
+def resolve_quantize(quantize: str | None, name_or_path, device: torch.device) -> str:
+    """The quantization a load uses (see QUANTIZE), refusing one that cannot apply, before anything loads."""
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)} (or None), got {quantize!r}")
+    source = gguf_file(name_or_path) if quantize in (None, "gguf") else None
+    if quantize is None:
+        from medusa.inference import gguf_weights, quantized
+
+        cpu_gguf = device.type == "cpu" and source is not None and quantized.available()
+        return "gguf" if cpu_gguf and gguf_weights.quantized_types(source) & set(gguf_weights.SUPPORTED) else "none"
+    if quantize in _CPU_QUANTIZE and device.type != "cpu":
+        raise ValueError(f"quantize={quantize!r} (--quantize {quantize}) runs on a CPU; on {device.type}: 8bit or 4bit")
+    if quantize == "gguf" and source is None:
+        raise ValueError(f"quantize='gguf' keeps a GGUF file's quantized weights, but {name_or_path} is not a GGUF "
+                         f"file (int4 or int8 quantize other models at load)")
+    return quantize
+
+
+def quantize_in_place(model, quantize: str, name_or_path, *, log=None) -> None:
+    """Apply a CPU quantization (see QUANTIZE) to a loaded model."""
+    from medusa.inference import gguf_weights, quantized
+
+    if quantize == "gguf":
+        gguf_weights.keep_quantized(model, gguf_file(name_or_path), log=log)
+    elif quantize in ("int4", "int8"):
+        n = quantized.quantize_linears(model, bits=4 if quantize == "int4" else 8)
+        if log:
+            log(f"Quantized {n} linear layers to {quantize} in groups of {quantized.GROUP} (weight-only products)")
+    else:
+        return
+    # the weights left (norms, biases) may be views into the loaded file's memory map, which keeps all of it
+    # resident: copies of them let it go
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.data = t.data.clone()
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed fp32 weights' heap back to the system (glibc keeps freed heap otherwise)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -157,12 +223,13 @@ def load_base_model(
     attn_implementation: str | None = None,
     log=None,
 ):
-    """Load (model, tokenizer). `None` means the embedded default model. `quantize`: "8bit" or "4bit" (QUANTIZE)."""
+    """Load (model, tokenizer). `None` means the embedded default model. `quantize`: see QUANTIZE."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    quant = _quantization_config(quantize, torch_dtype)      # refused before any conversion or download
+    quantize = resolve_quantize(quantize, name_or_path, dev)   # refused before any conversion or download
+    quant = _quantization_config(quantize, torch_dtype)
     source = resolve_base_path(name_or_path, log=log)
     kwargs = {"dtype": torch_dtype if torch_dtype is not None else "auto"}
     if attn_implementation:
@@ -178,12 +245,29 @@ def load_base_model(
     if quant is None:
         model.to(dev)
     model.eval()
+    quantize_in_place(model, quantize, name_or_path, log=log)
+    if quantize in _CPU_QUANTIZE and attn_implementation is None:
+        _exact_tree_attention(model, log)
     if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
         if log:
             log(f"{source} has no tokenizer files: token ids in and out only (no text, chat or stop strings)")
         return model, None
     tokenizer = _from_pretrained(AutoTokenizer, source)
     return model, tokenizer
+
+
+def _exact_tree_attention(model, log=None) -> None:
+    """Quantized products take bf16 activations, where an attention sum's last fp32 bit can flip a rounding:
+    give tree steps the arithmetic of one-token steps (tree_attention.py), where the model's attention allows."""
+    from medusa.inference import tree_attention
+
+    cfg = model.config.get_text_config(decoder=True)
+    if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "_attn_implementation", None) == "flex_attention":
+        return
+    tree_attention.register()
+    model.set_attn_implementation(tree_attention.NAME)
+    if log:
+        log(f"Attention: {tree_attention.NAME} (tree steps with the arithmetic of one-token steps)")
 
 
 class BaseModelUnavailable(RuntimeError):

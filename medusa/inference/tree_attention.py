@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medusa.inference.quantized import Int4Linear, device_of
+
 NAME = "medusa_tree"
 _UNSUPPORTED = ("softcap", "s_aux", "sinks")
 
@@ -44,18 +46,18 @@ def rows_independent(model, rows: int) -> bool:
     own linear layers, one of each shape (oneDNN bf16 on Intel AMX CPUs: up to 32 rows; on an AMD Zen 4 one,
     not the MLP's; fp32 MKL: no). medusa_tree is bit-identical to `generate` only for trees of at most that
     many nodes."""
-    device = model.get_output_embeddings().weight.device
+    device = device_of(model.get_output_embeddings())
     gen = torch.Generator(device=device).manual_seed(0)
     shapes = {}
     for m in [model.get_output_embeddings(), *model.modules()]:
-        if isinstance(m, nn.Linear):
-            shapes.setdefault((m.in_features, m.out_features, m.bias is not None), m)
+        if isinstance(m, (nn.Linear, Int4Linear)):
+            shapes.setdefault((type(m), m.in_features, m.out_features, m.bias is not None), m)
     for lin in shapes.values():
         x = torch.randn(rows, lin.in_features, generator=gen, device=device)
         # gaussian inputs alone can hide it: real activations are heavy-tailed (an AMD CPU's bf16 products
         # differ only for those), so cubes and large values too
         for probe in (x, x ** 3, x * 100):
-            probe = probe.to(lin.weight.dtype)
+            probe = probe.to(lin.weight.dtype if isinstance(lin, nn.Linear) else torch.float32)
             if not torch.equal(lin(probe), torch.cat([lin(probe[r:r + 1]) for r in range(rows)])):
                 return False
     return True

@@ -3,7 +3,7 @@
 Rows' trees are padded to the longest (a padding node sees only itself and is never read). Each row's nodes
 attend to that row's cache and their own ancestors through a 4D additive float mask (0 = attend, dtype min =
 blocked) with explicit position ids, or, under medusa_tree attention, through each node's path
-(tree_attention.py). Sliding-window layers get the mask with their window applied (a dict by layer type for
+(tree_attention.py), which gives each row of a batch the arithmetic it gets alone. Sliding-window layers get the mask with their window applied (a dict by layer type for
 models that take one). A lone root of a lone row needs no mask: the model's own causal path then matches
 `generate` exactly. With a greedy head (greedy decoding, greedy_head.py) the model skips its output projection
 and only each node's argmax is computed.
@@ -78,7 +78,7 @@ class Verifier:
         """The forward's attention: (a 4D additive mask or None, {"medusa_tree": each row's path indices} or {})."""
         if len(cands) == 1 and N == 1:
             return None, {}
-        if self.tree_attention and N > 1:
+        if self.tree_attention:      # a batch's one-token steps too: each row over its own cache only, as alone
             return None, {"medusa_tree": [step_index(c.shape, n) for c, n in zip(cands, lengths)]}
         device, low = cands[0].tokens.device, torch.finfo(self.dtype).min
         width = max(lengths) + N

@@ -159,7 +159,7 @@ def _load(source, fmt: str, base_model, log):
         config, state, tree = load_heads_checkpoint(folder)
         model = None
         if config.shared_lm_head and fmt != "ours":
-            model = MedusaModel.from_pretrained(folder, base_model=base_model, log=log)
+            model = MedusaModel.from_pretrained(folder, base_model=base_model, quantize="none", log=log)
             heads = model.heads
         else:
             heads = build_heads(config, state).eval()

@@ -24,11 +24,15 @@ def set_threads(a) -> None:
         torch.set_num_threads(a.threads)
 
 
-def add_quantize(p) -> None:
-    """--quantize 8bit|4bit, and the older --load-in-8bit / --load-in-4bit that map onto it (`quantize_of`)."""
+def add_quantize(p, choices=None) -> None:
+    """--quantize (loading.QUANTIZE), and the older --load-in-8bit / --load-in-4bit that map onto it
+    (`quantize_of`)."""
     from medusa.inference.loading import QUANTIZE
 
-    p.add_argument("--quantize", choices=QUANTIZE, help="8-bit or 4-bit base via bitsandbytes (CUDA only)")
+    choices = choices or QUANTIZE
+    cpu = "; on a CPU: gguf keeps a GGUF file's 4-bit weights (the default there for a quantized GGUF), int4/int8 " \
+          "quantize at load, none dequantizes" if "gguf" in choices else ""
+    p.add_argument("--quantize", choices=choices, help=f"base weights: 8bit or 4bit via bitsandbytes (CUDA){cpu}")
     p.add_argument("--load-in-8bit", action="store_true", help="deprecated: --quantize 8bit")
     p.add_argument("--load-in-4bit", action="store_true", help="deprecated: --quantize 4bit")
 

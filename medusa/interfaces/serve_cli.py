@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from medusa.inference.quantized import device_of
 from medusa.interfaces.cli_args import LoadOptions, gen_options, model_args
 
 
@@ -66,7 +67,7 @@ def cmd_bench_serve(a) -> int:
     result = serve_bench.run_serve_bench(model, prompts, clients, a.max_new_tokens, max_batch=a.max_batch)
     threads = torch.get_num_threads()
     result["settings"] = {"model_id": name, "dtype": str(model.base_model.dtype), "threads": threads,
-                          "machine": machine(model.base_model.get_input_embeddings().weight.device),
+                          "machine": machine(device_of(model.base_model.get_input_embeddings())),
                           "max_batch": a.max_batch, "questions": a.questions, "prompts": len(prompts),
                           "max_new_tokens": a.max_new_tokens,
                           "title": f"{Path(name).name}, {len(prompts)} prompts, {threads} threads, "

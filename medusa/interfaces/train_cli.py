@@ -142,7 +142,7 @@ def add_train_commands(sub) -> dict:
         if name in ("data", "output", "model", "extra"):
             continue
         if name == "quantize":
-            add_quantize(t)
+            add_quantize(t, choices=("8bit", "4bit"))
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):

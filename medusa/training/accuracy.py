@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from medusa.inference.heads import draft_projection, ranked_guesses, true_inputs
+from medusa.inference.quantized import device_of
 from medusa.training.data import Example, collate
 from medusa.training.features import last_hidden
 from medusa.training.losses import targets
@@ -27,7 +28,7 @@ def assistant_positions(base, heads, examples: list[Example], batch_size: int = 
     hidden state (n, H), each head's target (K, n), -1 where none, the heads' true token inputs there). Run
     under torch.inference_mode(); `list()` it to hand one pass of the base model to several measures."""
     embedding = base.get_input_embeddings()
-    device = embedding.weight.device
+    device = device_of(embedding)
     for s in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[s:s + batch_size]).items()}
         hidden, _ = last_hidden(base, batch["input_ids"], batch["attention_mask"])

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from medusa.inference.quantized import device_of
 from medusa.inference.verify import NO_LOGITS
 from medusa.training.data import Example, collate
 
@@ -53,7 +54,7 @@ def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
 @torch.inference_mode()
 def _compute(model, examples: list[Example], topk: int, dtype: torch.dtype, batch_size: int) -> dict:
     out = {}
-    device = model.get_input_embeddings().weight.device
+    device = device_of(model.get_input_embeddings())
     order = sorted(range(len(examples)), key=lambda k: examples[k].input_ids.numel())
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]

@@ -22,7 +22,6 @@ from torch import nn
 
 from medusa.inference.checkpoint import OUR_CONFIG, OUR_WEIGHTS, save_heads
 from medusa.inference.heads import DraftProjection, HeadsConfig, MedusaHeads, set_draft_vocab, true_inputs
-from medusa.inference.loading import QUANTIZE
 from medusa.training.data import collate, read_conversations, tokenize_conversation
 from medusa.training.losses import medusa_loss
 
@@ -74,7 +73,7 @@ class TrainConfig:
             raise ValueError("--parent-token-input needs --next-token-input (head 0's parent is the next token)")
         if self.loss not in ("ce", "kl"):
             raise ValueError(f"loss must be ce or kl, got {self.loss!r}")
-        if self.quantize not in (None, *QUANTIZE):
+        if self.quantize not in (None, "8bit", "4bit"):
             raise ValueError(f"quantize must be None, '8bit' or '4bit', got {self.quantize!r}")
 
 
@@ -224,7 +223,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     t_start = time.time()
     if base is None:
         base, tokenizer = load_base_model(cfg.model, dtype=cfg.base_dtype, device=acc.device,
-                                          quantize=cfg.quantize, log=say)
+                                          quantize=cfg.quantize or "none", log=say)
     tok = tokenizer
     use_template(tok, cfg.chat_template, say)
     convs = read_conversations(cfg.data, warn=say)[: cfg.limit]
@@ -241,7 +240,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
                        next_token_input=cfg.next_token_input, parent_token_input=cfg.parent_token_input,
                        base_model_name_or_path=cfg.model or "embedded:SmolLM2-135M-Instruct")
     heads = MedusaHeads(hcfg)
-    heads.init_projections_from(base.get_output_embeddings())
+    heads.init_projections_from(base.get_output_embeddings().weight)
     if cfg.draft_vocab:      # before training: the heads learn to choose among the tokens they will guess from
         seen = torch.cat([e.input_ids[e.loss_mask] for e in train_ex])
         set_draft_vocab(heads, torch.bincount(seen, minlength=hcfg.vocab_size)[: hcfg.vocab_size])

@@ -1,0 +1,172 @@
+"""Weight-only 4-bit products (quantized.py) and a GGUF file's blocks kept quantized (gguf_weights.py)."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import random_heads, tiny_model
+from medusa import MedusaModel
+from medusa.inference import gguf_weights, loading
+from medusa.inference.quantized import (GROUP, Int4Linear, QuantEmbedding, dense_weight, int8_parts,
+                                        quantize_groupwise, quantize_linears)
+from medusa.inference.tree_attention import rows_independent
+
+TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K")
+
+
+def _blocks(kind: str, w: np.ndarray) -> np.ndarray:
+    """gguf's own quantization of an (n, k) fp32 array: the raw bytes, one row of blocks per weight row. gguf
+    cannot write Q4_K: random blocks then (any bytes are valid codes and scales), with finite d and dmin."""
+    if kind != "Q4_K":
+        return gguf.quants.quantize(w, getattr(gguf.GGMLQuantizationType, kind))
+    n, k = w.shape
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 256, (n * k // 256, 144), dtype=np.uint8)
+    b[:, 0:4] = np.ascontiguousarray(rng.uniform(0.001, 0.01, (n * k // 256, 2)).astype(np.float16)).view(np.uint8)
+    return b.reshape(n, -1)
+
+
+def _weight(n=48, k=256, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_blocks_decode_to_gguf_dequantization_exactly(kind):
+    w = _weight()
+    raw = _blocks(kind, w)
+    ref = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind)).reshape(w.shape)
+    codes, scale, zero = gguf_weights.decode_blocks(kind, raw, *w.shape)
+    emb = QuantEmbedding(codes, scale, zero)
+    assert torch.equal(emb.dequantize(), torch.from_numpy(ref))          # bit for bit, as embeddings need
+    ids = torch.tensor([[3, 0, 47], [5, 5, 1]])
+    assert torch.equal(emb(ids), torch.from_numpy(ref)[ids])
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_the_kernel_weights_are_gguf_weights_within_bf16_scales(kind):
+    """The kernel holds scales and zeros in bf16: each weight within a bf16 rounding of them (2^-8 relative)."""
+    w = _weight()
+    raw = _blocks(kind, w)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind)).reshape(w.shape))
+    codes, scale, zero = gguf_weights.decode_blocks(kind, raw, *w.shape)
+    lin = Int4Linear(gguf_weights.int4_parts(kind, codes, scale, zero))
+    got = dense_weight(lin)
+    group_max = ref.abs().reshape(ref.shape[0], -1, GROUP).amax(-1).repeat_interleave(GROUP, 1)
+    assert (got - ref).abs().le(group_max * 2.0 ** -6).all()
+    assert (got - ref).abs().mean() < ref.abs().mean() * 2.0 ** -7
+    assert not torch.equal(got, torch.zeros_like(got))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_groupwise_quantization_is_close_to_the_fp32_product(bits):
+    torch.manual_seed(0)
+    w, b, x = torch.randn(80, 64), torch.randn(80), torch.randn(7, 64)
+    lin = Int4Linear(quantize_groupwise(w, bits), b)
+    ref = nn.functional.linear(x, w, b)
+    err = (lin(x) - ref).norm() / ref.norm()
+    assert err < (0.1 if bits == 4 else 0.01), err
+    assert lin(x).dtype == torch.float32 and lin(x[None]).shape == (1, 7, 80)
+    assert lin.out_features == 80                           # 80 outputs are padded to 96 inside
+
+
+def test_each_row_gets_the_bits_it_gets_alone():
+    torch.manual_seed(0)
+    lin = Int4Linear(quantize_groupwise(torch.randn(96, 128)))
+    x = torch.randn(100, 128) ** 3
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(100)])
+    for rows in (2, 5, 8, 16, 33, 64, 100):
+        assert torch.equal(lin(x[:rows]), alone[:rows])
+
+
+def test_int8_parts_are_two_halves_of_each_code():
+    codes = torch.arange(-128, 128).reshape(8, 32)
+    scale = torch.full((8, 1), 0.5)
+    lin = Int4Linear(int8_parts(codes, scale))
+    assert torch.equal(dense_weight(lin), codes.float() * 0.5)
+
+
+def test_weights_that_do_not_fit_groups_are_refused():
+    with pytest.raises(ValueError, match="groups of 32"):
+        Int4Linear([(torch.zeros(16, 40, dtype=torch.int32), torch.ones(16, 1), torch.zeros(16, 1))])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3"])
+def test_greedy_on_a_quantized_model_equals_its_generate(arch):
+    model = tiny_model(arch)
+    assert quantize_linears(model) > 0
+    assert rows_independent(model, 16)
+    m = MedusaModel(model, random_heads(), tree="cpu_small")
+    for seed in range(2):
+        ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(seed))
+        ref = model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
+        assert torch.equal(m.generate(ids, max_new_tokens=40), ref)
+    batch = torch.randint(3, 90, (3, 10), generator=torch.Generator().manual_seed(5))
+    out = m.generate(batch, max_new_tokens=24)
+    for r in range(3):
+        assert torch.equal(out[r:r + 1], m.generate(batch[r:r + 1], max_new_tokens=24))
+
+
+def _gguf_of(model, path, kinds, shuffled: str) -> None:
+    """Write `model`'s linear and embedding weights to a GGUF file, each quantized as `kinds` cycles, the rows
+    of module `shuffled` reordered; then set the model's weights to their dequantization (as loading a GGUF
+    file with transformers gives them)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    for i, (name, mod) in enumerate(mods):
+        kind = getattr(gguf.GGMLQuantizationType, kinds[i % len(kinds)])
+        w = mod.weight.detach().numpy()
+        order = np.random.default_rng(i).permutation(w.shape[0]) if name == shuffled else np.arange(w.shape[0])
+        raw = gguf.quants.quantize(np.ascontiguousarray(w[order]), kind)
+        writer.add_tensor(f"t{i}", raw, raw_dtype=kind)
+        deq = gguf.quants.dequantize(raw, kind).reshape(w.shape)
+        with torch.no_grad():
+            mod.weight.copy_(torch.from_numpy(deq[np.argsort(order)]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_blocks_are_matched_to_layers_by_content(tmp_path):
+    model = tiny_model("llama", tie_word_embeddings=False)
+    path = tmp_path / "tiny.gguf"
+    _gguf_of(model, path, TYPES[:3], shuffled="model.layers.0.self_attn.q_proj")
+    ref = tiny_model("llama", tie_word_embeddings=False)
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.add_(0.01)         # changed since: stays as loaded
+    report = gguf_weights.keep_quantized(model, path)
+    kept = {name for name, _, _ in report["kept"]}
+    assert "model.layers.0.self_attn.q_proj" in kept and "model.embed_tokens" in kept and "lm_head" in kept
+    assert [name for name, _ in report["dense"]] == ["model.layers.1.mlp.up_proj"]
+    assert isinstance(model.model.embed_tokens, QuantEmbedding)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear)
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.model.embed_tokens(ids), ref.model.embed_tokens(ids))
+    q_ref = ref.model.layers[0].self_attn.q_proj.weight
+    q_got = dense_weight(model.model.layers[0].self_attn.q_proj)
+    assert (q_got - q_ref).abs().max() <= q_ref.abs().max() * 2.0 ** -6     # the reordered rows found their place
+
+
+def test_quantize_options_are_checked_before_loading(tmp_path):
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="one of"):
+        loading.resolve_quantize("3bit", None, cpu)
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        loading.resolve_quantize("gguf", str(tmp_path), cpu)
+    with pytest.raises(ValueError, match="runs on a CPU"):
+        loading.resolve_quantize("int4", None, torch.device("cuda"))
+    assert loading.resolve_quantize(None, str(tmp_path), cpu) == "none"
+    assert loading.resolve_quantize(None, None, cpu) == "gguf"         # the default model's Q4_1 file
+    assert loading.resolve_quantize(None, None, torch.device("cuda")) == "none"
+
+
+def test_a_quantized_model_refuses_to_move():
+    model = tiny_model("llama")
+    quantize_linears(model)
+    m = MedusaModel(model, random_heads(), tree="cpu_small")
+    with pytest.raises(RuntimeError, match="quantized"):
+        m.to("meta")
