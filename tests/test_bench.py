@@ -290,3 +290,29 @@ def test_a_question_longer_than_the_context_is_skipped_not_fatal(tmp_path):
     logs.clear()
     report = tokens_per_step(_model(), read_prompts(str(tmp_path / "q.jsonl")), max_new_tokens=4, log=logs.append)
     assert report["prompts"] == 2 and any("skipped 2" in m and "context" in m for m in logs)
+
+
+def test_llama_cpp_is_a_method_only_when_a_file_is_named():
+    assert "llama_cpp" not in BenchConfig(questions="q", output="o").methods
+    assert BenchConfig(questions="q", output="o", llama_cpp_gguf="m.gguf").methods[-1] == "llama_cpp"
+
+
+@pytest.mark.slow
+def test_llama_cpp_decodes_the_default_gguf_greedily(tmp_path):
+    """The baseline on the default model's own file: the prompt's token ids in, greedy, the answer ending at the
+    model's end of turn (llama-cpp-python is an optional extra)."""
+    pytest.importorskip("llama_cpp")
+    from medusa.chat_format import encode_prompt
+    from medusa.evaluation.llama_cpp_baseline import LlamaCppRunner
+    from medusa.inference.loading import default_gguf_path
+
+    m = MedusaModel.from_pretrained()
+    runner = LlamaCppRunner(default_gguf_path(), threads=1, context=512)
+    ids = encode_prompt(m.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    cfg = BenchConfig(questions="q", output="o", max_new_tokens=40)
+    first, again = runner(m, ids, cfg, 0), runner(m, ids, cfg, 1)
+    assert first.tokens == again.tokens and 0 < len(first.tokens) <= 40       # greedy: the same answer twice
+    assert first.tokens[-1] in m.decode_options().eos_token_ids or len(first.tokens) == 40
+    assert m.tokenizer.decode(first.tokens, skip_special_tokens=True).strip()
+    with pytest.raises(ValueError, match="greedy"):
+        runner(m, ids, BenchConfig(questions="q", output="o", temperature=0.7), 0)

@@ -6,6 +6,7 @@ Every turn of every question is answered by each method, on the same model, dtyp
                  acceptance, or lossless rejection sampling with `sampling="lossless"`)
   prompt_lookup  transformers `generate(prompt_lookup_num_tokens=10)`: drafts copied from the context
   plain          medusa's own engine with no candidates (tree "root", no drafts): one token per step
+  llama_cpp      llama.cpp's plain decoding of the same GGUF file (`llama_cpp_gguf`; llama_cpp_baseline.py)
 The order of the methods is reversed from one question to the next, so slow drift of the machine (heat,
 other jobs) falls on all of them alike; an untimed warm-up runs first.
 
@@ -27,10 +28,11 @@ import torch
 from medusa.chat_format import encode_prompt
 from medusa.evaluation import report
 from medusa.inference.engine import PromptTooLongError
+from medusa.inference.quantized import device_of, is_quantized
 from medusa.inference.tree import tree_digest, tree_nodes
 from medusa.training.prompts import PromptRecord, read_prompts
 
-METHODS = ("baseline", "medusa", "prompt_lookup", "plain")
+METHODS = ("baseline", "medusa", "prompt_lookup", "plain", "llama_cpp")
 WARMUP_TOKENS = 16
 
 
@@ -51,10 +53,11 @@ class BenchConfig:
     prompt_lookup_num_tokens: int = 10
     warmup: bool = True
     model_id: str = "model"
+    llama_cpp_gguf: str | None = None     # a GGUF file: llama.cpp decodes it too
 
     @property
     def methods(self) -> tuple[str, ...]:
-        off = {"prompt_lookup": not self.prompt_lookup, "plain": not self.plain}
+        off = {"prompt_lookup": not self.prompt_lookup, "plain": not self.plain, "llama_cpp": not self.llama_cpp_gguf}
         return tuple(m for m in METHODS if not off.get(m))
 
     @property
@@ -164,16 +167,17 @@ def question_id(q: PromptRecord):
     return int(q.id) if q.id.isdigit() else q.id
 
 
-def answer_question(model, q: PromptRecord, cfg: BenchConfig, order, seed: int) -> dict[str, list[Answer]]:
+def answer_question(model, q: PromptRecord, cfg: BenchConfig, order, seed: int,
+                    runners=RUNNERS) -> dict[str, list[Answer]]:
     """Each method answers each turn of `q`; later turns carry the baseline's earlier answers."""
-    device = model.base_model.get_input_embeddings().weight.device
+    device = device_of(model.base_model.get_input_embeddings())
     answers: dict[str, list[Answer]] = {m: [] for m in order}
     history = []
     for j, turn in enumerate(q.turns):
         history.append({"role": "user", "content": turn})
         ids = encode_prompt(model.tokenizer, history).to(device)
         for m in order:
-            answers[m].append(RUNNERS[m](model, ids, cfg, seed + j))
+            answers[m].append(runners[m](model, ids, cfg, seed + j))
         history.append({"role": "assistant", "content": answer_text(model.tokenizer, answers["baseline"][-1])})
     return answers
 
@@ -245,10 +249,15 @@ def run_bench(model, cfg: BenchConfig, *, progress: bool = True, log=None) -> di
                 "dtype": str(base.dtype).removeprefix("torch."), "device": str(base.device),
                 "machine": machine(base.device),
                 "tree_nodes": tree_nodes(model.tree), "tree_digest": tree_digest(model.tree), "lookup": asdict(model.lookup),
-                "compiled": model.is_compiled,
+                "compiled": model.is_compiled, "quantized_weights": is_quantized(base),
                 "threads": torch.get_num_threads(),
                 "questions_file": str(cfg.questions), "questions": len(questions)}
     _check_settings(out, settings)
+    runners = dict(RUNNERS)
+    if cfg.llama_cpp_gguf:
+        from medusa.evaluation.llama_cpp_baseline import LlamaCppRunner
+
+        runners["llama_cpp"] = LlamaCppRunner(cfg.llama_cpp_gguf, threads=torch.get_num_threads())
     ids = [question_id(q) for q in questions]
     records = report.load_answers(out, cfg.methods, warn=log)
     todo = [(i, q) for i, q in enumerate(questions) if ids[i] not in records[cfg.methods[0]]]
@@ -256,13 +265,13 @@ def run_bench(model, cfg: BenchConfig, *, progress: bool = True, log=None) -> di
         log(f"Resuming: {len(questions) - len(todo)} of {len(questions)} questions already answered in {out}")
     if todo and cfg.warmup:  # untimed: first calls pay for allocation, kernel selection, lazy imports
         short = BenchConfig(**{**asdict(cfg), "max_new_tokens": min(WARMUP_TOKENS, cfg.max_new_tokens)})
-        answer_question(model, PromptRecord("warmup", todo[0][1].turns[:1]), short, cfg.methods, cfg.seed)
+        answer_question(model, PromptRecord("warmup", todo[0][1].turns[:1]), short, cfg.methods, cfg.seed, runners)
     totals = {m: [0, 0.0] for m in cfg.methods}  # new tokens, seconds (this run's, for the progress bar)
     bar = tqdm(todo, desc="bench", unit="q", disable=not progress, file=sys.stderr)
     for i, q in bar:
         order = cfg.methods if i % 2 == 0 else cfg.methods[::-1]
         try:
-            answers = answer_question(model, q, cfg, order, cfg.seed + 1000 * i)
+            answers = answer_question(model, q, cfg, order, cfg.seed + 1000 * i, runners)
         except PromptTooLongError as e:     # one question past the context does not end the run
             log(f"skipped question {ids[i]}: {e}")
             continue

@@ -109,7 +109,7 @@ def figures(group: dict[str, list[dict]]) -> dict:
            "baseline_tokens_per_s": base_tps, "medusa_tokens_per_s": med_tps,
            "baseline_new_tokens": base["tokens"], "medusa_new_tokens": med["tokens"],
            "baseline_seconds": round(base["seconds"], 3), "medusa_seconds": round(med["seconds"], 3)}
-    for m in ("prompt_lookup", "plain"):
+    for m in ("prompt_lookup", "plain", "llama_cpp"):
         if m in t:
             tps = _ratio(t[m]["tokens"], t[m]["seconds"])
             out |= {f"{m}_tokens_per_s": tps, f"{m}_speedup": _ratio(tps or 0, base_tps),
@@ -117,6 +117,8 @@ def figures(group: dict[str, list[dict]]) -> dict:
                     f"{m}_exact_match_rate": None if t[m]["exact"] is None else round(t[m]["exact"], 4)}
     if "plain" in t:
         out["heads_speedup"] = _ratio(med_tps or 0, out["plain_tokens_per_s"])
+    if "llama_cpp" in t:
+        out["over_llama_cpp"] = _ratio(med_tps or 0, out["llama_cpp_tokens_per_s"])
     return out
 
 
@@ -135,7 +137,8 @@ def format_table(summary: dict) -> str:
             ("mean_tokens_per_step", "tok/step", "{:.2f}"), ("exact_match_rate", "exact", "{:.0%}"),
             ("prompt_lookup_tokens_per_s", "lookup tok/s", "{:.1f}"), ("prompt_lookup_speedup", "lookup", "{:.2f}x"),
             ("plain_tokens_per_s", "plain tok/s", "{:.1f}"), ("plain_speedup", "plain", "{:.2f}x"),
-            ("heads_speedup", "heads", "{:.2f}x")]
+            ("heads_speedup", "heads", "{:.2f}x"), ("llama_cpp_tokens_per_s", "llama.cpp tok/s", "{:.1f}"),
+            ("over_llama_cpp", "vs llama.cpp", "{:.2f}x")]
     cols = [c for c in cols if c[0] in summary["overall"]]
     rows = [("category", *(c[1] for c in cols))]
     for name, fig in [*summary["categories"].items(), ("overall", summary["overall"])]:

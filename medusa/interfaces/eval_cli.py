@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from medusa.inference.quantized import device_of
 from medusa.interfaces.cli_args import LoadOptions, add_threads, model_args
 
 
@@ -23,6 +24,9 @@ def add_commands(sub) -> dict:
     b.add_argument("--no-plain", action="store_true", help="skip plain one-token-per-step decoding on our engine")
     b.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="prompt lookup's draft length")
     b.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")
+    b.add_argument("--llama-cpp", nargs="?", const="same", metavar="GGUF",
+                   help="also decode with llama.cpp (pip install llama-cpp-python): the model's own GGUF file, or "
+                        "the one named"),
     b.add_argument("--batch-size", help="comma-separated batch sizes, e.g. 1,2,4,8,16: total tokens/s of medusa, "
                                         "plain batched decoding and batched generate over the questions' first turns "
                                         "(greedy), written to OUTPUT/batch.json and batch.png")
@@ -115,12 +119,27 @@ def cmd_bench(a) -> int:
                       seed=a.seed or 0,
                       prompt_lookup=not a.no_prompt_lookup, plain=not a.no_plain,
                       prompt_lookup_num_tokens=a.prompt_lookup_num_tokens, warmup=not a.no_warmup,
+                      llama_cpp_gguf=_llama_cpp_gguf(a),
                       model_id=f"{name}-{str(model.base_model.dtype).removeprefix('torch.')}")
     summary = run_bench(model, cfg)
     print(format_table(summary))
     print(f"speedup = medusa tokens/s / transformers generate tokens/s; each tokens/s = total new tokens / "
           f"total wall time ({summary['overall']['answers']} answers, {a.max_new_tokens} new tokens at most)")
     return 0
+
+
+def _llama_cpp_gguf(a) -> str | None:
+    """--llama-cpp's file: the one named, or the GGUF file the model loads from."""
+    from medusa.inference.loading import gguf_file
+
+    if a.llama_cpp != "same":
+        return a.llama_cpp
+    source = a.base_model or a.model
+    path = gguf_file(source) if source is None or str(source).endswith(".gguf") else None
+    if path is None:
+        raise ValueError("--llama-cpp: name the GGUF file (--llama-cpp FILE); the model's own is known only for the "
+                         "default model or a .gguf --model / --base-model")
+    return str(path)
 
 
 def _batch_bench(a, model, name: str) -> int:
@@ -138,7 +157,7 @@ def _batch_bench(a, model, name: str) -> int:
         raise ValueError(f"--batch-size takes sizes >= 1, got {a.batch_size}")
     questions = load_questions(a.questions, limit=a.limit, per_category=a.per_category,
                                categories=tuple(c.strip() for c in (a.categories or "").split(",") if c.strip()))
-    device = model.base_model.get_input_embeddings().weight.device
+    device = device_of(model.base_model.get_input_embeddings())
     prompts = [encode_prompt(model.tokenizer, [{"role": "user", "content": q.turns[0]}])[0].to(device)
                for q in questions]
     result = batch_bench.run_batch_bench(model, prompts, sizes, a.max_new_tokens, warmup=not a.no_warmup)
