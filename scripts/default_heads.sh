@@ -19,8 +19,8 @@ THREADS=${THREADS:-2}              # the shipped heads and tree: 2 (THREADS=1 to
 TRAIN_LIMIT=${TRAIN_LIMIT:-10000}  # conversations after these are held out for calibration
 BATCH=${BATCH:-32}                 # distill slots: 32 on a 2-core CPU; a GPU wants hundreds (BATCH=256)
 HEADS=${HEADS:-$DATA/heads}        # training output (a new folder for a new run; link an old features-* in to reuse it)
-# bf16 on GPUs and on CPUs that multiply it natively (AVX512-BF16, AMX); fp32 elsewhere (on an AVX2-only
-# 2-core AMD EPYC Zen 3, distill of the same 16 prompts: bf16 17.0 tokens/s, fp32 25.8, fp32 packed 34.2)
+# bf16 on GPUs and on CPUs that multiply it natively (AVX512-BF16, AMX); fp32 elsewhere, where bf16 is the
+# slow one (benchmarks/README.md, "Side-by-side runs": medusa distill)
 dtype() {   # $DTYPE if set, else the machine's choice (only the stages that load the base ask for it)
   [ -n "${DTYPE:-}" ] && echo "$DTYPE" || python -c "import torch; from medusa.inference.greedy_head import native_bf16
 print('bfloat16' if torch.cuda.is_available() or native_bf16() else 'float32')"
@@ -35,10 +35,8 @@ case "${1:-}" in
   distill)
     [ -f "$DATA/distill_prompts.jsonl" ] || medusa compose-prompts --input "$SHARED/train_prompts.jsonl" \
         --output "$DATA/distill_prompts.jsonl" --per-task 500
-    # greedy answers in $DTYPE (on the 2-core AMD EPYC Zen 4, bf16 88 vs fp32 48 tokens/s over 32 prompts,
-    # before distill packed fp32 weights), 256 new tokens at most; 32 slots of continuous batching (Zen 3,
-    # 160 pool prompts: 64.1 tokens/s, 16 slots 55.0, 64 slots 59.0; on 64 of them the batched generate used
-    # before made 21.2 at batch 16, 16 slots 42.0)
+    # greedy answers in $DTYPE, 256 new tokens at most; 32 slots of continuous batching, the fastest count on
+    # a 2-core CPU (benchmarks/README.md, "Side-by-side runs": medusa distill)
     medusa distill --input "$DATA/distill_prompts.jsonl" --output "$DATA/distill_smollm2.jsonl" \
         --max-new-tokens 256 --batch-size "$BATCH" --temperature 0 --dtype "$(dtype)" --threads "$THREADS" ;;
   train)

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from medusa.chat_format import encode_prompt
-from medusa.interfaces.engine_worker import cut_at_stop
+from medusa.inference.stops import StopCutter
 from medusa.interfaces.textstream import RunStats, stream_text
 from serving import serve, tiny_medusa
 
@@ -93,10 +93,10 @@ def wait_pending(engine, n: int, timeout: float = 30.0) -> None:
     (["a", "b"], ("zz", "b"), "a", True),
     (["hello"], (), "hello", False),
 ])
-def test_cut_at_stop(pieces, stop, want, stopped):
-    stats = RunStats()
-    assert "".join(cut_at_stop(iter(pieces), stop, stats)) == want
-    assert (stats.finish_reason == "stop") == stopped
+def test_stop_cutter(pieces, stop, want, stopped):
+    cutter = StopCutter(stop)
+    assert "".join(cutter.push(p) for p in pieces) + cutter.flush() == want
+    assert cutter.stopped == stopped
 
 
 # ---------------------------------------------------------------- the official client

@@ -2,25 +2,15 @@
 
 One compiled callable per MedusaModel, with dynamic shapes, so that the tree's node count, the number of
 context drafts and the cache length do not each cost a recompilation: `warm_up` compiles a handful of graphs
-(the prompt, one-token steps, tree steps) that serve a whole session. `freezing` lets inductor treat the
+(the prompt, one-token steps, tree steps) that serve the whole process. `freezing` lets inductor treat the
 weights as constants and pack them for oneDNN's matrix product, fast for any row count, so PackedLinear
-steps aside under compilation (packed_linear.py). One forward of N new tokens over 300 cached, SmolLM2-135M,
-fp32, 2 threads (`scripts/forward_cost.py --compile`), in ms:
-
-    N                                   1     3     4     8    13
-    eager, stock products             38.2  44.3  58.6  71.0  87.9
-    eager, MKL-packed (the default)   38.8  45.0  52.0  61.0  75.8
-    compiled, frozen (this)           33.6  44.0  44.4  51.6  60.7
-    compiled, MKL packs as custom op  33.5  36.9  48.4  56.6  69.8
-
-The last row (not frozen; the packed product wrapped in a custom op, since inductor cannot lower it for a row
-count known only at run time) is faster for 2-3 rows but needs a graph per range of row counts, each
-minutes to compile, and pays ~30 us per op call from Python.
+steps aside under compilation (packed_linear.py). Compiling pays most for steps of several tokens (bigger
+trees, larger machines); `scripts/forward_cost.py --compile` times one forward per node count on yours, and
+benchmarks/README.md ("Component timings") has the default model's figures.
 
 Compiling takes minutes on a small CPU (inductor writes C++ and builds it; its disk cache shortens a later
-process's compile only a little: 434 -> 329 s for the default model on 2 threads): `warm_up` pays for it
-before any timed or interactive use. The eager model stays as it
-was: `generate` and anything else calling it directly never touch the compiled graphs.
+process's compile only a little), so `warm_up` pays for it before any timed or interactive use. The eager
+model stays as it was: `generate` and anything else calling it directly never touch the compiled graphs.
 """
 from __future__ import annotations
 

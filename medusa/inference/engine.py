@@ -20,6 +20,7 @@ from medusa.inference.heads import draft_projection
 from medusa.inference.lookup import ContextIndex, LookupOptions
 from medusa.inference.propose import Candidates, Proposal, Proposer, TreeShapes
 from medusa.inference.quantized import device_of
+from medusa.inference.stops import stop_index
 from medusa.inference.tree import DynamicTree, TreeBuffers
 from medusa.inference.tree_attention import uses_tree_attention
 from medusa.inference.verify import Verified, Verifier
@@ -205,7 +206,7 @@ class Row:
         if len(new) >= remaining:
             new, reason = new[:remaining], reason or "length"
         self.generated += new
-        k = _stop_index(self.engine.tokenizer, self.generated, len(new), self.opts.stop_strings)
+        k = stop_index(self.engine.tokenizer, self.generated, len(new), self.opts.stop_strings)
         if k is not None:
             del self.generated[len(self.generated) - len(new) + k:]
             new, reason = new[:k], "stop"
@@ -215,15 +216,3 @@ class Row:
         return Step(torch.tensor(new, dtype=torch.long, device=self.engine.device), seconds, reason, nodes=nodes,
                     tree_size=size, row=self.key)
 
-
-def _stop_index(tokenizer, generated: list[int], n_new: int, stop_strings) -> int | None:
-    """If a stop string appears, how many of this step's n_new tokens to keep (the one completing it included)."""
-    if not stop_strings or tokenizer is None:
-        return None
-    done = len(generated) - n_new
-    if not any(s in tokenizer.decode(generated) for s in stop_strings):
-        return None
-    for k in range(1, n_new + 1):
-        if any(s in tokenizer.decode(generated[:done + k]) for s in stop_strings):
-            return k
-    return n_new

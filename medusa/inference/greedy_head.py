@@ -10,16 +10,12 @@ scored again in fp32 from the original rows, and the best of them wins (the lowe
 `argmax`). Those products sum in another order than the full fp32 product, as a tree step's already do
 than a one-token step's: only ties within fp32 rounding could come out differently.
 
-For SmolLM2 on 2 CPU threads: 4.7 / 6.1 / 9.1 ms for 1 / 4 / 13 rows through the (MKL-packed) fp32
-projection, 4.8 / 5.4 / 6.3 ms this way (the bf16 product plus the check).
-
 Used only where it is exact: a plain nn.Linear output projection with fp32 weights on a CPU whose output is
 the model's logits unchanged and whose input is the last hidden state (checked once on a probe: no
 soft-capping or scaling after it). And only where it is faster: on a CPU that multiplies bf16 natively (x86
 AVX512-BF16 or AMX, Arm BF16). Without that, torch's bf16 product of more than a few rows is slower than the
-fp32 one: on a 2-core AMD EPYC (Zen 3, AVX2 only) the projection of 3 / 8 / 15 rows takes 12.4 / 31.4 / 52.1 ms
-this way against 10.1 / 12.3 / 12.6 ms with oneDNN-packed fp32 weights, and the default model decoded 10 dev
-prompts at 17.8 tokens/s with this head against 20.9 without it.
+fp32 one, and decoding with this head is slower than without it. The measured costs on both kinds of CPU are in
+benchmarks/README.md ("Component timings").
 """
 from __future__ import annotations
 

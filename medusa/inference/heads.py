@@ -214,8 +214,7 @@ MIN_DRAFT_VOCAB = 32
 def set_draft_vocab(heads: MedusaHeads, counts: torch.Tensor) -> None:
     """Restrict the heads' guesses at decode time to the tokens they were trained on: `counts` (V,) how often
     each token was a target. A head never learned to guess the others, and an unseen token costs its row of
-    the output projection every step (the guesses read all V rows: ~5 ms for SmolLM2 on a CPU, a tenth of a
-    step). Kept in the heads' state (buffer `draft_vocab`); no-op when every token was seen. At least
+    the output projection every step (the guesses read all V rows, for SmolLM2 a tenth of a CPU step). Kept in the heads' state (buffer `draft_vocab`); no-op when every token was seen. At least
     MIN_DRAFT_VOCAB tokens (unseen ones fill up), so that any tree's top-k ranks exist."""
     seen = counts > 0
     if int(seen.sum()) in (0, heads.config.vocab_size):

@@ -11,10 +11,8 @@ How many tokens to copy: a copy is right either for a long run or not at all, an
 more row in the step's forward pass. So the draft is `max_tokens` long only after a strong match (the text agrees
 with what preceded the copy's source for at least `long_match` tokens), `short_tokens` long after a weaker one;
 and the decode loop lengthens it to fill rows the step pays for anyway (MKL-packed products pad to 4, 8 or 16
-rows, packed_linear.py; oneDNN's, the default, pad nothing). With MKL packing, the default model's former
-3-node tree on an Intel 2-core CPU drafted 13 / 5 tokens after a match of 4+ / 2-3 tokens: 40.5 tokens/s
-against 39.7 with always 10, side by side on 20 dev prompts (a replay of 40 other dev prompts with measured
-step costs had estimated 3.8%).
+rows, packed_linear.py; oneDNN's, the default, pad nothing). benchmarks/README.md ("Component timings") has the
+side-by-side run that set these lengths.
 
 An index from n-gram to its latest position makes each lookup O(1); it grows with the accepted tokens.
 """

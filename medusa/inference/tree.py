@@ -39,9 +39,8 @@ PRESETS: dict[str, list[Path_]] = {
     "root": [],  # no candidates: plain one-token-per-step decoding on the same engine
     # 8 nodes: the first 7 paths of mc_sim_7b_63, whose paths come in the order the greedy construction adds
     # them (the likeliest accepted first), so this is its best tree of 8 nodes. What heads decode with on a CPU
-    # until `medusa calibrate` fits a tree, for a CPU pays for every node: Gemma-3-270M on 2 cores took 235 ms
-    # a step with 64 nodes, 66 ms with the 8 its calibration chose; the default heads' CPU calibration chose
-    # this tree's first 5 paths (6 nodes; 8 nodes came within 7% of its tokens/s, 16 nodes 18% below).
+    # until `medusa calibrate` fits a tree, since a CPU pays for every node (benchmarks/README.md, "Component
+    # timings"); the default heads' CPU calibration chose this tree's first 5 paths.
     "cpu_8": MC_SIM_7B_63[:7],
 }
 DEFAULT_TREE = "mc_sim_7b_63"

@@ -43,8 +43,8 @@ def uses_tree_attention(model) -> bool:
 @torch.no_grad()
 def rows_independent(model, rows: int) -> bool:
     """Whether this device's matrix products give each of `rows` rows the bits it gets alone, for the model's
-    own linear layers, one of each shape (oneDNN bf16 on Intel AMX CPUs: up to 32 rows; on an AMD Zen 4 one,
-    not the MLP's; fp32 MKL: no). medusa_tree is bit-identical to `generate` only for trees of at most that
+    own linear layers, one of each shape (it depends on the CPU and the library: oneDNN's bf16 product is
+    row-independent up to some row count on some CPUs, MKL's fp32 one is not). medusa_tree is bit-identical to `generate` only for trees of at most that
     many nodes."""
     device = device_of(model.get_output_embeddings())
     gen = torch.Generator(device=device).manual_seed(0)

@@ -11,11 +11,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import torch
 
 from medusa.inference.decode import Batch
+from medusa.inference.stops import StopCutter
 from medusa.interfaces.textstream import RunStats, TextStream
 
 
@@ -78,45 +79,6 @@ class Job:
         finally:
             if not finished:
                 self.cancel()
-
-
-class StopCutter:
-    """Drops a stop string and all after it (OpenAI semantics) from text arriving in pieces, holding back any
-    tail that may begin one. `push(piece)` -> the text that is safe to send; `stopped` once a stop was met."""
-
-    def __init__(self, stop: tuple[str, ...]):
-        self.stop, self.held, self.stopped = stop, "", False
-
-    def push(self, piece: str) -> str:
-        if not self.stop:
-            return piece
-        if self.stopped:
-            return ""
-        self.held += piece
-        hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.stopped = True
-            return self.held[:min(hits)]
-        keep = max((k for s in self.stop for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
-        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        return out
-
-    def flush(self) -> str:
-        out, self.held = ("" if self.stopped else self.held), ""
-        return out
-
-
-def cut_at_stop(pieces: Iterable[str], stop: tuple[str, ...], stats: RunStats) -> Iterator[str]:
-    """Drop a stop string and all after it from a stream of text pieces (see StopCutter)."""
-    cutter = StopCutter(stop)
-    for piece in pieces:
-        if out := cutter.push(piece):
-            yield out
-        if cutter.stopped:
-            stats.finish_reason = "stop"
-            return
-    if rest := cutter.flush():
-        yield rest
 
 
 class _Running:

@@ -174,9 +174,7 @@ def _local_generator(cfg: DistillConfig, log) -> LocalGenerator:
         read_template(cfg.chat_template)          # before the minutes of loading
     model, tok = load_base_model(cfg.model, dtype=cfg.dtype, device=cfg.device, quantize="none", log=log)
     use_template(tok, cfg.chat_template, log)
-    # oneDNN-packed fp32 products (measured with the batched `generate` distill used before): batch 16 on a
-    # 2-core AMD EPYC (Zen 3), 25.8 -> 34.2 tokens/s on 16 prompts (25.7 -> 35.5 on 32 others), the answers
-    # the same (fp32 products too, rounded differently: a near-tie
-    # could in principle flip)
+    # oneDNN-packed fp32 products, as the decode loop's: faster on CPUs (benchmarks/README.md, "Component
+    # timings"); fp32 too, rounded differently, so a greedy near-tie could in principle flip
     packed_linear.pack_for_inference(model, cfg.pack_weights, log)
     return LocalGenerator(model, tok, cfg)
