@@ -38,11 +38,22 @@ def refusal(capsys, *args: str) -> tuple[str, str]:
     return last, err
 
 
-@pytest.fixture
-def offline(monkeypatch):
+@pytest.fixture(params=["HF_HUB_OFFLINE", "unreachable"])
+def offline(request, monkeypatch):
+    """No Hub: offline mode, or a Hub that refuses connections (as with no network), where huggingface_hub would
+    retry a file missing from the cache for most of a minute: any such retry fails the test."""
     from huggingface_hub import constants
+    from huggingface_hub.utils import _http
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)     # read at import time; transformers asks it
+    if request.param == "HF_HUB_OFFLINE":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)     # read at import time; transformers asks it
+    else:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")      # the discard port: refused
+
+    def no_retry(seconds):
+        raise AssertionError(f"huggingface_hub retried (sleeping {seconds} s) instead of failing at once")
+    monkeypatch.setattr(_http.time, "sleep", no_retry)
 
 
 @pytest.mark.parametrize("fmt", ["ours", "original"])
@@ -57,9 +68,27 @@ def test_heads_naming_a_hub_base_offline_ask_for_base_model(folders, tmp_path, c
     else:   # what `medusa export` writes for vLLM and the original Medusa
         export(folders / "heads", heads, "original", base_model=str(folders / "base"), base_name=OFFLINE_BASE)
     line, _ = refusal(capsys, "--model", str(heads))
-    assert f"cannot load the base model {OFFLINE_BASE}" in line and "pass --base-model" in line
+    assert f"cannot load the base model {OFFLINE_BASE}: it is not in the local Hugging Face cache" in line
+    assert "pass --base-model" in line
     line, _ = refusal(capsys, "--model", OFFLINE_BASE)                 # a base itself: no heads to blame
     assert f"cannot load the base model {OFFLINE_BASE}" in line and "--base-model" not in line
+
+
+def test_a_cached_hub_base_loads_without_the_hub(folders, tmp_path, monkeypatch, capsys, offline):
+    """Offline, a base in the local Hugging Face cache is read from it, at once."""
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / f"models--{OFFLINE_BASE.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    shutil.copytree(folders / "base", snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    heads = tmp_path / "heads"
+    shutil.copytree(folders / "heads", heads)
+    config = json.loads((heads / "medusa_config.json").read_text())
+    (heads / "medusa_config.json").write_text(json.dumps({**config, "base_model_name_or_path": OFFLINE_BASE}))
+    assert main(["generate", "--prompt", "hi", "--max-new-tokens", "3", "--model", str(heads), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 3
 
 
 def test_a_config_field_of_the_wrong_type_is_named_with_its_file(folders, tmp_path, capsys):
