@@ -70,8 +70,7 @@ def _add_evaluate(sub) -> None:
 def cmd_calibrate(a) -> int:
     import json
 
-    from medusa.evaluation.calibrate import calibrate, examples_from_prompts, save_tree
-    from medusa.chat_format import encode_prompt
+    from medusa.evaluation.calibrate import calibrate, examples_from_prompts, save_tree, timing_prompt
     from medusa.model import DEFAULT_HEADS_DIR
     from medusa.training.data import read_conversations, tokenize_conversation
     from medusa.training.prompts import read_prompts
@@ -84,7 +83,7 @@ def cmd_calibrate(a) -> int:
         examples = [tokenize_conversation(model.tokenizer, c, 1024) for c in read_conversations(a.data)[: a.limit]]
     else:
         examples = examples_from_prompts(model, read_prompts(a.prompts)[: a.limit])
-    timing = encode_prompt(model.tokenizer, [{"role": "user", "content": "Write a story about a lighthouse."}])
+    timing = timing_prompt(model.tokenizer)
     budgets = tuple(int(b) for b in a.budgets.split(","))
     result = calibrate(model, examples, timing, budgets=budgets, rounds=a.rounds, dynamic=not a.no_dynamic,
                        log=lambda s: print(s, flush=True))

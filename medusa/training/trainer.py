@@ -199,6 +199,17 @@ def _logged_step(line: str) -> int:
         return 0
 
 
+def split_examples(cfg: TrainConfig, tokenizer, warn=None) -> tuple[list, list]:
+    """cfg.data's usable conversations (an assistant token past the first two) as (held out, training): the
+    held-out ones are at most cfg.val_examples and a tenth of them, chosen by cfg.seed."""
+    convs = read_conversations(cfg.data, warn=warn)[: cfg.limit]
+    examples = [tokenize_conversation(tokenizer, c, cfg.max_length) for c in convs]
+    examples = [e for e in examples if e.loss_mask[2:].any()]
+    random.Random(cfg.seed).shuffle(examples)
+    n_val = min(cfg.val_examples, len(examples) // 10)
+    return examples[:n_val], examples[n_val:]
+
+
 def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     """Run (or resume) training; `base`/`tokenizer` may be passed in-process instead of `cfg.model`."""
     from accelerate import Accelerator
@@ -227,12 +238,8 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
                                           quantize=cfg.quantize, log=say)
     tok = tokenizer
     use_template(tok, cfg.chat_template, say)
-    convs = read_conversations(cfg.data, warn=say)[: cfg.limit]
-    examples = [tokenize_conversation(tok, c, cfg.max_length) for c in convs]
-    examples = [e for e in examples if e.loss_mask[2:].any()]
-    random.Random(cfg.seed).shuffle(examples)
-    n_val = min(cfg.val_examples, len(examples) // 10)
-    val, train_ex = examples[:n_val], examples[n_val:]
+    val, train_ex = split_examples(cfg, tok, warn=say)
+    n_val = len(val)
     say(f"{len(train_ex)} training conversations ({sum(e.loss_mask.sum().item() for e in train_ex)} assistant "
         f"tokens), {n_val} held out")
     text_cfg = base.config.get_text_config(decoder=True)
