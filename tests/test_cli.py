@@ -98,6 +98,13 @@ def test_a_config_field_of_the_wrong_type_is_named_with_its_file(folders, tmp_pa
     (heads / "medusa_config.json").write_text(json.dumps({**config, "hidden_size": "576"}))
     line, _ = refusal(capsys, "--model", str(heads))
     assert f"{heads / 'medusa_config.json'}: hidden_size must be an integer, not '576'" in line
+    base = tmp_path / "base"                                          # the base model's own config.json
+    shutil.copytree(folders / "base", base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "hidden_size": "576"}))
+    line, _ = refusal(capsys, "--model", str(folders / "heads"), "--base-model", str(base))
+    assert f"cannot load the base model {base}: its config.json is invalid" in line
+    assert "'hidden_size' expected int, got str (value: '576')" in line
 
 
 def test_a_weights_file_instead_of_its_folder_is_refused(folders, capsys):

@@ -122,7 +122,7 @@ def _from_original(folder: Path) -> tuple[HeadsConfig, dict]:
     for name, claimed, actual in (("medusa_num_heads", cfg.get("medusa_num_heads"), num_heads),
                                   ("medusa_num_layers", cfg.get("medusa_num_layers"), num_layers)):
         if claimed is not None and claimed != actual:
-            warnings.warn(f"{folder / ORIG_CONFIG} says {name}={claimed} but {weights.name} holds {actual}; "
+            warnings.warn(f"{folder / ORIG_CONFIG} says {name}={claimed!r} but {weights.name} holds {actual}; "
                           f"using {actual} from the weights", stacklevel=3)
     shared = not proj
     if not shared and len(proj) != num_heads:

@@ -231,8 +231,13 @@ def hub_reachable() -> bool:
 
 def _from_pretrained(auto_class, source: str, **kwargs):
     """`auto_class.from_pretrained(source)`, with transformers' refusals as one-line errors naming the source."""
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return auto_class.from_pretrained(source, **kwargs)
+    except StrictDataclassError as e:    # a config.json field of the wrong type ("hidden_size": "576")
+        raise ValueError(f"cannot load the base model {source}: its config.json is invalid "
+                         f"({' '.join(str(e).split())})") from None
     except pickle.UnpicklingError as e:
         raise ValueError(f"cannot load the base model {source}: its pickled weights (pytorch_model.bin) hold "
                          f"more than tensors, and torch.load(weights_only=True) refuses them "
