@@ -144,6 +144,33 @@ def test_arguments_are_checked_before_loading(folders, tmp_path, capsys, monkeyp
     assert says.format(dir=tmp_path) in line and "Loading" not in err
 
 
+@pytest.mark.parametrize("args, says", [
+    (["train", "--epochs", "-1"], "epochs must be > 0, got -1.0"),
+    (["train", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["train", "--lr", "0"], "lr must be > 0, got 0.0"),
+    (["train", "--data", "{dir}/missing.jsonl"], "training data not found: {dir}/missing.jsonl"),
+    (["distill", "--max-new-tokens", "-5"], "max_new_tokens must be >= 1, got -5"),
+    (["distill", "--temperature", "-1"], "temperature must be >= 0, got -1.0"),
+    (["distill", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["bench", "--max-new-tokens", "-5"], "max_new_tokens must be >= 1, got -5"),
+    (["bench", "--batch-size", "1,x"], "--batch-size takes comma-separated whole numbers, got '1,x'"),
+], ids=["train-epochs", "train-batch", "train-lr", "train-data", "distill-max-new-tokens", "distill-temperature",
+        "distill-batch", "bench-max-new-tokens", "bench-batch"])
+def test_train_distill_and_bench_check_their_arguments_before_loading(tmp_path, capsys, monkeypatch, args, says):
+    from medusa.inference import loading
+
+    def no_loading(*a, **kw):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(loading, "load_base_model", no_loading)
+    (tmp_path / "data.jsonl").write_text(json.dumps({"id": "1", "prompt": "hi", "turns": ["hi"]}) + "\n")
+    files = {"train": ["--data", f"{tmp_path}/data.jsonl", "--output", f"{tmp_path}/out"],
+             "distill": ["--input", f"{tmp_path}/data.jsonl", "--output", f"{tmp_path}/out.jsonl"],
+             "bench": ["--questions", f"{tmp_path}/data.jsonl", "--output", f"{tmp_path}/bench"]}[args[0]]
+    assert main([args[0], *files, *[a.format(dir=tmp_path) for a in args[1:]]]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"medusa {args[0]}: error: {says.format(dir=tmp_path)}", err
+
+
 @pytest.mark.parametrize("command", ["chat", "serve"])
 def test_chat_and_serve_check_generation_flags_before_loading(folders, capsys, monkeypatch, command):
     import medusa.interfaces.server

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from medusa.interfaces.cli_args import LoadOptions, add_threads, model_args
+from medusa.interfaces.cli_args import LoadOptions, add_threads, gen_options, model_args
 
 
 def add_commands(sub) -> dict:
@@ -104,6 +104,9 @@ def cmd_bench(a) -> int:
     if not Path(a.questions).is_file():
         raise FileNotFoundError(f"question file not found: {a.questions} (Spec-Bench's is data/spec_bench/"
                                 f"question.jsonl in its repository)")
+    gen_options(a)                                   # refused before loading
+    if a.batch_size and any(b < 1 for b in _batch_sizes(a)):
+        raise ValueError(f"--batch-size takes sizes >= 1, got {a.batch_size}")
     model = LoadOptions.from_args(a).load()
     name = Path(a.model.rstrip("/")).name if a.model else DEFAULT_MODEL_NAME
     if a.batch_size:
@@ -122,6 +125,13 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def _batch_sizes(a) -> list[int]:
+    try:
+        return [int(b) for b in a.batch_size.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch-size takes comma-separated whole numbers, got {a.batch_size!r}") from None
+
+
 def _batch_bench(a, model, name: str) -> int:
     from pathlib import Path
 
@@ -132,9 +142,7 @@ def _batch_bench(a, model, name: str) -> int:
     from medusa.inference.tree import tree_label
     from medusa.chat_format import encode_prompt
 
-    sizes = [int(b) for b in a.batch_size.split(",")]
-    if any(b < 1 for b in sizes):
-        raise ValueError(f"--batch-size takes sizes >= 1, got {a.batch_size}")
+    sizes = _batch_sizes(a)
     questions = load_questions(a.questions, limit=a.limit, per_category=a.per_category,
                                categories=tuple(c.strip() for c in (a.categories or "").split(",") if c.strip()))
     device = model.base_model.get_input_embeddings().weight.device
