@@ -193,8 +193,14 @@ class MedusaModel(nn.Module):
         if base_ref == EMBEDDED_DEFAULT:
             base_ref = None
         log(f"Loading base model {base_ref or EMBEDDED_DEFAULT} ...")
-        model, tokenizer = loading.load_base_model(base_ref, dtype=dtype, device=device, quantize=quantize,
-                                                   attn_implementation=attn_implementation, log=log)
+        try:
+            model, tokenizer = loading.load_base_model(base_ref, dtype=dtype, device=device, quantize=quantize,
+                                                       attn_implementation=attn_implementation, log=log)
+        except loading.BaseModelUnavailable as e:
+            if config is None or name_or_path is None or base_model is not None:   # not the heads' own base
+                raise
+            raise loading.BaseModelUnavailable(f"{e}; the heads in {name_or_path} name it as their base: pass "
+                                               f"--base-model (base_model=), a local folder or Hub id") from None
         adapter = (config.extra or {}).get("adapter") if config is not None else None
         if adapter:  # Medusa-2: the base was fine-tuned with LoRA alongside the heads
             from peft import PeftModel

@@ -70,6 +70,10 @@ def test_heads_naming_a_hub_base_offline_ask_for_base_model(folders, tmp_path, c
     line, _ = refusal(capsys, "--model", str(heads))
     assert f"cannot load the base model {OFFLINE_BASE}: it is not in the local Hugging Face cache" in line
     assert "pass --base-model" in line
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')           # a command that loads by itself
+    assert main(["evaluate", "--model", str(heads), "--prompts", str(tmp_path / "p.jsonl")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("pass --base-model (base_model=), a local "
+                                                                     "folder or Hub id")
     line, _ = refusal(capsys, "--model", OFFLINE_BASE)                 # a base itself: no heads to blame
     assert f"cannot load the base model {OFFLINE_BASE}" in line and "--base-model" not in line
 
