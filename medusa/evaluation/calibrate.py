@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import statistics
@@ -207,12 +208,16 @@ def calibrate_trained(cfg, *, log=print) -> dict | None:
             trees.stat().st_mtime >= (folder / OUR_WEIGHTS).stat().st_mtime:
         log(f"{trees} already holds a tree for {kind} calibrated for these heads")
         return None
+    gc.collect()                      # the training's copy of the base, before a second one loads
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     model = MedusaModel.from_pretrained(folder, dtype=cfg.base_dtype, quantize=cfg.quantize, log=lambda m: None)
     use_template(model.tokenizer, cfg.chat_template, log=lambda m: None)
     held_out, _ = split_examples(cfg, model.tokenizer, warn=lambda m: None)
     if not held_out:
-        log(f"No tree calibrated: no conversation was held out (--data has under 10 usable ones). Decoding on "
-            f"{kind} uses the {default_tree(kind)} preset until `medusa calibrate` fits one.")
+        why = "--val-examples 0" if cfg.val_examples == 0 else "--data has under 10 usable ones"
+        log(f"No tree calibrated: no conversation was held out ({why}). Decoding on {kind} uses the "
+            f"{default_tree(kind)} preset until `medusa calibrate` fits one.")
         return None
     log(f"Calibrating the tree for {kind} on the {len(held_out)} held-out conversations (two timing rounds; "
         f"--no-calibrate skips this, `medusa calibrate` measures longer) ...")
