@@ -200,9 +200,15 @@ class MedusaModel(nn.Module):
         adapter = (config.extra or {}).get("adapter") if config is not None else None
         cpu_quantize = loading.resolve_quantize(quantize, base_ref, loading.resolve_device(device))
         later = cpu_quantize if adapter and cpu_quantize in ("gguf", "int4", "int8") else None
-        model, tokenizer = loading.load_base_model(base_ref, dtype=dtype, device=device,
-                                                   quantize="none" if later else cpu_quantize,
-                                                   attn_implementation=attn_implementation, log=log)
+        try:
+            model, tokenizer = loading.load_base_model(base_ref, dtype=dtype, device=device,
+                                                       quantize="none" if later else cpu_quantize,
+                                                       attn_implementation=attn_implementation, log=log)
+        except loading.BaseModelUnavailable as e:
+            if config is None or name_or_path is None or base_model is not None:   # not the heads' own base
+                raise
+            raise loading.BaseModelUnavailable(f"{e}; the heads in {name_or_path} name it as their base: pass "
+                                               f"--base-model (base_model=), a local folder or Hub id") from None
         if adapter:  # Medusa-2: the base was fine-tuned with LoRA alongside the heads
             from peft import PeftModel
 

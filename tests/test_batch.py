@@ -180,17 +180,22 @@ def test_rows_sampling_typically_keep_their_trees_in_a_batch():
 
 
 def _windowed(arch: str):
-    """Tiny models whose layers see only their last 16 positions: Mistral's and Gemma 3's every layer (Gemma's
-    through a mask per layer type), Qwen2's second."""
+    """Tiny models whose layers see only their last 16 positions: Mistral's every layer, Qwen2's second, Gemma
+    3's first (a sliding layer and a full one, as Gemma-3-270M has 5 : 1, each taking its own mask)."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
     if arch == "gemma3":
         torch.manual_seed(0)
         cfg = Gemma3TextConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                               sliding_window=16, layer_types=["sliding_attention", "sliding_attention"],
-                               initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                               sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                               tie_word_embeddings=False, initializer_range=1.0, pad_token_id=0, bos_token_id=1,
+                               eos_token_id=2)
         model = AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():   # Gemma's norms start at 1 + 0, and then its greedy text repeats one token
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.5)
         model.generation_config.eos_token_id = None
         return model
     extra = dict(use_sliding_window=True, layer_types=["full_attention", "sliding_attention"]) if arch == "qwen2" else {}
@@ -205,16 +210,21 @@ def test_sliding_window_layers_see_their_window_past_it(arch):
     m = MedusaModel(model, random_heads(), tree="cpu_small", lookup=4)
     assert m.context_limit == 256
     prompts = _prompts((5, 30, 20))
+    refs = [_alone(model, p, 40) for p in prompts]
     for out in (m.generate(prompts, max_new_tokens=40, trees_by_load=False),
                 [m.generate(p, max_new_tokens=40)[0] for p in prompts]):
-        for p, o in zip(prompts, out):
-            assert torch.equal(o[p.numel():], _alone(model, p, 40)), arch
+        for p, o, ref in zip(prompts, out, refs):
+            assert torch.equal(o[p.numel():], ref), arch
+    oracle = MedusaModel(model, OracleHeads(model, [torch.cat([p, r]) for p, r in zip(prompts, refs)]),
+                         tree="cpu_small", lookup=0)                   # long accepted paths across the window
+    for p, ref in zip(prompts, refs):
+        steps = list(oracle.stream(p, max_new_tokens=40, eos_token_id=[]))
+        assert torch.equal(torch.cat([s.tokens.reshape(-1) for s in steps]), ref) and len(steps) < 25, arch
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma3"])
 def test_sliding_window_masks_give_every_tree_node_its_own_logits(arch):
-    """A batch's tree step past the window: every node's logits are the model's on that node's path alone
-    (Gemma 3's tiny model repeats one token greedily, so its window shows only here)."""
+    """A batch's tree step past the window: every node's logits are the model's on that node's path alone."""
     model = _windowed(arch)
     m = MedusaModel(model, random_heads(), tree="cpu_small", lookup=0)
     prompts = _prompts((30, 20))

@@ -379,6 +379,34 @@ def test_step_logs_say_their_accuracies_are_on_training_batches(distilled, tmp_p
     assert steps and all(m.endswith("(top1/top5: per-head accuracy on this step's training batch)") for m in steps)
 
 
+def test_train_ends_by_calibrating_a_tree_for_this_machine(distilled, tmp_path, capsys):
+    """`medusa train` fits the tree to the new heads on its held-out conversations, and decoding then uses it
+    (not the untuned presets); a finished run is not calibrated again; --no-calibrate and a run with nothing
+    held out keep the preset, and say which."""
+    from medusa.inference.tree import load_tree
+    from medusa.interfaces.cli import main
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    args = ["train", "--data", str(distilled), "--model", str(tmp_path / "base"), "--num-heads", "3",
+            "--batch-size", "8", "--val-examples", "4"]
+    assert main(args + ["--output", str(tmp_path / "h")]) == 0
+    out = capsys.readouterr().out
+    assert "Calibrating the tree for cpu on the 4 held-out conversations" in out
+    saved = json.loads((tmp_path / "h" / "tree.json").read_text())["devices"]["cpu"]
+    assert f"Saved the tree for cpu in {tmp_path / 'h' / 'tree.json'}" in out
+    logs = []
+    m = MedusaModel.from_pretrained(tmp_path / "h", log=logs.append)
+    assert m.tree == load_tree(saved["paths"], 3, "cpu") and not any("preset" in x for x in logs)
+    assert main(args + ["--output", str(tmp_path / "h")]) == 0          # finished: nothing to do
+    assert "already holds a tree for cpu" in capsys.readouterr().out
+    assert main(args + ["--output", str(tmp_path / "n"), "--no-calibrate"]) == 0
+    assert "Calibrating" not in capsys.readouterr().out and not (tmp_path / "n" / "tree.json").exists()
+    assert main(args + ["--output", str(tmp_path / "few"), "--limit", "9"]) == 0
+    out = capsys.readouterr().out
+    assert "no conversation was held out" in out and "uses the cpu_8 preset" in out
+
+
 def test_evaluate_command_on_trained_heads(distilled, tmp_path, capsys):
     """`medusa evaluate` on a heads folder: per-head accuracy on held-out conversations and tokens per step on
     prompts (overall and per category), the same figures as the functions behind it; a bad draft length is

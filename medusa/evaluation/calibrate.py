@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import statistics
@@ -182,6 +183,50 @@ def save_tree(folder: str | Path, result: dict, device_type: str) -> Path:
                        {"budgets": [{k: v for k, v in r.items() if k != "tree"} for r in result["rows"]]}}
     path.write_text(json.dumps(data, indent=1) + "\n")
     return path
+
+
+def timing_prompt(tokenizer) -> torch.Tensor:
+    """The prompt whose decoding steps calibration times: (1, P) ids."""
+    return encode_prompt(tokenizer, [{"role": "user", "content": "Write a story about a lighthouse."}])
+
+
+def calibrate_trained(cfg, *, log=print) -> dict | None:
+    """The brief calibration that ends `medusa train`: the heads just saved in `cfg.output` (a TrainConfig),
+    loaded as decoding loads them, on this machine, measured on the run's held-out conversations, each budget
+    timed in two rounds; the chosen tree saved for this device type. None, said in the log, where no
+    conversation was held out or the tree saved is newer than the heads."""
+    from medusa.chat_format import use_template
+    from medusa.inference.checkpoint import OUR_WEIGHTS, TREE_FILE
+    from medusa.inference.loading import resolve_device
+    from medusa.inference.tree import default_tree, read_tree_file, tree_label
+    from medusa.model import MedusaModel
+    from medusa.training.trainer import split_examples
+
+    folder = Path(cfg.output)
+    kind, trees = resolve_device(None).type, folder / TREE_FILE      # where decoding runs by default
+    if trees.is_file() and kind in read_tree_file(trees) and \
+            trees.stat().st_mtime >= (folder / OUR_WEIGHTS).stat().st_mtime:
+        log(f"{trees} already holds a tree for {kind} calibrated for these heads")
+        return None
+    gc.collect()                      # the training's copy of the base, before a second one loads
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    model = MedusaModel.from_pretrained(folder, dtype=cfg.base_dtype, quantize=cfg.quantize, log=lambda m: None)
+    use_template(model.tokenizer, cfg.chat_template, log=lambda m: None)
+    held_out, _ = split_examples(cfg, model.tokenizer, warn=lambda m: None)
+    if not held_out:
+        why = "--val-examples 0" if cfg.val_examples == 0 else "--data has under 10 usable ones"
+        log(f"No tree calibrated: no conversation was held out ({why}). Decoding on {kind} uses the "
+            f"{default_tree(kind)} preset until `medusa calibrate` fits one.")
+        return None
+    log(f"Calibrating the tree for {kind} on the {len(held_out)} held-out conversations (two timing rounds; "
+        f"--no-calibrate skips this, `medusa calibrate` measures longer) ...")
+    result = calibrate(model, held_out, timing_prompt(model.tokenizer), rounds=2, log=log)
+    path = save_tree(folder, result, kind)
+    best = result["best"]
+    log(f"Saved the tree for {kind} in {path}: {tree_label(best['tree'])}, {best['expected_tokens_per_step']} "
+        f"tokens/step and {best['expected_tokens_per_s']} tokens/s expected")
+    return result
 
 
 def examples_from_prompts(model, prompts, *, max_new_tokens: int = 128) -> list[Example]:

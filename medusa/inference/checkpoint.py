@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medusa.inference.heads import HeadsConfig, MedusaHeads
-from medusa.inference.loading import weights_only_refusal
+from medusa.inference.loading import hub_reachable, weights_only_refusal
 from medusa.inference.tree import ANY_DEVICE, trees_from_json, trees_to_json
 
 OUR_CONFIG, OUR_WEIGHTS, TREE_FILE = "medusa_config.json", "heads.safetensors", "tree.json"
@@ -37,18 +37,21 @@ def is_heads_folder(path: Path) -> bool:
 
 def fetch_heads_repo(repo_id: str) -> Path | None:
     """A Hub repo of heads (ours or original format, e.g. FasterDecoding/medusa-vicuna-7b-v1.3) -> its local
-    snapshot with only the heads files; None when the repo holds no heads (a base model) or cannot be read."""
+    snapshot with only the heads files; None when the repo holds no heads (a base model) or cannot be read.
+    Where the Hub cannot be reached, only the local cache is read (at once, without huggingface_hub's retries)."""
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    local_only = not hub_reachable()
     for name in (OUR_CONFIG, ORIG_CONFIG):
         try:
-            cfg = Path(hf_hub_download(repo_id, name))
+            cfg = Path(hf_hub_download(repo_id, name, local_files_only=local_only))
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError):
             continue
         if name == OUR_CONFIG or "medusa_num_heads" in _read_json(cfg):
             return Path(snapshot_download(repo_id, allow_patterns=[OUR_CONFIG, OUR_WEIGHTS, TREE_FILE, ORIG_CONFIG,
-                                                                   *ORIG_WEIGHTS, "adapter/*"]))
+                                                                   *ORIG_WEIGHTS, "adapter/*"],
+                                          local_files_only=local_only))
     return None
 
 
@@ -119,7 +122,7 @@ def _from_original(folder: Path) -> tuple[HeadsConfig, dict]:
     for name, claimed, actual in (("medusa_num_heads", cfg.get("medusa_num_heads"), num_heads),
                                   ("medusa_num_layers", cfg.get("medusa_num_layers"), num_layers)):
         if claimed is not None and claimed != actual:
-            warnings.warn(f"{folder / ORIG_CONFIG} says {name}={claimed} but {weights.name} holds {actual}; "
+            warnings.warn(f"{folder / ORIG_CONFIG} says {name}={claimed!r} but {weights.name} holds {actual}; "
                           f"using {actual} from the weights", stacklevel=3)
     shared = not proj
     if not shared and len(proj) != num_heads:

@@ -241,7 +241,10 @@ def load_base_model(
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": dev.index or 0}
-    model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
+    offline = hub_offline_kwargs(source)           # an unreachable Hub fails here, not after a minute of retries
+    if offline:       # transformers does not pass local_files_only on to its look-up of a PEFT adapter
+        kwargs["adapter_kwargs"] = dict(offline)
+    model = _from_pretrained(AutoModelForCausalLM, source, **kwargs, **offline)
     if quant is None:
         model.to(dev)
     model.eval()
@@ -252,7 +255,7 @@ def load_base_model(
         if log:
             log(f"{source} has no tokenizer files: token ids in and out only (no text, chat or stop strings)")
         return model, None
-    tokenizer = _from_pretrained(AutoTokenizer, source)
+    tokenizer = _from_pretrained(AutoTokenizer, source, **offline)
     return model, tokenizer
 
 
@@ -274,10 +277,51 @@ class BaseModelUnavailable(RuntimeError):
     """The base model could not be read: not on the Hub or not reachable (offline), or a folder without one."""
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_offline_kwargs(repo_id: str, filename: str = "config.json") -> dict:
+    """What `from_pretrained(repo_id)` needs where the Hub cannot be reached: {} for a local path or a reachable
+    Hub; {"local_files_only": True} where `filename` of `repo_id` is in the local cache; else BaseModelUnavailable
+    at once. (huggingface_hub retries a file missing from the cache for most of a minute before it gives up.)"""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if Path(repo_id).exists() or hub_reachable():
+        return {}
+    if isinstance(try_to_load_from_cache(repo_id, filename), str):
+        return {"local_files_only": True}
+    why = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
+    raise BaseModelUnavailable(f"cannot load the base model {repo_id}: it is not in the local Hugging Face cache "
+                               f"and {why}")
+
+
+def hub_reachable() -> bool:
+    """Whether the Hub answers one request within HUB_PROBE_TIMEOUT_S (no retries); False in offline mode."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        import httpx2 as httpx      # huggingface_hub 2's client
+    except ImportError:
+        import httpx                # huggingface_hub 1's
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)   # any answer will do
+    except (httpx.TransportError, OSError):     # DNS, refused, timeout, proxy, TLS
+        return False
+    return True
+
+
 def _from_pretrained(auto_class, source: str, **kwargs):
     """`auto_class.from_pretrained(source)`, with transformers' refusals as one-line errors naming the source."""
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return auto_class.from_pretrained(source, **kwargs)
+    except StrictDataclassError as e:    # a config.json field of the wrong type ("hidden_size": "576")
+        raise ValueError(f"cannot load the base model {source}: its config.json is invalid "
+                         f"({' '.join(str(e).split())})") from None
     except pickle.UnpicklingError as e:
         raise ValueError(f"cannot load the base model {source}: its pickled weights (pytorch_model.bin) hold "
                          f"more than tensors, and torch.load(weights_only=True) refuses them "

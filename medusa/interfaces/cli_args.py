@@ -6,7 +6,6 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 
 def add_threads(p, default: int | None = None) -> None:
@@ -95,24 +94,16 @@ class LoadOptions:
 
     def load(self):
         from medusa.chat_format import use_template
-        from medusa.inference.checkpoint import is_heads_folder
-        from medusa.inference.loading import BaseModelUnavailable
         from medusa.model import MedusaModel
 
         log = lambda m: print(m, file=sys.stderr, flush=True)
         lookup = self.lookup_options()        # bad draft lengths are refused before any loading
         self.check()
         t0 = time.perf_counter()
-        try:
-            model = MedusaModel.from_pretrained(self.model, base_model=self.base_model, dtype=self.dtype,
-                                                device=self.device, tree=self.tree, quantize=self.quantize,
-                                                attn_implementation=self.attn,
-                                                lookup=lookup, compile=self.compile, log=log)
-        except BaseModelUnavailable as e:
-            if self.base_model is None and self.model and is_heads_folder(Path(self.model).expanduser()):
-                raise BaseModelUnavailable(f"{e}; the heads in {self.model} name it as their base: pass "
-                                           f"--base-model (a local folder or Hub id)") from None
-            raise
+        model = MedusaModel.from_pretrained(self.model, base_model=self.base_model, dtype=self.dtype,
+                                            device=self.device, tree=self.tree, quantize=self.quantize,
+                                            attn_implementation=self.attn, lookup=lookup, compile=self.compile,
+                                            log=log)
         if model.tokenizer is None:
             raise ValueError(f"{self.base_model or self.model} has no tokenizer; the command line needs one "
                              f"(the Python API works on token ids without it)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from medusa.inference.quantized import device_of
-from medusa.interfaces.cli_args import LoadOptions, add_threads, model_args
+from medusa.interfaces.cli_args import LoadOptions, add_threads, gen_options, model_args
 
 
 def add_commands(sub) -> dict:
@@ -74,8 +74,7 @@ def _add_evaluate(sub) -> None:
 def cmd_calibrate(a) -> int:
     import json
 
-    from medusa.evaluation.calibrate import calibrate, examples_from_prompts, save_tree
-    from medusa.chat_format import encode_prompt
+    from medusa.evaluation.calibrate import calibrate, examples_from_prompts, save_tree, timing_prompt
     from medusa.model import DEFAULT_HEADS_DIR
     from medusa.training.data import read_conversations, tokenize_conversation
     from medusa.training.prompts import read_prompts
@@ -88,7 +87,7 @@ def cmd_calibrate(a) -> int:
         examples = [tokenize_conversation(model.tokenizer, c, 1024) for c in read_conversations(a.data)[: a.limit]]
     else:
         examples = examples_from_prompts(model, read_prompts(a.prompts)[: a.limit])
-    timing = encode_prompt(model.tokenizer, [{"role": "user", "content": "Write a story about a lighthouse."}])
+    timing = timing_prompt(model.tokenizer)
     budgets = tuple(int(b) for b in a.budgets.split(","))
     result = calibrate(model, examples, timing, budgets=budgets, rounds=a.rounds, dynamic=not a.no_dynamic,
                        log=lambda s: print(s, flush=True))
@@ -109,6 +108,9 @@ def cmd_bench(a) -> int:
     if not Path(a.questions).is_file():
         raise FileNotFoundError(f"question file not found: {a.questions} (Spec-Bench's is data/spec_bench/"
                                 f"question.jsonl in its repository)")
+    gen_options(a)                                   # refused before loading
+    if a.batch_size and any(b < 1 for b in _batch_sizes(a)):
+        raise ValueError(f"--batch-size takes sizes >= 1, got {a.batch_size}")
     model = LoadOptions.from_args(a).load()
     name = Path(a.model.rstrip("/")).name if a.model else DEFAULT_MODEL_NAME
     if a.batch_size:
@@ -142,6 +144,13 @@ def _llama_cpp_gguf(a) -> str | None:
     return str(path)
 
 
+def _batch_sizes(a) -> list[int]:
+    try:
+        return [int(b) for b in a.batch_size.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch-size takes comma-separated whole numbers, got {a.batch_size!r}") from None
+
+
 def _batch_bench(a, model, name: str) -> int:
     from pathlib import Path
 
@@ -152,9 +161,7 @@ def _batch_bench(a, model, name: str) -> int:
     from medusa.inference.tree import tree_label
     from medusa.chat_format import encode_prompt
 
-    sizes = [int(b) for b in a.batch_size.split(",")]
-    if any(b < 1 for b in sizes):
-        raise ValueError(f"--batch-size takes sizes >= 1, got {a.batch_size}")
+    sizes = _batch_sizes(a)
     questions = load_questions(a.questions, limit=a.limit, per_category=a.per_category,
                                categories=tuple(c.strip() for c in (a.categories or "").split(",") if c.strip()))
     device = device_of(model.base_model.get_input_embeddings())

@@ -123,9 +123,10 @@ _HELP = {
     "save_merged": "medusa2: also save the base with the adapters merged in",
     "chat_template": "a Jinja chat template file for a model without one (else plain text); the same as decoding "
                      "uses",
-    "val_examples": "conversations held out from training for the final per-head accuracy (val_accuracy), at "
-                    "most a tenth of the usable ones: fewer when --data has under 10 times this many, none "
-                    "under 10 (val_accuracy is then empty)",
+    "val_examples": "conversations held out from training for the final per-head accuracy (val_accuracy) and "
+                    "the tree's calibration (--calibrate), at most a tenth of the usable ones: fewer when --data "
+                    "has under 10 times this many, none under 10 (val_accuracy is then empty and no tree is "
+                    "calibrated)",
 }
 
 
@@ -150,14 +151,27 @@ def add_train_commands(sub) -> dict:
         else:
             kind = type(value) if value is not None else (int if name in ("stop_after", "limit") else str)
             t.add_argument(flag, type=kind, default=value, help=_HELP.get(name))
+    t.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="at the end, fit the decoding tree to the new heads and this machine on the held-out "
+                        "conversations (a brief `medusa calibrate`: two timing rounds; saved in tree.json for this "
+                        "device type). Without it, or with nothing held out, a CPU decodes with the 8-node "
+                        "cpu_8 preset and a GPU with mc_sim_7b_63 (64 nodes)")
     add_threads(t)
     return {"train": cmd_train}
 
 
 def cmd_train(a) -> int:
+    import os
+
     from medusa.training.trainer import TrainConfig, train
 
     fields = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}
     fields["quantize"] = quantize_of(a)
-    train(TrainConfig(**fields), log=lambda m: print(m, flush=True))
+    cfg = TrainConfig(**fields)
+    log = lambda m: print(m, flush=True)
+    result = train(cfg, log=log)
+    if a.calibrate and result.get("finished") and int(os.environ.get("RANK", "0")) == 0:
+        from medusa.evaluation.calibrate import calibrate_trained
+
+        calibrate_trained(cfg, log=log)
     return 0

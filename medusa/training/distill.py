@@ -42,6 +42,17 @@ class DistillConfig:
     pack_weights: str = "auto"        # fp32 CPU weights packed for decoding's products (packed_linear.packing)
     extra: list[PromptRecord] = field(default_factory=list)
 
+    def __post_init__(self):
+        """Refuse what cannot run before a prompt is read or the model loads."""
+        from medusa.inference.acceptance import SamplingOptions
+
+        for name in ("max_new_tokens", "batch_size", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        SamplingOptions(temperature=self.temperature, top_p=self.top_p)     # its own refusals
+
 
 def done_ids(output: Path, *, warn=None) -> set[str]:
     """Ids already answered in `output` (see `read_rows`); rows without an id answer nothing."""

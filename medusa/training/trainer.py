@@ -75,6 +75,19 @@ class TrainConfig:
             raise ValueError(f"loss must be ce or kl, got {self.loss!r}")
         if self.quantize not in (None, "8bit", "4bit"):
             raise ValueError(f"quantize must be None, '8bit' or '4bit', got {self.quantize!r}")
+        at_least = {"num_heads": 1, "num_layers": 0, "max_length": 3, "batch_size": 1, "grad_accum": 1,
+                    "kl_topk": 1, "checkpoint_every": 1, "val_examples": 0, "log_every": 1, "lora_r": 1,
+                    "heads_warmup_steps": 0, "stop_after": 1, "limit": 1}
+        for name, least in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
+        for name in ("epochs", "lr", "base_lr", "decay"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio <= 1 or self.weight_decay < 0:
+            raise ValueError(f"warmup_ratio must be in [0, 1] and weight_decay >= 0, got {self.warmup_ratio} and "
+                             f"{self.weight_decay}")
 
 
 def _projector(heads: MedusaHeads, lm_head: nn.Module) -> dict:
@@ -198,6 +211,17 @@ def _logged_step(line: str) -> int:
         return 0
 
 
+def split_examples(cfg: TrainConfig, tokenizer, warn=None) -> tuple[list, list]:
+    """cfg.data's usable conversations (an assistant token past the first two) as (held out, training): the
+    held-out ones are at most cfg.val_examples and a tenth of them, chosen by cfg.seed."""
+    convs = read_conversations(cfg.data, warn=warn)[: cfg.limit]
+    examples = [tokenize_conversation(tokenizer, c, cfg.max_length) for c in convs]
+    examples = [e for e in examples if e.loss_mask[2:].any()]
+    random.Random(cfg.seed).shuffle(examples)
+    n_val = min(cfg.val_examples, len(examples) // 10)
+    return examples[:n_val], examples[n_val:]
+
+
 def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
     """Run (or resume) training; `base`/`tokenizer` may be passed in-process instead of `cfg.model`."""
     from accelerate import Accelerator
@@ -208,6 +232,8 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
 
     if cfg.chat_template is not None:
         read_template(cfg.chat_template)          # before loading
+    if not Path(cfg.data).is_file():
+        raise FileNotFoundError(f"training data not found: {cfg.data}")
     # cpu=True where there is no accelerator: only then does accelerate join a torchrun / mpirun launch of
     # several CPU processes (gloo) instead of letting each train alone into the same folder
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
@@ -226,12 +252,8 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, log=print) -> dict:
                                           quantize=cfg.quantize or "none", log=say)
     tok = tokenizer
     use_template(tok, cfg.chat_template, say)
-    convs = read_conversations(cfg.data, warn=say)[: cfg.limit]
-    examples = [tokenize_conversation(tok, c, cfg.max_length) for c in convs]
-    examples = [e for e in examples if e.loss_mask[2:].any()]
-    random.Random(cfg.seed).shuffle(examples)
-    n_val = min(cfg.val_examples, len(examples) // 10)
-    val, train_ex = examples[:n_val], examples[n_val:]
+    val, train_ex = split_examples(cfg, tok, warn=say)
+    n_val = len(val)
     say(f"{len(train_ex)} training conversations ({sum(e.loss_mask.sum().item() for e in train_ex)} assistant "
         f"tokens), {n_val} held out")
     text_cfg = base.config.get_text_config(decoder=True)
