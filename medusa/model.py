@@ -81,7 +81,10 @@ def _heads_folder(name) -> Path | None:
 
 
 def _device_type(base_model) -> str:
-    return device_of(base_model.get_input_embeddings()).type
+    """The key trees are calibrated under: the device type, "-int4" added for weights held in 4 bits (their
+    steps cost otherwise by node count)."""
+    kind = device_of(base_model.get_input_embeddings()).type
+    return f"{kind}-int4" if is_quantized(base_model) else kind
 
 
 class MedusaModel(nn.Module):
@@ -138,7 +141,7 @@ class MedusaModel(nn.Module):
 
     @property
     def device_type(self) -> str:
-        """Where decoding runs ("cpu", "cuda", ...): trees are calibrated per device type."""
+        """Where decoding runs ("cpu", "cuda", ...; "cpu-int4" with 4-bit weights): trees are calibrated per kind."""
         return _device_type(self.base_model)
 
     @property

@@ -170,3 +170,15 @@ def test_a_quantized_model_refuses_to_move():
     m = MedusaModel(model, random_heads(), tree="cpu_small")
     with pytest.raises(RuntimeError, match="quantized"):
         m.to("meta")
+
+
+def test_trees_are_calibrated_apart_for_4_bit_weights():
+    from medusa.inference.tree import tree_for_device
+
+    model = tiny_model("llama")
+    quantize_linears(model)
+    assert MedusaModel(model, random_heads(), tree="cpu_small").device_type == "cpu-int4"
+    fp32, int4 = [(0,)], [(0,), (1,)]
+    assert tree_for_device({"cpu": fp32, "cpu-int4": int4}, "cpu-int4") == int4
+    assert tree_for_device({"cpu": fp32, "cpu-int4": int4}, "cpu") == fp32
+    assert tree_for_device({"cpu": fp32}, "cpu-int4") == fp32            # the device's own, until calibrated

@@ -191,12 +191,13 @@ def trees_from_json(data) -> dict[str, Tree]:
 def default_tree(device_type: str) -> str:
     """The preset for heads with no tree calibrated for `device_type`: a small one on a CPU, the original
     Medusa's 64 nodes on an accelerator, where a step's extra nodes come almost free."""
-    return CPU_TREE if device_type == "cpu" else DEFAULT_TREE
+    return CPU_TREE if device_type.split("-")[0] == "cpu" else DEFAULT_TREE
 
 
 def tree_for_device(trees: dict[str, Tree], device_type: str) -> Tree | None:
-    """The tree saved for this device type ("cpu", "cuda", ...), else the one for every device, else None."""
-    return trees.get(device_type, trees.get(ANY_DEVICE))
+    """The tree saved for this device type ("cpu", "cuda", ...; "cpu-int4" for 4-bit weights on a CPU, else the
+    device's own), else the one for every device, else None."""
+    return trees.get(device_type, trees.get(device_type.split("-")[0], trees.get(ANY_DEVICE)))
 
 
 def load_tree(spec: str | os.PathLike | list | DynamicTree | None, num_heads: int | None = None,
