@@ -73,7 +73,7 @@ class Int4Linear(nn.Module):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(ACT_DTYPE), self.packed,
                                                        GROUP, self.scales_and_zeros)
         if self.parts == 1:
-            y = y[:, :self.out_features].to(x.dtype)
+            y = (y if self.padded == self.out_features else y[:, :self.out_features]).to(x.dtype)
         else:
             y = sum(y[:, i * self.padded:i * self.padded + self.out_features].float()
                     for i in range(self.parts)).to(x.dtype)
