@@ -116,8 +116,20 @@ class MedusaModel(nn.Module):
                                f"dtype=... instead, or with pack_weights=\"off\" to move it later")
         super()._apply(fn, *args, **kwargs)
         if "engine" in self.__dict__:
+            table = self.engine.load_table
             self.engine = self._build_engine(self.base_model, self.heads, self.tokenizer, self.is_compiled)
+            self.engine.load_table = table
         return self
+
+    @property
+    def load_table(self):
+        """The calibrated step costs by rows a batch sizes its trees by (inference/load.py), or None: measured
+        as each batch runs. `load.read_table(heads folder, device type)` reads the one `medusa calibrate` saved."""
+        return self.engine.load_table
+
+    @load_table.setter
+    def load_table(self, table) -> None:
+        self.engine.load_table = table
 
     @property
     def draft_head(self) -> nn.Module:

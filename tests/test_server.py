@@ -382,8 +382,8 @@ def test_malformed_requests_get_openai_style_4xx_and_the_server_stays_healthy(se
 
 def test_soak_mixed_clients_leave_no_trace(model):
     """60 requests from 12 clients into a batch of 4: streaming and not, clients that hang up mid-answer,
-    malformed bodies. Zero 5xx, every finished answer its solo answer (no cross-talk between rows), and the
-    engine back to empty and healthy."""
+    malformed bodies, prompts prefilled in chunks of 8 tokens while others decode. Zero 5xx, every finished
+    answer its solo answer (no cross-talk between rows), and the engine back to empty and healthy."""
     prompts = [f"Soak {i}: {'tell ' * (i % 5)}more" for i in range(12)]
     alone = {p: reference(model, [{"role": "user", "content": p}], 24) for p in prompts}
 
@@ -409,7 +409,7 @@ def test_soak_mixed_clients_leave_no_trace(model):
             r = http.post(CHAT, json=body)
             return "whole", r.status_code, (p, r.json()["choices"][0]["message"]["content"])
 
-    with serve(model, max_batch=4, queue_size=64) as s:
+    with serve(model, max_batch=4, queue_size=64, prefill_chunk=8) as s:
         with ThreadPoolExecutor(12) as pool:
             results = list(pool.map(one, range(60)))
         wait_idle(s.engine)

@@ -113,6 +113,7 @@ class LoadOptions:
             raise ValueError(f"{self.base_model or self.model} has no tokenizer; the command line needs one "
                              f"(the Python API works on token ids without it)")
         use_template(model.tokenizer, self.chat_template, log)
+        self._load_table(model, log)
         if self.compile:
             log("Compiling the model's forward passes (torch.compile; minutes on a small CPU) ...")
             t1 = time.perf_counter()
@@ -123,6 +124,17 @@ class LoadOptions:
         log(f"Ready in {time.perf_counter() - t0:.1f} s: {model.heads.num_heads} heads, "
             f"tree of {tree_label(model.tree)}, {model.base_model.dtype}, {model.base_model.device}")
         return model
+
+
+    def _load_table(self, model, log) -> None:
+        """The step costs by rows calibrated beside the heads' tree (load.py), where there are some."""
+        from medusa.inference.load import read_table
+        from medusa.model import DEFAULT_HEADS_DIR, _heads_folder
+
+        folder = DEFAULT_HEADS_DIR if self.model is None else _heads_folder(self.model)
+        if folder is not None and (table := read_table(folder, model.device_type)) is not None:
+            model.load_table = table
+            log(f"Trees sized to the load by the step costs calibrated on {table.machine or 'an unnamed machine'}")
 
 
 def gen_options(a) -> dict:

@@ -38,6 +38,10 @@ def add_commands(sub) -> dict:
                    help="timing passes over all budgets (12 steps each; medians over all): more on noisy machines")
     c.add_argument("--no-dynamic", action="store_true", help="static trees only (no dynamic:N trees)")
     c.add_argument("--save-to", help="folder for tree.json (default: the heads folder given by --model)")
+    c.add_argument("--load-rows", default="1,2,4,8,16",
+                   help="batch sizes to time steps at with the chosen tree, smaller ones and plain steps: the load "
+                        "table a batch sizes its trees by, saved in tree.json ('' = none)")
+    c.add_argument("--load-steps", type=int, default=6, help="timed steps per batch size, way and round")
     _add_evaluate(sub)
     return {"bench": cmd_bench, "calibrate": cmd_calibrate, "evaluate": cmd_evaluate}
 
@@ -70,7 +74,11 @@ def _add_evaluate(sub) -> None:
 def cmd_calibrate(a) -> int:
     import json
 
+    import torch
+
+    from medusa.evaluation.bench import machine
     from medusa.evaluation.calibrate import calibrate, examples_from_prompts, save_tree
+    from medusa.evaluation.calibrate_load import calibrate_load, ways_to_time
     from medusa.chat_format import encode_prompt
     from medusa.model import DEFAULT_HEADS_DIR
     from medusa.training.data import read_conversations, tokenize_conversation
@@ -88,10 +96,18 @@ def cmd_calibrate(a) -> int:
     budgets = tuple(int(b) for b in a.budgets.split(","))
     result = calibrate(model, examples, timing, budgets=budgets, rounds=a.rounds, dynamic=not a.no_dynamic,
                        log=lambda s: print(s, flush=True))
+    load_rows = [int(b) for b in a.load_rows.split(",") if b.strip()]
+    if load_rows and (ways := ways_to_time(result)):
+        device = model.base_model.get_input_embeddings().weight.device
+        result["load"] = calibrate_load(model, timing, ways, rows=load_rows, rounds=a.rounds, steps=a.load_steps,
+                                        machine=f"{machine(device)}, {torch.get_num_threads()} threads",
+                                        log=lambda s: print(s, flush=True))
     path = save_tree(target, result, model.device_type)
     best = result["best"]
     print(json.dumps({"saved": str(path), "nodes": best["nodes"], "dynamic": best["dynamic"], "expected_tokens_per_step":
-                      best["expected_tokens_per_step"], "expected_tokens_per_s": best["expected_tokens_per_s"]}))
+                      best["expected_tokens_per_step"], "expected_tokens_per_s": best["expected_tokens_per_s"],
+                      "nodes_by_rows": {b: len(result["load"].best(b).paths) + 1 for b in load_rows}
+                      if result.get("load") else None}))
     return 0
 
 

@@ -19,6 +19,9 @@ def add_commands(sub) -> dict:
                                                "(default: --model, or the embedded model's name)")
     g.add_argument("--max-batch", type=int, default=8,
                    help="requests decoded together (continuous batching: a finished one's row takes the next)")
+    g.add_argument("--prefill-chunk", type=int, metavar="N",
+                   help="prompt tokens prefilled per step while other requests decode, so a long prompt joining "
+                        "does not stall them for all of it (default 256)")
     g.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait while the batch is full; more get 429 at once")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -38,13 +41,15 @@ def add_commands(sub) -> dict:
 
 def cmd_serve(a) -> int:
     from medusa.inference.loading import DEFAULT_MODEL_NAME
+    from medusa.interfaces.engine_worker import PREFILL_CHUNK
     from medusa.interfaces.server import serve
 
     defaults = gen_options(a)
     model = LoadOptions.from_args(a).load()
     name = a.served_model_name or (a.model.rstrip("/") if a.model else DEFAULT_MODEL_NAME)
     serve(model, model_name=name, host=a.host, port=a.port, api_key=a.api_key, queue_size=a.queue_size,
-          max_batch=a.max_batch, defaults=defaults, log_level=a.log_level)
+          max_batch=a.max_batch, defaults=defaults, log_level=a.log_level,
+          prefill_chunk=PREFILL_CHUNK if a.prefill_chunk is None else a.prefill_chunk)
     return 0
 
 
