@@ -9,8 +9,10 @@ way serves the most tokens per second, without trying them.
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -52,6 +54,24 @@ def ways_to_time(result: dict, *, smaller: bool = True) -> list[tuple[list, floa
                         if not r["dynamic"] and 1 < r["nodes"] < best["nodes"]}.values(), key=lambda r: r["nodes"])
         ways += [(r["tree"], r["expected_tokens_per_step"]) for r in sizes]
     return ways + [(best["tree"], best["expected_tokens_per_step"])]
+
+
+def saved_result(folder, device_type: str) -> dict:
+    """The calibration saved in `folder`'s tree.json for `device_type`, as `calibrate` returned it (each smaller
+    static budget's tree is the saved tree's first paths: the greedy construction adds paths in order), so
+    that `medusa calibrate --load-only` times the load table of the tree already chosen."""
+    from medusa.inference.load import TREE_FILE
+    from medusa.inference.tree import load_tree
+
+    path = Path(folder) / TREE_FILE
+    entry = json.loads(path.read_text()).get("devices", {}).get(device_type) if path.is_file() else None
+    if not entry or "calibration" not in entry:
+        raise ValueError(f"{path} holds no calibrated tree for {device_type}: run `medusa calibrate` without "
+                         f"--load-only first")
+    tree = load_tree(entry["paths"]) if isinstance(entry["paths"], str) else [tuple(p) for p in entry["paths"]]
+    best = {k: v for k, v in entry["calibration"].items() if k != "budgets"} | {"tree": tree}
+    rows = [r | {"tree": None if r["dynamic"] else tree[:r["nodes"] - 1]} for r in entry["calibration"]["budgets"]]
+    return {"best": best, "rows": rows}
 
 
 def calibrate_load(model, ids: torch.Tensor, ways: list[tuple[list, float]], *, rows=DEFAULT_ROWS,
