@@ -36,6 +36,10 @@ def add_commands(sub) -> dict:
     b.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated client counts")
     b.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
     b.add_argument("--output", default="bench-serve", help="folder for serve.json and serve.png")
+    b.add_argument("--soak", type=int, metavar="N",
+                   help="instead: a soak of N requests from --clients clients (streaming and not, hang-ups, "
+                        "malformed bodies): 5xx count, cross-talk, health and memory at the end, to OUTPUT/soak.json")
+    b.add_argument("--clients", type=int, default=16, help="the soak's concurrent clients")
     return {"serve": cmd_serve, "bench-serve": cmd_bench_serve}
 
 
@@ -68,6 +72,8 @@ def cmd_bench_serve(a) -> int:
     prompts = [q.turns[0] for q in load_questions(a.questions, limit=a.limit, per_category=a.per_category)]
     model = LoadOptions.from_args(a).load()
     name = a.model.rstrip("/") if a.model else DEFAULT_MODEL_NAME
+    if a.soak is not None:
+        return _soak(a, model, prompts)
     result = serve_bench.run_serve_bench(model, prompts, clients, a.max_new_tokens, max_batch=a.max_batch)
     threads = torch.get_num_threads()
     result["settings"] = {"model_id": name, "dtype": str(model.base_model.dtype), "threads": threads,
@@ -79,3 +85,19 @@ def cmd_bench_serve(a) -> int:
     serve_bench.write(Path(a.output), result)
     print(serve_bench.format_table(result))
     return 0
+
+
+def _soak(a, model, prompts: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from medusa.interfaces.soak import run_soak
+
+    if a.soak < 1 or a.clients < 1:
+        raise ValueError(f"--soak and --clients take counts >= 1, got {a.soak} and {a.clients}")
+    report = run_soak(model, prompts, requests=a.soak, clients=a.clients, max_tokens=a.max_new_tokens,
+                      max_batch=a.max_batch)
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0 if report["server_errors"] == 0 and report["cross_talk"] == 0 and report["healthy_at_end"] else 1
