@@ -50,8 +50,7 @@ class Batch:
         table = engine.load_table
         if table is not None and set(table.tree) != set(getattr(engine.tree.tree, "paths", ())):
             table = None                   # calibrated for another tree: measure as the batch runs
-        # else every row verifies its own tree every step
-        self.load = TreeByLoad(table) if trees_by_load else None
+        self.load = TreeByLoad(table) if trees_by_load else None   # None: every row its own tree, every step
 
     @property
     def free(self) -> int:

@@ -75,6 +75,7 @@ def _add_evaluate(sub) -> None:
 
 def cmd_calibrate(a) -> int:
     import json
+    import os
 
     import torch
 
@@ -105,7 +106,7 @@ def cmd_calibrate(a) -> int:
     if load_rows and (ways := ways_to_time(result)):
         device = model.base_model.get_input_embeddings().weight.device
         result["load"] = calibrate_load(model, timing, ways, rows=load_rows, rounds=a.rounds, steps=a.load_steps,
-                                        machine=f"{machine(device)}, {torch.get_num_threads()} threads",
+                                        machine=f"{machine(device)}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads",
                                         log=lambda s: print(s, flush=True))
     path = save_tree(target, result, model.device_type)
     best = result["best"]
