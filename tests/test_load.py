@@ -40,7 +40,7 @@ def test_step_costs_interpolate_between_rows_and_extend_past_them():
 
 def test_a_table_decides_from_the_first_step_without_trying():
     load = TreeByLoad(_table())
-    assert load.tree(1) is None and load.tree(2) is None                # the row's own (calibrated) tree
+    assert load.tree(1) is None and load.tree(2) == tuple(TREE)         # the row's own, the calibrated tree
     assert load.tree(4) == SMALL and load.tree(8) == ()                 # a smaller tree, then plain steps
     load.record(8, False, tokens=1, seconds=100.0)                      # nothing measured, nothing explored
     assert [load.tree(8) for _ in range(200)] == [()] * 200 and not load.rate
@@ -48,9 +48,10 @@ def test_a_table_decides_from_the_first_step_without_trying():
 
 def test_rows_step_by_the_table_and_give_their_solo_answers():
     """A batch shrinking from 6 rows to 1 (budgets end rows one by one): each step verifies what the table
-    picks for its rows (plain, the small tree, the whole tree) and every row is generate's answer alone."""
+    picks for its rows (plain, the small tree, the whole tree; context drafts only for a lone row) and every
+    row is generate's answer alone."""
     model = tiny_model("llama")
-    m = MedusaModel(model, random_heads(), tree=TREE, lookup=0)
+    m = MedusaModel(model, random_heads(), tree=TREE, lookup=4)
     m.load_table = _table()
     prompts = _prompts((5, 12, 20, 9, 7, 3))
     budgets = [8, 14, 20, 26, 32, 40]
@@ -66,8 +67,9 @@ def test_rows_step_by_the_table_and_give_their_solo_answers():
         sizes.setdefault(len(verified), set()).update(verified)
         for s in steps:
             out[s.row] += s.tokens.tolist()
-    want = {6: {1}, 5: {1}, 4: {3}, 3: {3}, 2: {7}, 1: {7}}
+    want = {6: {1}, 5: {1}, 4: {3}, 3: {3}, 2: {7}}              # the calibrated ways: no context drafts
     sizes.pop(0, None)
+    assert min(sizes.pop(1)) == 7                                   # a lone row: its tree, and its drafts
     assert sizes and all(sizes[n] == want[n] for n in sizes)
     assert {1, 3, 7} <= set().union(*sizes.values())
     for i, (p, n) in enumerate(zip(prompts, budgets)):

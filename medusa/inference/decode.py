@@ -137,8 +137,9 @@ class Batch:
             if paths is not None and not any(r.exact for r in rows):
                 paths = None                  # rows that sample typically keep their trees
             tree = None if paths is None else self.engine.shapes(list(paths))
+            drafts = self.load is None or not self.load.calibrated(len(rows))
             with record_function("medusa.propose"):
-                cands = self.engine.proposer.propose([r.proposal(tree) for r in rows])
+                cands = self.engine.proposer.propose([r.proposal(tree, drafts) for r in rows])
             with record_function("medusa.verify"):
                 self.cache.reserve(max(c.tokens.numel() for c in cands))
                 verified = self.engine.verifier.verify(self.cache, [r.length for r in rows], cands,

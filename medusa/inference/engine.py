@@ -166,18 +166,19 @@ class Row:
         """Whether this row's output is the same whatever tree verifies it (greedy, lossless sampling)."""
         return self.greedy or self.opts.sampling.mode == "lossless"
 
-    def proposal(self, tree: TreeShapes | None = None) -> Proposal:
+    def proposal(self, tree: TreeShapes | None = None, drafts: bool = True) -> Proposal:
         """What the proposer needs of this row: its tree, root, hidden state, context and room. `tree`: the
-        tree the load asks for this step (load.py), taken by an exact row: the root alone (no candidates,
-        no drafts), or a smaller calibrated tree in place of the engine's. The root alone where the cache has
-        no room for more."""
-        room, shapes = self.capacity - self.length, self.shapes
-        plain = tree is not None and self.exact and tree.nodes == 1
-        if tree is not None and self.exact and shapes is self.engine.tree:
-            shapes = tree
-        if plain or room < shapes.nodes:
+        tree the load asks for this step (load.py), taken by an exact row: the root alone (no candidates),
+        or a calibrated tree in place of the engine's; `drafts`: whether such a row adds context drafts (not
+        where the load's costs were calibrated without them). The root alone where the cache has no room."""
+        room, shapes, context = self.capacity - self.length, self.shapes, self.context
+        if tree is not None and self.exact:
+            if tree.nodes == 1 or shapes is self.engine.tree:
+                shapes = tree
+            context = context if drafts and tree.nodes > 1 else None
+        if room < shapes.nodes:
             return Proposal(self.engine.root_only, self.root, self.last_hidden, None, room)
-        return Proposal(shapes, self.root, self.last_hidden, self.context, room)
+        return Proposal(shapes, self.root, self.last_hidden, context, room)
 
     def accept(self, c: Candidates, v: Verified) -> torch.Tensor:
         """The accepted nodes (root first); sets the next root (greedy, lossless) or the logits to draw it from."""

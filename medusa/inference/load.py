@@ -100,13 +100,16 @@ class TreeByLoad:
         self.explore_every, self.smoothing, self.steps = explore_every, smoothing, 0
 
     def tree(self, rows: int) -> tuple | None:
-        """None: each row its own tree; (): plain one-token steps; else a smaller calibrated tree's paths."""
+        """None: each row its own tree; (): plain one-token steps; else a calibrated tree's paths."""
         if rows <= 1:
             return None
         if self.table is not None:
-            best = self.table.best(rows)
-            return None if best.paths == self.table.tree else best.paths
+            return self.table.best(rows).paths
         return None if self.use_trees(rows) else ()
+
+    def calibrated(self, rows: int) -> bool:
+        """Whether `tree(rows)` comes from the table, whose costs were measured without context drafts."""
+        return self.table is not None and rows > 1
 
     def _trees_lost(self, rows: int) -> bool:
         """Whether plain steps were measured faster at this many rows or fewer: a step's cost grows with its
