@@ -17,7 +17,7 @@ def add_commands(sub) -> dict:
                         "(default: $MEDUSA_API_KEY; none = open)")
     g.add_argument("--served-model-name", help="the model id clients send and /v1/models lists "
                                                "(default: --model, or the embedded model's name)")
-    g.add_argument("--max-batch", type=int, default=8,
+    g.add_argument("--max-batch", type=int, default=16,   # engine_worker.MAX_BATCH
                    help="requests decoded together (continuous batching: a finished one's row takes the next)")
     g.add_argument("--prefill-chunk", type=int, metavar="N",
                    help="prompt tokens prefilled per step while other requests decode, so a long prompt joining "
@@ -34,7 +34,7 @@ def add_commands(sub) -> dict:
     b.add_argument("--limit", type=int, help="only the first N questions")
     b.add_argument("--per-category", type=int, help="only N questions of each category, evenly spread")
     b.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated client counts")
-    b.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
+    b.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     b.add_argument("--output", default="bench-serve", help="folder for serve.json and serve.png")
     b.add_argument("--soak", type=int, metavar="N",
                    help="instead: a soak of N requests from --clients clients (streaming and not, hang-ups, "

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medusa.interfaces.completions import Completer
-from medusa.interfaces.engine_worker import PREFILL_CHUNK, EngineWorker
+from medusa.interfaces.engine_worker import MAX_BATCH, PREFILL_CHUNK, EngineWorker
 from medusa.interfaces.openai_api import (APIError, ChatRequest, CompletionRequest, error_body, parse_request,
                                           validation_error)
 
@@ -29,7 +29,7 @@ MAX_BODY_BYTES = 1 << 20
 JSON_TYPES = ("application/json", "text/json")
 
 
-def create_app(model, *, model_name: str, api_key: str | None = None, queue_size: int = 16, max_batch: int = 8,
+def create_app(model, *, model_name: str, api_key: str | None = None, queue_size: int = 16, max_batch: int = MAX_BATCH,
                defaults: dict | None = None, prefill_chunk: int | None = PREFILL_CHUNK) -> FastAPI:
     """The app for one model. `defaults`: keyword options for `model.stream` used where a request gives
     none (max_new_tokens, temperature, top_p, seed, ...). Without them requests decode greedily, unlike
@@ -132,7 +132,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def serve(model, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          queue_size: int = 16, max_batch: int = 8, defaults: dict | None = None, log_level: str = "info",
+          queue_size: int = 16, max_batch: int = MAX_BATCH, defaults: dict | None = None, log_level: str = "info",
           prefill_chunk: int | None = PREFILL_CHUNK) -> None:
     """Run the server until interrupted (see create_app for the options)."""
     import uvicorn

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+from medusa.interfaces.engine_worker import MAX_BATCH
 from medusa.interfaces.server import LocalServer, create_app
 
 CHAT = "/v1/chat/completions"
@@ -65,7 +66,7 @@ def _wait_idle(engine, timeout: float = 120.0) -> bool:
 
 
 def run_soak(model, prompts: list[str], *, requests: int = 200, clients: int = 16, max_tokens: int = 64,
-             max_batch: int = 8, log=print) -> dict:
+             max_batch: int = MAX_BATCH, log=print) -> dict:
     """The soak's figures (see the module's docstring)."""
     import httpx
 
