@@ -46,6 +46,17 @@ def test_a_table_decides_from_the_first_step_without_trying():
     assert [load.tree(8) for _ in range(200)] == [()] * 200 and not load.rate
 
 
+def test_a_way_is_judged_by_the_tokens_it_gives_on_this_text():
+    """The small tree, calibrated at 1.5 tokens per step, gives 1.0 here (text its heads do not guess): at 4
+    rows plain steps then serve more; the whole tree, not seen yet, keeps its calibrated figure."""
+    load = TreeByLoad(_table())
+    assert load.tree(4) == SMALL
+    load.record(4, True, tokens=4, seconds=0.01, paths=SMALL)
+    assert load.tree(4) == () and load.tree(2) == tuple(TREE)
+    load.record(1, True, tokens=9, seconds=0.01)                        # a lone row's drafts do not count
+    assert load.tokens == {SMALL: 1.0}
+
+
 def test_rows_step_by_the_table_and_give_their_solo_answers():
     """A batch shrinking from 6 rows to 1 (budgets end rows one by one): each step verifies what the table
     picks for its rows (plain, the small tree, the whole tree; context drafts only for a lone row) and every
@@ -63,6 +74,7 @@ def test_rows_step_by_the_table_and_give_their_solo_answers():
     sizes: dict[int, set] = {}
     while batch.busy:
         steps = batch.step()
+        batch.load.tokens.clear()            # by the calibrated figures alone (random heads guess worse)
         verified = [s.tree_size for s in steps if s.tree_size]     # rows in the step's forward
         sizes.setdefault(len(verified), set()).update(verified)
         for s in steps:

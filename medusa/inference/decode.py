@@ -131,7 +131,7 @@ class Batch:
             if (last := row.choose_root()) is not None:
                 steps.append(last)
                 self._drop(row)
-        rows = list(self.rows)
+        rows, ended = list(self.rows), len(steps)
         if rows:
             paths = self.load.tree(len(rows)) if self.load is not None else None
             if paths is not None and not any(r.exact for r in rows):
@@ -153,7 +153,8 @@ class Batch:
                 if steps[-1].finish_reason:
                     self._drop(r)
             if self.load is not None:
-                self.load.record(len(rows), paths != (), sum(s.accepted for s in steps), time.perf_counter() - t1)
+                self.load.record(len(rows), paths != (), sum(s.accepted for s in steps[ended:]),
+                                 time.perf_counter() - t1, paths)
         seconds = time.perf_counter() - t0
         for s in steps:
             s.seconds += seconds

@@ -7,8 +7,9 @@ GPU past hundreds. So a tree that pays for one row can cost more than it gains f
 `LoadTable` is what `medusa calibrate` measured on a machine: for plain steps, the calibrated tree and smaller
 calibrated trees, the seconds of a whole step by the number of rows, and the tokens each gives per row and step.
 With a table, each step takes the way with the most expected tokens per second for its number of rows, from
-the first step on. Without one, `TreeByLoad` measures the tokens per second its steps give with trees and
-without them for each number of rows as a batch runs, and takes the faster, trying the other now and then.
+the first step on, judging a way by the tokens per step it gave on this text once it ran. Without one,
+`TreeByLoad` measures the tokens per second its steps give with trees and without them for each number of
+rows as a batch runs, and takes the faster, trying the other now and then.
 Only rows whose acceptance is exact (greedy, lossless sampling) follow it: their output is the same either way.
 A lone row always keeps its tree.
 """
@@ -56,8 +57,12 @@ class LoadTable:
         """The tree the table was calibrated for (the largest way)."""
         return self.ways[-1].paths
 
-    def best(self, rows: int) -> StepCost:
-        return max(self.ways, key=lambda w: w.tokens_per_s(rows))
+    def best(self, rows: int, tokens: dict | None = None) -> StepCost:
+        """The way with the most tokens/s at `rows`; `tokens`: tokens per row and step seen, by a way's paths,
+        in place of the calibrated ones."""
+        tokens = tokens or {}
+        return max(self.ways, key=lambda w: w.tokens_per_s(rows) * tokens.get(w.paths, w.tokens_per_step)
+                   / w.tokens_per_step)
 
     def to_json(self) -> dict:
         return {"machine": self.machine,
@@ -97,6 +102,7 @@ class TreeByLoad:
     def __init__(self, table: LoadTable | None = None, explore_every: int = 48, smoothing: float = 0.3):
         self.table = table
         self.rate: dict[tuple[int, bool], float] = {}     # (rows, trees) -> tokens/s, smoothed
+        self.tokens: dict[tuple, float] = {}              # a table's way -> tokens per row and step seen, smoothed
         self.explore_every, self.smoothing, self.steps = explore_every, smoothing, 0
 
     def tree(self, rows: int) -> tuple | None:
@@ -104,7 +110,7 @@ class TreeByLoad:
         if rows <= 1:
             return None
         if self.table is not None:
-            return self.table.best(rows).paths
+            return self.table.best(rows, self.tokens).paths
         return None if self.use_trees(rows) else ()
 
     def calibrated(self, rows: int) -> bool:
@@ -132,8 +138,17 @@ class TreeByLoad:
         better = trees >= plain
         return (not better) if explore else better
 
-    def record(self, rows: int, trees: bool, tokens: int, seconds: float) -> None:
-        if self.table is not None or rows <= 1 or seconds <= 0:
+    def record(self, rows: int, trees: bool, tokens: int, seconds: float, paths: tuple | None = None) -> None:
+        """A step's outcome: `tokens` from `rows` rows in `seconds`, with trees or not (`paths`: the tree, None
+        for the rows' own). With a table, only the tokens per row and step the way gave count: the text served
+        may be easier or harder to guess than the calibration's, and a way is judged by what it gives here."""
+        if self.table is not None:
+            way, seen = self.table.tree if paths is None else paths, tokens / max(rows, 1)
+            if way and rows > 1:             # plain steps give one token per row; a lone row adds drafts
+                old = self.tokens.get(way)
+                self.tokens[way] = seen if old is None else old + 0.1 * (seen - old)
+            return
+        if rows <= 1 or seconds <= 0:
             return
         key, rate = (rows, trees), tokens / seconds
         old = self.rate.get(key)
