@@ -17,6 +17,7 @@ from medusa.inference.checkpoint import (build_heads, fetch_heads_repo, is_heads
 from medusa.inference.decode import DecodeOptions, Request, Step, decode
 from medusa.inference.engine import Engine, build_engine
 from medusa.inference.heads import HeadsConfig, MedusaHeads
+from medusa.inference.load import read_table
 from medusa.inference.lookup import Lookup, as_lookup
 from medusa.inference.quantized import dense_weight, device_of, is_quantized, output_rows
 from medusa.inference.tree import (DEFAULT_TREE, default_tree, fit_tree_to_heads, load_tree, tree_for_device,
@@ -122,8 +123,20 @@ class MedusaModel(nn.Module):
                                f"move to {moved.device}: load it with device=... instead")
         super()._apply(fn, *args, **kwargs)
         if "engine" in self.__dict__:
+            table = self.engine.load_table
             self.engine = self._build_engine(self.base_model, self.heads, self.tokenizer, self.is_compiled)
+            self.engine.load_table = table
         return self
+
+    @property
+    def load_table(self):
+        """The calibrated step costs by rows a batch sizes its trees by (inference/load.py), or None: measured
+        as each batch runs. `load.read_table(heads folder, device type)` reads the one `medusa calibrate` saved."""
+        return self.engine.load_table
+
+    @load_table.setter
+    def load_table(self, table) -> None:
+        self.engine.load_table = table
 
     @property
     def draft_head(self) -> nn.Module:
@@ -180,15 +193,16 @@ class MedusaModel(nn.Module):
         `compile`: run decoding's forward passes under torch.compile (compiled.py; call `warm_up()` to compile
         before first use: minutes on a small CPU)."""
         log = log or (lambda m: None)
-        config, state, saved_tree = None, None, None
+        config, state, saved_tree, folder = None, None, None, None
         if name_or_path is None:
             if (DEFAULT_HEADS_DIR / "medusa_config.json").is_file():
                 config, state, saved_tree = load_heads_checkpoint(DEFAULT_HEADS_DIR)
+                folder = DEFAULT_HEADS_DIR
             else:
                 log("No trained heads ship for the default model yet: using untrained heads (about 1 token per step).")
             base_ref = base_model
         elif (heads_dir := _heads_folder(name_or_path)) is not None:
-            name_or_path = heads_dir
+            name_or_path = folder = heads_dir
             config, state, saved_tree = load_heads_checkpoint(heads_dir)
             base_ref = base_model or config.base_model_name_or_path
             if base_ref is None:
@@ -245,6 +259,9 @@ class MedusaModel(nn.Module):
                     f"fits a tree to this model and machine.")
         m = cls(model, heads, tokenizer, tree=tree, lookup=lookup, compile=compile)
         m._note_inexact(log)
+        if folder is not None and (table := read_table(folder, m.device_type)) is not None:
+            m.load_table = table
+            log(f"Trees sized to the load by the step costs calibrated on {table.machine or 'an unnamed machine'}")
         return m
 
     def _note_inexact(self, log) -> None:

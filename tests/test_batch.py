@@ -243,3 +243,35 @@ def test_sliding_window_masks_give_every_tree_node_its_own_logits(arch):
                 path = c.tree.attn_mask[node].nonzero().flatten()
                 alone = model(torch.cat([p, c.tokens[path]])[None]).logits[0, -1]
                 torch.testing.assert_close(v.logits[node], alone, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_a_long_prompt_joins_a_chunk_per_step_while_the_rows_step(arch):
+    """A 100-token prompt joining a running row with prefill_chunk=16: the running row steps once per chunk
+    (7 steps, not stalled for the whole prompt), and the long row, prefilled in chunks into a cache of its own,
+    then decodes exactly as a prompt prefilled at once (generate's answer). A waiting prompt can be cancelled."""
+    model = tiny_model(arch)
+    m = MedusaModel(model, random_heads(), tree="cpu_small", lookup=4)
+    short, long = _prompts((6,))[0], _prompts((100,), seed=2)[0]
+    reqs, _ = m.requests([short, long, long], max_new_tokens=[90, 30, 30])
+    batch = Batch(m.engine, slots=2, capacity=32, prefill_chunk=16)
+    assert batch.add(reqs[0]) is not None
+    out = {0: [], 1: []}
+    for s in batch.step():
+        out[s.row] += s.tokens.tolist()
+    assert batch.add(reqs[1]) is None and batch.free == 0        # waits for its chunks
+    rows = []
+    while batch.prefilling:
+        steps = batch.step()
+        rows.append(sorted({s.row for s in steps}))
+        for s in steps:
+            out[s.row] += s.tokens.tolist()
+    assert rows == [[0]] * 6 + [[0, 1]]                          # ceil(100 / 16) chunks, one per step
+    while batch.busy:
+        for s in batch.step():
+            out[s.row] += s.tokens.tolist()
+    assert torch.equal(torch.tensor(out[0]), _alone(model, short, 90))
+    assert torch.equal(torch.tensor(out[1]), _alone(model, long, 30))
+    batch.add(reqs[0])
+    reqs[2].key = 2
+    assert batch.add(reqs[2]) is None and batch.cancel(2) and not batch.prefilling and batch.free == 1

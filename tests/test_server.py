@@ -382,43 +382,29 @@ def test_malformed_requests_get_openai_style_4xx_and_the_server_stays_healthy(se
 
 def test_soak_mixed_clients_leave_no_trace(model):
     """60 requests from 12 clients into a batch of 4: streaming and not, clients that hang up mid-answer,
-    malformed bodies. Zero 5xx, every finished answer its solo answer (no cross-talk between rows), and the
-    engine back to empty and healthy."""
+    malformed bodies, prompts prefilled in chunks of 8 tokens while others decode. Zero 5xx, every finished
+    answer its solo answer (no cross-talk between rows), and the engine back to empty and healthy."""
+    from medusa.interfaces.soak import soak_request
+
     prompts = [f"Soak {i}: {'tell ' * (i % 5)}more" for i in range(12)]
     alone = {p: reference(model, [{"role": "user", "content": p}], 24) for p in prompts}
 
     def one(i: int):
         p = prompts[i % len(prompts)]
-        body = {"messages": [{"role": "user", "content": p}], "max_tokens": 24}
-        with httpx.Client(base_url=s.url, timeout=120) as http:
-            if i % 7 == 3:                                       # malformed
-                r = http.post(CHAT, content=b'{"messages": [', headers={"content-type": "application/json"})
-                return "bad", r.status_code, None
-            if i % 5 == 1:                                       # hangs up after two chunks
-                with http.stream("POST", CHAT, json={**body, "stream": True}) as r:
-                    for k, _ in enumerate(r.iter_lines()):
-                        if k >= 2:
-                            break
-                return "cancelled", r.status_code, None
-            if i % 2:
-                with http.stream("POST", CHAT, json={**body, "stream": True}) as r:
-                    pieces = [json.loads(line[6:]) for line in r.iter_lines()
-                              if line.startswith("data: ") and line != "data: [DONE]"]
-                text = "".join(c["choices"][0]["delta"].get("content") or "" for c in pieces if c.get("choices"))
-                return "stream", r.status_code, (p, text)
-            r = http.post(CHAT, json=body)
-            return "whole", r.status_code, (p, r.json()["choices"][0]["message"]["content"])
+        kind, code, text = soak_request(s.url, i, p, 24)   # malformed, hangs up, streaming or not, by i
+        return kind, code, (p, text)
 
-    with serve(model, max_batch=4, queue_size=64) as s:
+    with serve(model, max_batch=4, queue_size=64, prefill_chunk=8) as s:
         with ThreadPoolExecutor(12) as pool:
             results = list(pool.map(one, range(60)))
         wait_idle(s.engine)
         assert s.engine.running == 0 and httpx.get(s.url + "/health").json()["running"] == 0
         assert not any(t.name == "medusa-engine" and not t.is_alive() for t in threading.enumerate())
     assert all(code < 500 for _, code, _ in results)
-    assert {kind for kind, _, _ in results} == {"bad", "cancelled", "stream", "whole"}
-    assert all(code == 400 for kind, code, _ in results if kind == "bad")
+    assert {kind for kind, _, _ in results} == {"malformed", "cancelled", "stream", "whole"}
+    assert all(code == 400 for kind, code, _ in results if kind == "malformed")
     answered = [got for kind, _, got in results if kind in ("stream", "whole")]
+    assert all(code == 200 for kind, code, _ in results if kind in ("stream", "whole"))
     assert len(answered) > 30 and all(text == alone[p] for p, text in answered)
 
 
@@ -474,3 +460,16 @@ def test_medusa_serve_command_on_the_default_model():
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_the_soak_command_reports_what_the_soak_left(model):
+    """`medusa bench-serve --soak`'s run, reduced: every kind of request, no 5xx (every malformed body a 400),
+    no cross-talk, the server idle and healthy at the end, memory read at both ends."""
+    from medusa.interfaces.soak import MALFORMED, run_soak
+
+    prompts = [f"Soak {i}: {'tell ' * i}more" for i in range(5)]
+    report = run_soak(model, prompts, requests=36, clients=6, max_tokens=12, max_batch=3, log=lambda s: None)
+    assert report["server_errors"] == 0 and report["cross_talk"] == 0 and report["healthy_at_end"]
+    assert set(report["kinds"]) == {"malformed", "cancelled", "stream", "whole"} and report["answered"] >= 15
+    assert report["status"]["400"] == report["kinds"]["malformed"] == 5 == len(MALFORMED)
+    assert report["rss_mib_start"] > 0 and report["rss_mib_end"] > 0

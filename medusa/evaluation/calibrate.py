@@ -171,7 +171,8 @@ def calibrate(model, examples: list[Example], timing_ids: torch.Tensor, *, budge
 
 def save_tree(folder: str | Path, result: dict, device_type: str) -> Path:
     """tree.json beside the heads (read by the loader), as the tree for `device_type` ("cpu", "cuda", ...),
-    with the calibration figures for reference. Trees saved for other device types are kept."""
+    with the calibration figures for reference and, where `result` has one, the load table (step costs by rows,
+    calibrate_load.py). Trees saved for other device types are kept."""
     path = Path(folder) / "tree.json"
     path.parent.mkdir(parents=True, exist_ok=True)   # a new --save-to folder: never lose the run at its end
     data = json.loads(path.read_text()) if path.is_file() else {}
@@ -181,6 +182,8 @@ def save_tree(folder: str | Path, result: dict, device_type: str) -> Path:
         "paths": tree_spec(best["tree"]),
         "calibration": {k: v for k, v in best.items() if k != "tree"} |
                        {"budgets": [{k: v for k, v in r.items() if k != "tree"} for r in result["rows"]]}}
+    if result.get("load") is not None:
+        data["devices"][device_type]["load"] = result["load"].to_json()
     path.write_text(json.dumps(data, indent=1) + "\n")
     return path
 

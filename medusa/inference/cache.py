@@ -171,6 +171,19 @@ class BatchCache(Cache):
         for row, s, k in zip(rows, starts, keeps):
             self.lengths[row] = s + k.numel()
 
+    def copy_in(self, row: int, src: "BatchCache", src_row: int = 0) -> None:
+        """Row `row` (just added) takes the entries of `src`'s row `src_row` (a prompt prefilled apart)."""
+        n = src.lengths[src_row]
+        self.reserve(n, row=row)
+        for layer, other in zip(self.layers, src.layers):
+            if not other.is_initialized:
+                continue
+            if not layer.is_initialized:
+                layer.allocate(other.keys, other.values, self.slots, self.capacity)
+            layer.keys[row, :, :n] = other.keys[src_row, :, :n]
+            layer.values[row, :, :n] = other.values[src_row, :, :n]
+        self.lengths[row] = n
+
     def truncate(self, length: int, row: int = 0) -> None:
         """Forget row `row`'s entries from `length` on (nothing is freed: the next update overwrites them)."""
         self.lengths[row] = min(self.lengths[row], length)

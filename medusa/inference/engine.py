@@ -69,12 +69,14 @@ class Request:
 
 class Engine:
     """Built once per model: `proposer` (heads, draft projection), `verifier` (forward, attention mode,
-    greedy head), the default tree and context drafts, the context limit, the tokenizer (stop strings)."""
+    greedy head), the default tree and context drafts, the context limit, the tokenizer (stop strings), the
+    calibrated step costs by rows (load.py)."""
 
     def __init__(self, proposer: Proposer, verifier: Verifier, *, num_layers: int, tree, lookup: LookupOptions,
-                 context_limit: int, device, tokenizer=None):
+                 context_limit: int, device, tokenizer=None, load_table=None):
         self.proposer, self.verifier, self.num_layers = proposer, verifier, num_layers
         self.lookup, self.context_limit, self.device, self.tokenizer = lookup, context_limit, device, tokenizer
+        self.load_table = load_table        # load.LoadTable: calibrated step costs by rows, or None
         self._shapes: dict = {}
         self.tree = self.shapes(tree)
         self.root_only = self.shapes([])
@@ -166,13 +168,19 @@ class Row:
         """Whether this row's output is the same whatever tree verifies it (greedy, lossless sampling)."""
         return self.greedy or self.opts.sampling.mode == "lossless"
 
-    def proposal(self, plain: bool = False) -> Proposal:
-        """What the proposer needs of this row: its tree (the root alone where the cache has no room for
-        more, or `plain`: no candidates this step), root, hidden state, context and room."""
-        room = self.capacity - self.length
-        if plain or room < self.shapes.nodes:
+    def proposal(self, tree: TreeShapes | None = None, drafts: bool = True) -> Proposal:
+        """What the proposer needs of this row: its tree, root, hidden state, context and room. `tree`: the
+        tree the load asks for this step (load.py), taken by an exact row: the root alone (no candidates),
+        or a calibrated tree in place of the engine's; `drafts`: whether such a row adds context drafts (not
+        where the load's costs were calibrated without them). The root alone where the cache has no room."""
+        room, shapes, context = self.capacity - self.length, self.shapes, self.context
+        if tree is not None and self.exact:
+            if tree.nodes == 1 or shapes is self.engine.tree:
+                shapes = tree
+            context = context if drafts and tree.nodes > 1 else None
+        if room < shapes.nodes:
             return Proposal(self.engine.root_only, self.root, self.last_hidden, None, room)
-        return Proposal(self.shapes, self.root, self.last_hidden, self.context, room)
+        return Proposal(shapes, self.root, self.last_hidden, context, room)
 
     def accept(self, c: Candidates, v: Verified) -> torch.Tensor:
         """The accepted nodes (root first); sets the next root (greedy, lossless) or the logits to draw it from."""

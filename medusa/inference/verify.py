@@ -47,10 +47,11 @@ class Verifier:
         # logits and the heads' input come from the same forward (soft-capped models need out.logits)
         return out.logits, out.hidden_states[-1]
 
-    def prefill(self, ids: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """A prompt (T,) into the cache (the row it focuses on) -> (logits (V,), hidden (H,)) at its last token."""
+    def prefill(self, ids: torch.Tensor, cache, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prompt (T,) into the cache (the row it focuses on, which holds the prompt's first `start` tokens: a
+        chunk of a long prompt) -> (logits (V,), hidden (H,)) at its last token."""
         ids = ids.clone()[None]   # an inference tensor like every later input: one compiled graph serves both
-        positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
         logits, hidden = self.forward(ids, cache, positions, logits_to_keep=1)
         return logits[0, -1], hidden[0, -1]
 

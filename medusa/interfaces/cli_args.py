@@ -120,6 +120,7 @@ class LoadOptions:
         return model
 
 
+
 def gen_options(a) -> dict:
     """The generation flags as model.stream options, checked (call it before loading the model)."""
     from medusa.inference.acceptance import SamplingOptions

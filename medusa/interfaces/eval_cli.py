@@ -42,6 +42,12 @@ def add_commands(sub) -> dict:
                    help="timing passes over all budgets (12 steps each; medians over all): more on noisy machines")
     c.add_argument("--no-dynamic", action="store_true", help="static trees only (no dynamic:N trees)")
     c.add_argument("--save-to", help="folder for tree.json (default: the heads folder given by --model)")
+    c.add_argument("--load-rows", default="1,2,4,8,16",
+                   help="batch sizes to time steps at with the chosen tree, smaller ones and plain steps: the load "
+                        "table a batch sizes its trees by, saved in tree.json ('' = none)")
+    c.add_argument("--load-steps", type=int, default=6, help="timed steps per batch size, way and round")
+    c.add_argument("--load-only", action="store_true",
+                   help="keep the tree saved for this device type and time its load table only")
     _add_evaluate(sub)
     return {"bench": cmd_bench, "calibrate": cmd_calibrate, "evaluate": cmd_evaluate}
 
@@ -73,28 +79,44 @@ def _add_evaluate(sub) -> None:
 
 def cmd_calibrate(a) -> int:
     import json
+    import os
 
+    import torch
+
+    from medusa.evaluation.bench import machine
     from medusa.evaluation.calibrate import calibrate, examples_from_prompts, save_tree, timing_prompt
+    from medusa.evaluation.calibrate_load import calibrate_load, saved_result, ways_to_time
     from medusa.model import DEFAULT_HEADS_DIR
     from medusa.training.data import read_conversations, tokenize_conversation
     from medusa.training.prompts import read_prompts
 
-    if not (a.data or a.prompts):
+    if not (a.data or a.prompts or a.load_only):
         raise ValueError("give --data (conversations) or --prompts (a prompt file) to calibrate on")
     target = a.save_to or a.model or DEFAULT_HEADS_DIR
     model = LoadOptions.from_args(a).load()
-    if a.data:
-        examples = [tokenize_conversation(model.tokenizer, c, 1024) for c in read_conversations(a.data)[: a.limit]]
-    else:
-        examples = examples_from_prompts(model, read_prompts(a.prompts)[: a.limit])
     timing = timing_prompt(model.tokenizer)
-    budgets = tuple(int(b) for b in a.budgets.split(","))
-    result = calibrate(model, examples, timing, budgets=budgets, rounds=a.rounds, dynamic=not a.no_dynamic,
-                       log=lambda s: print(s, flush=True))
+    if a.load_only:
+        result = saved_result(a.model or DEFAULT_HEADS_DIR, model.device_type)
+    else:
+        if a.data:
+            examples = [tokenize_conversation(model.tokenizer, c, 1024) for c in read_conversations(a.data)[: a.limit]]
+        else:
+            examples = examples_from_prompts(model, read_prompts(a.prompts)[: a.limit])
+        budgets = tuple(int(b) for b in a.budgets.split(","))
+        result = calibrate(model, examples, timing, budgets=budgets, rounds=a.rounds, dynamic=not a.no_dynamic,
+                           log=lambda s: print(s, flush=True))
+    load_rows = [int(b) for b in a.load_rows.split(",") if b.strip()]
+    if load_rows and (ways := ways_to_time(result)):
+        device = device_of(model.base_model.get_input_embeddings())
+        result["load"] = calibrate_load(model, timing, ways, rows=load_rows, rounds=a.rounds, steps=a.load_steps,
+                                        machine=f"{machine(device)}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads",
+                                        log=lambda s: print(s, flush=True))
     path = save_tree(target, result, model.device_type)
     best = result["best"]
     print(json.dumps({"saved": str(path), "nodes": best["nodes"], "dynamic": best["dynamic"], "expected_tokens_per_step":
-                      best["expected_tokens_per_step"], "expected_tokens_per_s": best["expected_tokens_per_s"]}))
+                      best["expected_tokens_per_step"], "expected_tokens_per_s": best["expected_tokens_per_s"],
+                      "nodes_by_rows": {b: len(result["load"].best(b).paths) + 1 for b in load_rows}
+                      if result.get("load") else None}))
     return 0
 
 

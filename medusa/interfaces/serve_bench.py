@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from medusa.evaluation.report import line_plot, write_result
+from medusa.interfaces.engine_worker import MAX_BATCH
 from medusa.interfaces.server import LocalServer, create_app
 
 SETTINGS = {
@@ -62,8 +63,8 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
 
 
-def run_serve_bench(model, prompts: list[str], concurrencies: list[int], max_tokens: int, *, max_batch: int = 8,
-                    log=print) -> dict:
+def run_serve_bench(model, prompts: list[str], concurrencies: list[int], max_tokens: int, *,
+                    max_batch: int = MAX_BATCH, log=print) -> dict:
     """Every setting at every concurrency over `prompts`; returns the figures (rows) and the settings used."""
     with _server(model, max_batch=1, defaults={}, max_tokens=max_tokens) as s:
         ask(s.url, prompts[0], 8)                                   # warm-up

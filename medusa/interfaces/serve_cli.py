@@ -18,8 +18,11 @@ def add_commands(sub) -> dict:
                         "(default: $MEDUSA_API_KEY; none = open)")
     g.add_argument("--served-model-name", help="the model id clients send and /v1/models lists "
                                                "(default: --model, or the embedded model's name)")
-    g.add_argument("--max-batch", type=int, default=8,
+    g.add_argument("--max-batch", type=int, default=16,   # engine_worker.MAX_BATCH
                    help="requests decoded together (continuous batching: a finished one's row takes the next)")
+    g.add_argument("--prefill-chunk", type=int, metavar="N",
+                   help="prompt tokens prefilled per step while other requests decode, so a long prompt joining "
+                        "does not stall them for all of it (default 256)")
     g.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait while the batch is full; more get 429 at once")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -32,20 +35,26 @@ def add_commands(sub) -> dict:
     b.add_argument("--limit", type=int, help="only the first N questions")
     b.add_argument("--per-category", type=int, help="only N questions of each category, evenly spread")
     b.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated client counts")
-    b.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
+    b.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     b.add_argument("--output", default="bench-serve", help="folder for serve.json and serve.png")
+    b.add_argument("--soak", type=int, metavar="N",
+                   help="instead: a soak of N requests from --clients clients (streaming and not, hang-ups, "
+                        "malformed bodies): 5xx count, cross-talk, health and memory at the end, to OUTPUT/soak.json")
+    b.add_argument("--clients", type=int, default=16, help="the soak's concurrent clients")
     return {"serve": cmd_serve, "bench-serve": cmd_bench_serve}
 
 
 def cmd_serve(a) -> int:
     from medusa.inference.loading import DEFAULT_MODEL_NAME
+    from medusa.interfaces.engine_worker import PREFILL_CHUNK
     from medusa.interfaces.server import serve
 
     defaults = gen_options(a)
     model = LoadOptions.from_args(a).load()
     name = a.served_model_name or (a.model.rstrip("/") if a.model else DEFAULT_MODEL_NAME)
     serve(model, model_name=name, host=a.host, port=a.port, api_key=a.api_key, queue_size=a.queue_size,
-          max_batch=a.max_batch, defaults=defaults, log_level=a.log_level)
+          max_batch=a.max_batch, defaults=defaults, log_level=a.log_level,
+          prefill_chunk=PREFILL_CHUNK if a.prefill_chunk is None else a.prefill_chunk)
     return 0
 
 
@@ -64,6 +73,8 @@ def cmd_bench_serve(a) -> int:
     prompts = [q.turns[0] for q in load_questions(a.questions, limit=a.limit, per_category=a.per_category)]
     model = LoadOptions.from_args(a).load()
     name = a.model.rstrip("/") if a.model else DEFAULT_MODEL_NAME
+    if a.soak is not None:
+        return _soak(a, model, prompts)
     result = serve_bench.run_serve_bench(model, prompts, clients, a.max_new_tokens, max_batch=a.max_batch)
     threads = torch.get_num_threads()
     result["settings"] = {"model_id": name, "dtype": str(model.base_model.dtype), "threads": threads,
@@ -75,3 +86,19 @@ def cmd_bench_serve(a) -> int:
     serve_bench.write(Path(a.output), result)
     print(serve_bench.format_table(result))
     return 0
+
+
+def _soak(a, model, prompts: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from medusa.interfaces.soak import run_soak
+
+    if a.soak < 1 or a.clients < 1:
+        raise ValueError(f"--soak and --clients take counts >= 1, got {a.soak} and {a.clients}")
+    report = run_soak(model, prompts, requests=a.soak, clients=a.clients, max_tokens=a.max_new_tokens,
+                      max_batch=a.max_batch)
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0 if report["server_errors"] == 0 and report["cross_talk"] == 0 and report["healthy_at_end"] else 1

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medusa.interfaces.completions import Completer
-from medusa.interfaces.engine_worker import EngineWorker
+from medusa.interfaces.engine_worker import MAX_BATCH, PREFILL_CHUNK, EngineWorker
 from medusa.interfaces.openai_api import (APIError, ChatRequest, CompletionRequest, error_body, parse_request,
                                           validation_error)
 
@@ -29,13 +29,14 @@ MAX_BODY_BYTES = 1 << 20
 JSON_TYPES = ("application/json", "text/json")
 
 
-def create_app(model, *, model_name: str, api_key: str | None = None, queue_size: int = 16, max_batch: int = 8,
-               defaults: dict | None = None) -> FastAPI:
+def create_app(model, *, model_name: str, api_key: str | None = None, queue_size: int = 16, max_batch: int = MAX_BATCH,
+               defaults: dict | None = None, prefill_chunk: int | None = PREFILL_CHUNK) -> FastAPI:
     """The app for one model. `defaults`: keyword options for `model.stream` used where a request gives
     none (max_new_tokens, temperature, top_p, seed, ...). Without them requests decode greedily, unlike
     OpenAI's default temperature of 1: Medusa's greedy output is exactly the base model's greedy output.
-    `max_batch`: requests decoded together; `queue_size`: requests that may wait beyond them."""
-    engine = EngineWorker(model, queue_size=queue_size, max_batch=max_batch)
+    `max_batch`: requests decoded together; `queue_size`: requests that may wait beyond them; `prefill_chunk`:
+    prompt tokens prefilled per step while other requests decode (None: a whole prompt at once)."""
+    engine = EngineWorker(model, queue_size=queue_size, max_batch=max_batch, prefill_chunk=prefill_chunk)
     completer = Completer(model, engine, model_name, {"max_new_tokens": 512, **(defaults or {})})
     page = (resources.files("medusa.interfaces") / "static" / "chat.html").read_text(encoding="utf-8")
     page = page.replace("{{MODEL_NAME}}", html.escape(model_name))
@@ -131,7 +132,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def serve(model, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          queue_size: int = 16, max_batch: int = 8, defaults: dict | None = None, log_level: str = "info") -> None:
+          queue_size: int = 16, max_batch: int = MAX_BATCH, defaults: dict | None = None, log_level: str = "info",
+          prefill_chunk: int | None = PREFILL_CHUNK) -> None:
     """Run the server until interrupted (see create_app for the options)."""
     import uvicorn
 
@@ -139,7 +141,7 @@ def serve(model, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, 
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
     app = create_app(model, model_name=model_name, api_key=api_key, queue_size=queue_size, max_batch=max_batch,
-                     defaults=defaults)
+                     defaults=defaults, prefill_chunk=prefill_chunk)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
