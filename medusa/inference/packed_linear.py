@@ -6,15 +6,12 @@ uneven in the row count. Two remedies, both from torch's CPU build:
 
 - **oneDNN** (the default where torch has it): each weight reordered once into oneDNN's blocked layout
   (`torch.ops.mkldnn._reorder_linear_weight`, the op inductor uses for frozen weights) and multiplied with
-  `torch.ops.mkldnn._linear_pointwise`, which serves every row count from the one copy. SmolLM2-135M, 300
-  cached tokens, 2 threads, an AMD EPYC (Zen 4) 2-core machine (`scripts/forward_cost.py`), stock / oneDNN:
-  N=1 66 / 49 ms, N=2 104 / 53, N=3 122 / 46, N=4 110 / 46, N=8 93 / 51, N=12 95 / 57, N=16 111 / 77,
-  N=32 166 / 130. Results are fp32 products (no reduced-precision accumulation), rounded differently.
+  `torch.ops.mkldnn._linear_pointwise`, which serves every row count from the one copy. Results are fp32
+  products (no reduced-precision accumulation), rounded differently.
 - **MKL** (`cblas_sgemm_pack`, `torch.ops.mkl._mkl_reorder_linear_weight` / `_mkl_linear`): one copy per
-  packed row count (4, 8 and 16), each product of `min_rows` to 16 rows zero-padded up to the next; on an
-  Intel 2-core machine (AMX) N=3 47 / 47 / 53 ms (stock / packed 16 / packed 4+8+16), N=4 62 / 62 / 52,
-  N=8 76 / 73 / 61, N=14 100 / 76 / 76; on the AMD one above it barely helps (N=4 127 -> 103 ms, N=8 120 ->
-  136).
+  packed row count (4, 8 and 16), each product of `min_rows` to 16 rows zero-padded up to the next.
+
+What each costs by row count, per machine: benchmarks/README.md, "Component timings" (`scripts/forward_cost.py`).
 
 `pack_linears(model, backend)` turns the model's fp32 CPU `nn.Linear`s into `OneDNNLinear` / `PackedLinear`
 in place (same parameters, same module tree, tied weights stay tied) and keeps the packed copies as
