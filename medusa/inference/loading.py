@@ -92,7 +92,8 @@ def _quantization_config(quantize: str | None, dtype):
 
 
 def gguf_file(name_or_path: str | os.PathLike | None) -> Path | None:
-    """The GGUF file a base-model reference loads from, if it names one (None = the embedded default's)."""
+    """The GGUF file a base-model reference loads from, if it names one: None = the embedded default's, a
+    `.gguf` path that exists, or a folder without config.json holding one (its first by name)."""
     if name_or_path is None:
         return default_gguf_path()
     path = Path(name_or_path).expanduser()
@@ -194,19 +195,15 @@ def _convert_gguf(gguf: Path, *, log=None) -> Path:
 
 def resolve_base_path(name_or_path: str | os.PathLike | None, *, log=None) -> str:
     """Turn a user's base-model reference into something `from_pretrained` reads (GGUF is converted)."""
-    if name_or_path is None:
-        return str(_convert_gguf(default_gguf_path(), log=log))
-    path = Path(name_or_path).expanduser()
+    gguf = gguf_file(name_or_path)
+    if gguf is not None:
+        return str(_convert_gguf(gguf, log=log))
     if str(name_or_path).endswith(".gguf"):
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        return str(_convert_gguf(path, log=log))
+        raise FileNotFoundError(f"GGUF file not found: {Path(name_or_path).expanduser()}")
+    path = Path(name_or_path).expanduser()
     if path.is_file():
         raise ValueError(f"{path} is a file: a model is a folder (here {path.parent}), a .gguf file or a Hub id")
     if path.exists():
-        ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
-        if path.is_dir() and not (path / "config.json").exists() and ggufs:
-            return str(_convert_gguf(ggufs[0], log=log))
         return str(path)
     looks_local = str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1
     if looks_local:
