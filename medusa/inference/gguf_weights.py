@@ -103,21 +103,17 @@ def _fingerprint(w: np.ndarray) -> str:
     return hashlib.sha1(np.sort(w.astype(np.float64).sum(axis=1)).tobytes()).hexdigest()
 
 
-def _match(weight: torch.Tensor, tensors: list[_Tensor], prints: dict) -> tuple[_Tensor, torch.Tensor | None] | None:
-    """The GGUF tensor whose dequantization equals `weight`, and the row order that makes it so (None: as is)."""
-    w = weight.detach().float().cpu().numpy()
-    fp = _fingerprint(w)
-    for t in tensors:
-        if (t.n, t.k) != w.shape or prints[t.name] != fp:
-            continue
-        ref = t.dense()
-        if np.array_equal(ref, w):
-            return t, None
-        rows = {r.tobytes(): i for i, r in enumerate(ref)}
-        order = [rows.get(r.tobytes()) for r in w]
-        if None not in order:
-            return t, torch.tensor(order)
-    return None
+def _row_order(ref: np.ndarray, w: np.ndarray):
+    """None where `w` equals the dequantized `ref` as it is, the row order of `ref` that makes it so, or False."""
+    if np.array_equal(ref, w):
+        return None
+    rows = {r.tobytes(): i for i, r in enumerate(ref)}
+    order = [rows.get(r.tobytes()) for r in w]
+    return False if None in order else torch.tensor(order)
+
+
+def _dense(module: nn.Module) -> np.ndarray:
+    return module.weight.detach().float().cpu().numpy()
 
 
 def _targets(model: nn.Module):
@@ -135,27 +131,35 @@ def keep_quantized(model: nn.Module, path: str | Path, *, log=None) -> dict:
 
     reader = gguf.GGUFReader(str(path))
     tensors = [_Tensor(t) for t in reader.tensors if t.tensor_type.name in SUPPORTED and len(t.shape) == 2]
-    prints = {t.name: _fingerprint(t.dense()) for t in tensors}
+    waiting: dict[tuple, list] = {}        # (shape, fingerprint) -> the layers whose weights give them
+    for target in list(_targets(model)):
+        w = _dense(target[3])
+        waiting.setdefault((w.shape, _fingerprint(w)), []).append(target)
     report = {"kept": [], "dense": []}
-    for name, parent, attr, module in list(_targets(model)):
-        found = _match(module.weight, tensors, prints)
-        if found is None:
-            report["dense"].append((name, "no quantized tensor of the file holds these weights"))
-            continue
-        t, order = found
-        if not fits(t.k):
-            report["dense"].append((name, f"{t.k} inputs are not a multiple of {GROUP}"))
-            continue
-        codes, scale, zero = decode_blocks(t.kind, t.raw, t.n, t.k)
-        if order is not None:
-            codes, scale = codes[order], scale[order]
-            zero = None if zero is None else zero[order]
-        if isinstance(module, nn.Embedding):
-            new = QuantEmbedding(codes, scale, zero, padding_idx=module.padding_idx)
-        else:
-            new = Int4Linear(int4_parts(t.kind, codes, scale, zero), module.bias)
-        setattr(parent, attr, new.to(module.weight.device))
-        report["kept"].append((name, t.name, t.kind))
+    for t in tensors:
+        ref = t.dense()                    # each tensor dequantized once
+        group = waiting.get((ref.shape, _fingerprint(ref)), [])
+        for target in list(group):
+            name, parent, attr, module = target
+            order = _row_order(ref, _dense(module))
+            if order is False:
+                continue
+            group.remove(target)
+            if not fits(t.k):
+                report["dense"].append((name, f"{t.k} inputs are not a multiple of {GROUP}"))
+                continue
+            codes, scale, zero = decode_blocks(t.kind, t.raw, t.n, t.k)
+            if order is not None:
+                codes, scale = codes[order], scale[order]
+                zero = None if zero is None else zero[order]
+            if isinstance(module, nn.Embedding):
+                new = QuantEmbedding(codes, scale, zero, padding_idx=module.padding_idx)
+            else:
+                new = Int4Linear(int4_parts(t.kind, codes, scale, zero), module.bias)
+            setattr(parent, attr, new.to(module.weight.device))
+            report["kept"].append((name, t.name, t.kind))
+    report["dense"] += [(name, "no quantized tensor of the file holds these weights")
+                        for group in waiting.values() for name, *_ in group]
     if log:
         kinds = sorted({k for _, _, k in report["kept"]})
         log(f"Keeping {len(report['kept'])} weights of {Path(path).name} quantized ({', '.join(kinds) or 'none'}: "
