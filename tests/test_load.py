@@ -120,6 +120,7 @@ def test_calibrate_times_steps_by_rows_and_saves_the_table(tmp_path):
     ways = ways_to_time(result)
     assert [(len(t), k) for t, k in ways] == [(0, 1.0), (2, 1.5), (6, 2.0)]
     assert ways_to_time(result | {"best": result["rows"][2]}) == []   # a dynamic tree: no table
+    assert ways_to_time(result | {"best": result["rows"][0]}) == [([], 1.0)]   # the root alone: timed once
     table = calibrate_load(m, _prompts((9,))[0][None], ways, rows=(1, 3), rounds=1, steps=2, machine="here",
                            log=lambda s: None)
     assert [w.rows for w in table.ways] == [(1, 3)] * 3 and all(s > 0 for w in table.ways for s in w.seconds)

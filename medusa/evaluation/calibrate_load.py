@@ -43,8 +43,8 @@ def time_batch(model, ids: torch.Tensor, paths, rows: int, *, steps: int = 6) ->
 
 def ways_to_time(result: dict, *, smaller: bool = True) -> list[tuple[list, float]]:
     """(tree, tokens per step) to time from a calibration's rows: plain steps, the static trees smaller than
-    the best one (with `smaller`), and the best one. None when the best tree is dynamic (its cost is its own
-    per step: no table)."""
+    the best one (with `smaller`), and the best one (unless it is the root alone: plain steps already). None
+    when the best tree is dynamic (its cost is its own per step: no table)."""
     best = result["best"]
     if best["dynamic"]:
         return []
@@ -53,7 +53,7 @@ def ways_to_time(result: dict, *, smaller: bool = True) -> list[tuple[list, floa
         sizes = sorted({r["nodes"]: r for r in result["rows"]
                         if not r["dynamic"] and 1 < r["nodes"] < best["nodes"]}.values(), key=lambda r: r["nodes"])
         ways += [(r["tree"], r["expected_tokens_per_step"]) for r in sizes]
-    return ways + [(best["tree"], best["expected_tokens_per_step"])]
+    return ways + ([(best["tree"], best["expected_tokens_per_step"])] if best["nodes"] > 1 else [])
 
 
 def saved_result(folder, device_type: str) -> dict:
