@@ -266,16 +266,21 @@ class MedusaModel(nn.Module):
 
     def _note_inexact(self, log) -> None:
         """Say where greedy output cannot be exactly `generate`'s on this machine: in reduced precision, a tree
-        step's products must give each row the bits it gets alone (tree_attention.rows_independent)."""
+        step's products must give each row the bits it gets alone (tree_attention.rows_independent), and under
+        medusa_tree attention each node the attention bits of a one-token step (tree_attention.attention_exact)."""
         quantized = is_quantized(self.base_model)
         dtype = torch.bfloat16 if quantized else self.base_model.dtype     # quantized products take bf16
         if dtype not in (torch.bfloat16, torch.float16):
             return
-        from medusa.inference.tree_attention import rows_independent
+        from medusa.inference.tree_attention import attention_exact, rows_independent, uses_tree_attention
 
         rows = self.engine.most_nodes(Request(torch.zeros(1), self.decode_options(), self.engine.shapes(self.tree),
                                               self.lookup))
-        if not rows_independent(self.base_model, rows):
+        if uses_tree_attention(self.base_model) and not attention_exact(self.base_model, rows):
+            log(f"Note: this machine's attention products do not give a tree node of a {rows}-node step the bits of "
+                f"a one-token step (tree_attention.attention_exact), so greedy output can differ from `generate`'s "
+                f"where two tokens nearly tie.")
+        elif not rows_independent(self.base_model, rows):
             what, fix = ("quantized weights", 'fp32 (quantize="none")') if quantized else (str(dtype)[6:], "fp32")
             log(f"Note: with {what} this machine's matrix products of {rows} rows (a step's tree, or a batch's) do "
                 f"not give each row the bits it gets alone, so greedy output can differ from `generate`'s where two "

@@ -8,6 +8,7 @@ from conftest import random_heads, tiny_model
 from medusa import MedusaModel
 from medusa.inference import tree_attention
 from medusa.inference.cache import BatchCache
+from medusa.inference.quantized import quantize_linears
 from medusa.inference.tree import PRESETS, tree_buffers, with_drafts
 
 PLAIN = ["llama", "mistral", "qwen2", "phi3", "gpt2"]   # Gemma-2 soft-caps its attention: refused
@@ -29,7 +30,7 @@ def test_tree_step_equals_each_path_decoded_alone(arch, drafted):
     prompt, tree = _prompt(1), with_drafts(tree_buffers(PRESETS["cpu_small"]), drafted)
     n, L = tree.num_nodes, prompt.shape[1]
     tokens = torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(2))
-    groups = tree_attention.path_groups(tree)
+    groups = tree_attention.tree_paths(tree)
     with torch.no_grad():
         cache = BatchCache.for_model(model, capacity=64)
         model(prompt, past_key_values=cache, use_cache=True)
@@ -43,6 +44,32 @@ def test_tree_step_equals_each_path_decoded_alone(arch, drafted):
                 logits = model(tokens[j].view(1, 1), past_key_values=alone, position_ids=torch.tensor([[L + d]]),
                                use_cache=True).logits[0, -1]
             torch.testing.assert_close(tree_logits[node], logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("prefix", [12, 60, 63, 64, 125])
+def test_tree_nodes_get_the_bits_of_one_token_steps(arch, prefix):
+    """With row-independent (4-bit) products, every node's logits equal, bit for bit, those of its path decoded
+    one token at a time, whatever the node's depth (paths up to 9 deep: a tree with context drafts) and the
+    prefix's length (the products' and the softmax's vector tails fall differently)."""
+    model = _model(arch)
+    assert quantize_linears(model) > 0 and tree_attention.rows_independent(model, 32)
+    prompt, tree = _prompt(4, prefix), with_drafts(tree_buffers(PRESETS["cpu_small"]), 6)
+    n = tree.num_nodes
+    tokens = torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(5))
+    index = tree_attention.step_index(tree_attention.tree_paths(tree), prefix)
+    with torch.no_grad():
+        cache = BatchCache.for_model(model, capacity=prefix + n)
+        model(prompt, past_key_values=cache, use_cache=True)
+        tree_logits = model(tokens[None], past_key_values=cache, position_ids=(prefix + tree.depth)[None],
+                            use_cache=True, medusa_tree=[index]).logits[0]
+        for node in range(n):
+            alone = BatchCache.for_model(model, capacity=prefix + n)
+            model(prompt, past_key_values=alone, use_cache=True)
+            for d, j in enumerate(tree.attn_mask[node].nonzero().flatten().tolist()):
+                logits = model(tokens[j].view(1, 1), past_key_values=alone, position_ids=torch.tensor([[prefix + d]]),
+                               use_cache=True).logits[0, -1]
+            assert torch.equal(tree_logits[node], logits), f"node {node} (depth {int(tree.depth[node])})"
 
 
 @pytest.mark.parametrize("arch", PLAIN)
@@ -82,3 +109,20 @@ def test_a_batch_under_tree_attention_equals_each_row_alone(arch):
     for p, n, o in zip(prompts, (30, 12, 24), out):
         ref = model.generate(p[None], max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         assert torch.equal(o, ref[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_exactness_is_checked_on_this_machines_kernels(dtype, monkeypatch):
+    """The check at load sees the kernels' row property: keys as the product's rows pass here; queries as its
+    rows (q kᵀ, as eager attention writes it) give a tree node other bits than a one-token step."""
+    model = _model("llama").to(dtype)
+    assert tree_attention.attention_exact(model, 12)
+
+    def queries_as_rows(q, k, v, scaling, mask=None, pad=None):
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        if pad is not None:
+            scores = scores.masked_fill(pad, float("-inf"))
+        return torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype), v)
+
+    monkeypatch.setattr(tree_attention, "_attend_rows", queries_as_rows)
+    assert not tree_attention.attention_exact(model, 12)

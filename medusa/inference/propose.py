@@ -16,7 +16,7 @@ from torch import nn
 from medusa.inference.dynamic import propose_dynamic
 from medusa.inference.heads import MedusaHeads, propose
 from medusa.inference.tree import DynamicTree, TreeBuffers, tree_buffers, with_drafts
-from medusa.inference.tree_attention import path_groups
+from medusa.inference.tree_attention import tree_paths
 
 
 class TreeShapes:
@@ -42,7 +42,7 @@ class TreeShapes:
         if key not in self._built:
             heads_tree = tree_buffers(list(paths)) if self.dynamic else self.tree
             t = with_drafts(heads_tree, drafted).to(self.device)
-            self._built[key] = (t, path_groups(t) if self.tree_attention else _additive(t.attn_mask, self.dtype))
+            self._built[key] = (t, tree_paths(t) if self.tree_attention else _additive(t.attn_mask, self.dtype))
         return self._built[key]
 
 

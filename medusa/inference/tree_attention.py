@@ -2,19 +2,30 @@
 
 With a 4D mask, a tree node attends to its ancestors at scattered cache positions (siblings masked out in
 between), so the attention sums run over the keys in another arrangement than `generate` uses when it
-decodes that path token by token. In bf16 that moves logits by a rounding step, and greedy near-ties then
-flip: the tree's output drifts from `generate`'s. This attention function (registered with transformers'
-`AttentionInterface`, so every model that routes attention through it can use it; no modeling code is
-copied) computes eager attention, and for a tree step gathers, for each node, the prefix followed by its own
-path in order, grouped by depth so each group is one batched product with exactly the shapes of a one-token
-step. On CPUs whose bf16 matrix products are row-consistent (measured: up to 32 rows), tree verification is
-then bit-identical to `generate` run with this same attention (its one-token steps are plain eager math).
+decodes that path token by token. In bf16 (or with quantized products, which take bf16) that moves logits by
+a rounding step, and greedy near-ties then flip: the tree's output drifts from `generate`'s. This attention
+function (registered with transformers' `AttentionInterface`, so every model that routes attention through it
+can use it; no modeling code is copied) gives a tree node a one-token step's exact shapes along its own path:
+
+- attention runs over a padded row of keys: the key count rounded up to a multiple of ROW_MULTIPLE, the extra
+  keys blocked (a one-token step appends zeros; a product's or a softmax's bits can depend on how many rows
+  or columns it has, never on what a blocked key holds);
+- per kv head, the scores are k qᵀ for the `rep` query heads that share it (no kv head is copied);
+- a tree step gathers each node's keys and values (its prefix, then its path, then filler) and runs the nodes
+  of one padded width as one batch of those products: one group per step, two where the tree's rows straddle
+  a multiple of ROW_MULTIPLE, whatever the tree's depth.
+
+That a batch of products gives each member the bits it gets alone belongs to the CPU's kernels: `rows_independent`
+checks the linear layers' products and `attention_exact` this attention at load. Where both hold, tree
+verification is bit-identical to `generate` run with this same attention (its one-token steps are these).
 
 Use: load the base with `attn_implementation="medusa_tree"` (`--attn medusa_tree`); the decode loop then
-passes `medusa_tree=[step_index(groups, cache_length) for each batch row]` on tree steps instead of a mask.
+passes `medusa_tree=[step_index(tree_paths(tree), cache_length) for each batch row]` on tree steps instead of a mask.
 Plain softmax attention only: soft-capped or sink-token attention is refused.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,6 +34,7 @@ from medusa.inference.quantized import Int4Linear, device_of
 
 NAME = "medusa_tree"
 _UNSUPPORTED = ("softcap", "s_aux", "sinks")
+ROW_MULTIPLE = 64            # attention rows are padded to a multiple of this many columns
 
 
 def register() -> None:
@@ -63,24 +75,86 @@ def rows_independent(model, rows: int) -> bool:
     return True
 
 
-def path_groups(tree) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """Per depth d: (node indices (n,), each node's ancestors from the root to itself (n, d + 1))."""
+@torch.no_grad()
+def attention_exact(model, nodes: int) -> bool:
+    """Whether this machine's kernels give a tree step of up to `nodes` nodes (a chain, the deepest case) the
+    attention bits of one-token steps, for the model's head sizes and dtype (see the module's docstring)."""
+    cfg = model.config.get_text_config(decoder=True)
+    heads = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    device = device_of(model.get_output_embeddings())
+    gen = torch.Generator(device=device).manual_seed(0)
+    probe = nn.Module().eval()
+    chain = Paths(torch.arange(nodes, device=device), torch.arange(nodes, device=device).expand(nodes, nodes).tril())
+    for prefix in (7, 100, 301):
+        q, k, v = (torch.randn(1, h, n, dim, generator=gen, device=device) ** 3 for h, n in
+                   ((heads, nodes), (hkv, prefix + nodes), (hkv, prefix + nodes)))
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        tree, _ = tree_attention(probe, q, k, v, None, dim ** -0.5, medusa_tree=[step_index(chain, prefix)])
+        for i in range(nodes):
+            end = prefix + i + 1
+            alone, _ = tree_attention(probe, q[:, :, i:i + 1], k[:, :, :end], v[:, :, :end], None, dim ** -0.5)
+            if not torch.equal(tree[:, i], alone[:, 0]):
+                return False
+    return True
+
+
+@dataclass(frozen=True)
+class Paths:
+    depth: torch.Tensor        # (n,)
+    ancestors: torch.Tensor    # (n, max depth + 1): node i's path in its first depth[i] + 1 columns, then zeros
+
+
+def tree_paths(tree) -> Paths:
+    """A tree's paths, once per tree shape: each node's depth and its ancestors from the root to itself."""
+    depth = tree.depth.to(torch.long)
+    width = int(depth.max()) + 1
+    ancestors = torch.zeros(depth.numel(), width, dtype=torch.long, device=depth.device)
+    for node in range(depth.numel()):
+        path = tree.attn_mask[node].nonzero().flatten()           # depth order
+        ancestors[node, :path.numel()] = path
+    return Paths(depth, ancestors)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Nodes of one row's tree step whose attention rows have the same padded `width`: `rows` (g,), `index`
+    (g * width,) the cache positions each attends to (its prefix, its path, then position 0 as filler), `pad`
+    (g, 1, width) True at the filler; or `index` None: a lone root, over the first `length` positions."""
+    rows: torch.Tensor
+    index: torch.Tensor | None
+    pad: torch.Tensor | None
+    width: int
+    length: int = 0
+
+
+def padded(length: int) -> int:
+    """The width of an attention row over `length` keys: a one-token step and a tree node alike run their
+    products and softmax over this many keys, the extra ones blocked (a product's or a softmax's bits can depend
+    on how many rows or columns it has), so that nodes at different depths run as one batch."""
+    return -(-length // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
+def step_index(paths: Paths, prefix: int) -> tuple[Group, ...]:
+    """For a tree step after `prefix` cached tokens: its nodes, grouped by padded row width."""
+    lengths = prefix + paths.depth + 1
+    widths = (lengths + ROW_MULTIPLE - 1) // ROW_MULTIPLE * ROW_MULTIPLE
     groups = []
-    for d in range(int(tree.depth.max()) + 1):
-        rows = (tree.depth == d).nonzero().flatten()
-        ancestors = torch.stack([tree.attn_mask[r].nonzero().flatten() for r in rows])  # depth order
-        groups.append((rows, ancestors))
+    for width in widths.unique().tolist():
+        rows = (widths == width).nonzero().flatten()
+        if rows.numel() == 1 and paths.depth[rows[0]] == 0:     # a lone root: the prefix and itself, in order
+            groups.append(Group(rows, None, None, width, prefix + 1))
+            continue
+        tail = min(width - prefix, paths.ancestors.shape[1])
+        index = torch.zeros(rows.numel(), width, dtype=torch.long, device=rows.device)
+        index[:, :prefix] = torch.arange(prefix, device=rows.device)
+        index[:, prefix:prefix + tail] = paths.ancestors[rows, :tail] + prefix
+        pad = torch.arange(width, device=rows.device)[None] >= lengths[rows][:, None]
+        index[pad] = 0
+        groups.append(Group(rows, index.flatten(), pad[:, None], width))
     return tuple(groups)
-
-
-def step_index(groups, prefix: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """For a tree step after `prefix` cached tokens: per depth group, (node indices, the cache positions each
-    node attends to: the prefix, then its path)."""
-    out = []
-    for rows, ancestors in groups:
-        before = torch.arange(prefix, device=ancestors.device).expand(rows.numel(), prefix)
-        out.append((rows, torch.cat([before, ancestors + prefix], dim=1)))
-    return tuple(out)
 
 
 def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -89,7 +163,7 @@ def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _attend(q, k, v, scaling, mask=None):
-    """softmax(q kᵀ * scaling + mask) v, with the softmax in fp32 as transformers' eager attention does."""
+    """softmax(q kᵀ * scaling + mask) v, with the softmax in fp32 as transformers' eager attention does (prefill)."""
     weights = torch.matmul(q, k.transpose(-1, -2)) * scaling
     if mask is not None:
         weights = weights + mask
@@ -97,11 +171,36 @@ def _attend(q, k, v, scaling, mask=None):
     return torch.matmul(weights, v), weights
 
 
+def _attend_rows(q, k, v, scaling, pad, mask=None) -> torch.Tensor:
+    """A one-token step's attention, the same for a tree node: q (..., rep, D) the query heads sharing a kv head,
+    k and v (..., W, D) a padded row of keys (W a multiple of ROW_MULTIPLE) -> (..., rep, D); `pad` (..., W)
+    True at the filler keys, blocked."""
+    scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2) * scaling   # a key's scores: its own row
+    if mask is not None:
+        scores = scores + mask
+    scores = scores.masked_fill(pad, float("-inf")).contiguous()
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
+
+
+def _padded_keys(key, value, mask, length: int):
+    """The first `length` keys and values (B, Hkv, L, D) as a padded row: zeros appended up to padded(length),
+    the mask (if any) extended, and the filler columns (W,)."""
+    width = padded(length)
+    key, value = key[:, :, :length], value[:, :, :length]
+    if width > length:
+        key = nn.functional.pad(key, (0, 0, 0, width - length))
+        value = nn.functional.pad(value, (0, 0, 0, width - length))
+        mask = None if mask is None else nn.functional.pad(mask, (0, width - length))
+    return key, value, mask, torch.arange(width, device=key.device) >= length
+
+
 def tree_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, medusa_tree=None, **kwargs):
     """query (B, H, q, D); key/value (B, Hkv, kv, D), the cache with this step's entries last.
 
     A one-token step and each tree node run the same products: per kv head, the `rep` query heads that share
-    it as `rep` rows against its keys (B, Hkv, rep, D) @ (B, Hkv, D, kv), so no kv head is copied."""
+    it against its keys, so no kv head is copied; a tree step gathers each node's keys and values (its prefix,
+    then its path) and runs its nodes as one batch of such products."""
     bad = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
     if bad:
         raise ValueError(f"attn_implementation='{NAME}' computes plain softmax attention, but this model's "
@@ -111,19 +210,27 @@ def tree_attention(module, query, key, value, attention_mask, scaling, dropout=0
     B, H, n, D = query.shape
     hkv = key.shape[1]
     rep = H // hkv
-    mask = None if attention_mask is None else attention_mask[..., : key.shape[-2]]
+    mask = None if attention_mask is None else attention_mask[..., :key.shape[-2]]
     if medusa_tree is None and n > 1:             # prefill: eager attention, as the transformers models write it
         out, weights = _attend(query, _repeat_kv(key, rep), _repeat_kv(value, rep), scaling, mask)
         return out.transpose(1, 2).contiguous(), weights
     if medusa_tree is None:                       # one-token step
-        out, weights = _attend(query.view(B, hkv, rep, D), key, value, scaling, mask)
-        return out.view(B, 1, H, D), weights
-    # a batch row's padding nodes (beyond its own tree) are in no group: zeros, never read
+        k, v, mask, pad = _padded_keys(key, value, mask, key.shape[-2])
+        out = _attend_rows(query.reshape(B, hkv, rep, D).contiguous(), k, v, scaling, pad, mask)
+        return out.view(B, 1, H, D), None
+    # a batch row's padding nodes (beyond its own tree) are left out: zeros, never read
     out = (torch.zeros_like if B > 1 else torch.empty_like)(query).view(B, hkv, rep, n, D)
     q = query.view(B, hkv, rep, n, D)
-    for b, groups in enumerate(medusa_tree):      # per batch row, per depth group
-        for rows, idx in groups:                  # idx: (g, prefix + depth + 1) cache positions per node
-            o, _ = _attend(q[b:b + 1, :, :, rows].transpose(2, 3), key[b:b + 1, :, idx], value[b:b + 1, :, idx],
-                           scaling)
-            out[b:b + 1, :, :, rows] = o.transpose(2, 3)    # o: (1, Hkv, g, rep, D)
+    for b, groups in enumerate(medusa_tree):      # per batch row, per group of nodes
+        for grp in groups:
+            qg = q[b][:, :, grp.rows].transpose(1, 2).contiguous()          # (Hkv, g, rep, D)
+            if grp.index is None:                 # a lone root: the prefix and itself, in cache order
+                k, v, _, pad = _padded_keys(key[b:b + 1], value[b:b + 1], None, grp.length)
+                k, v = k.transpose(0, 1), v.transpose(0, 1)                  # (Hkv, 1, W, D)
+            else:
+                shape = (hkv, grp.rows.numel(), grp.width, D)
+                k = key[b].index_select(1, grp.index).view(shape)
+                v = value[b].index_select(1, grp.index).view(shape)
+                pad = grp.pad
+            out[b, :, :, grp.rows] = _attend_rows(qg, k, v, scaling, pad).transpose(1, 2)
     return out.view(B, H, n, D).transpose(1, 2).contiguous(), None
