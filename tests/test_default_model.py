@@ -89,6 +89,20 @@ def test_cli_refuses_bad_draft_lengths_before_loading():
     assert "short draft length" in r.stderr and "5" in r.stderr and "Ready" not in r.stderr
 
 
+def test_gguf_blocks_give_the_logits_of_the_fp32_model_with_its_blocks_kept():
+    """The CPU default (quantize="gguf") gives, bit for bit, the logits of the model loaded dequantized to fp32
+    whose layers are then replaced by the file's blocks, matched by content (quantize_in_place)."""
+    from medusa.inference import loading
+
+    direct, tok = loading.load_base_model(None)
+    ref, _ = loading.load_base_model(None, quantize="none")
+    loading.quantize_in_place(ref, "gguf", None)
+    ref.set_attn_implementation(direct.config._attn_implementation)
+    ids = encode_prompt(tok, [{"role": "user", "content": PROMPTS[1]}])
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, ref(ids).logits)
+
+
 def test_plain_steps_match_generate_bit_for_bit_in_bf16():
     """One-token steps over our cache take the model's own mask-free attention path, as `generate` does
     with a DynamicCache, so even bf16 logits agree exactly (an explicit all-zero mask picks another kernel
