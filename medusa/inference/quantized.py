@@ -97,15 +97,16 @@ class Int4Linear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """An embedding held as int8 codes with an fp32 scale and zero per group of 32: row = codes * scale + zero."""
+    """An embedding held as int8 codes with an fp32 scale and zero per group of 32: row = codes * scale + zero,
+    computed in fp32 and given in `dtype` (the model's)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
-                 padding_idx: int | None = None):
+                 padding_idx: int | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_embeddings, self.embedding_dim = codes.shape
         if not fits(self.embedding_dim):
             raise ValueError(f"QuantEmbedding needs rows in groups of {GROUP}; these have {self.embedding_dim}")
-        self.padding_idx = padding_idx
+        self.padding_idx, self.dtype = padding_idx, dtype
         self.register_buffer("codes", codes.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("zero", None if zero is None or not zero.any() else zero.float().contiguous())
@@ -115,7 +116,7 @@ class QuantEmbedding(nn.Module):
         w = self.codes[ids].float().unflatten(-1, (g, GROUP)) * self.scale[ids][..., None]
         if self.zero is not None:
             w = w + self.zero[ids][..., None]
-        return w.flatten(-2)
+        return w.flatten(-2).to(self.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids)
