@@ -49,11 +49,11 @@ def _fp16(b: np.ndarray) -> torch.Tensor:
 
 def _nibbles(qs: np.ndarray) -> torch.Tensor:
     """(blocks, 16) bytes -> (blocks, 32) codes 0..15: low nibbles first, then high."""
-    return torch.from_numpy(np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int32))
+    return torch.from_numpy(np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int8))
 
 
 def decode_blocks(kind: str, raw: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A tensor's raw blocks -> (codes (n, k), scale (n, k/32), zero (n, k/32) or None) with
+    """A tensor's raw blocks -> (codes (n, k) int8, scale (n, k/32), zero (n, k/32) or None) with
     w = codes * scale + zero computed exactly as `gguf`'s dequantization does (codes signed for Q4_0 and Q8_0)."""
     if kind == "Q4_K":
         return _decode_q4_k(np.asarray(raw, dtype=np.uint8), n, k)
@@ -64,7 +64,7 @@ def decode_blocks(kind: str, raw: np.ndarray, n: int, k: int) -> tuple[torch.Ten
     if kind == "Q4_1":
         return _nibbles(b[:, 4:]).reshape(n, k), d, _fp16(b[:, 2:4]).reshape(n, -1)
     if kind == "Q8_0":
-        return torch.from_numpy(np.ascontiguousarray(b[:, 2:]).view(np.int8).astype(np.int32)).reshape(n, k), d, None
+        return torch.from_numpy(np.ascontiguousarray(b[:, 2:]).view(np.int8)).reshape(n, k), d, None
     raise ValueError(f"GGUF tensor type {kind} is not kept quantized (supported: {', '.join(SUPPORTED)})")
 
 
@@ -75,7 +75,7 @@ def _decode_q4_k(raw: np.ndarray, n: int, k: int):
     d, dmin = _fp16(b[:, :2]), _fp16(b[:, 2:4])                            # (blocks, 1)
     sc, m = gguf.quants.Q4_K.get_scale_min(np.ascontiguousarray(b[:, 4:16]))  # (blocks, 8) each
     qs = b[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-    codes = torch.from_numpy((qs & 0x0F).astype(np.int32)).reshape(n, k)
+    codes = torch.from_numpy((qs & 0x0F).astype(np.int8)).reshape(n, k)
     scale = (d * torch.from_numpy(sc.astype(np.float32))).reshape(n, -1)
     zero = -(dmin * torch.from_numpy(m.astype(np.float32))).reshape(n, -1)
     return codes, scale, zero

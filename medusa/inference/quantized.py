@@ -54,17 +54,17 @@ class Int4Linear(nn.Module):
         if not fits(k):
             raise ValueError(f"Int4Linear needs inputs in groups of {GROUP}; this weight has {k}")
         self.in_features, self.out_features, self.parts = k, n, len(parts)
-        pad = -n % _N_MULTIPLE
-        codes, scales, zeros = [], [], []
-        for q, s, z in parts:
-            codes.append(nn.functional.pad(q.to(torch.int32), (0, 0, 0, pad)))
-            scales.append(nn.functional.pad(s.float(), (0, 0, 0, pad)))
-            zeros.append(nn.functional.pad(z.float(), (0, 0, 0, pad)))
-        self.padded = n + pad
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.cat(codes).contiguous(), 1)
+        self.padded = n + -n % _N_MULTIPLE
+        # the parts stacked along N, each padded with zero rows to a multiple of 16, written in place
+        codes = torch.zeros(self.padded * len(parts), k, dtype=torch.int32)
+        scales, zeros = torch.zeros(2, self.padded * len(parts), k // GROUP)
+        for i, (q, s, z) in enumerate(parts):
+            rows = slice(i * self.padded, i * self.padded + n)
+            codes[rows], scales[rows], zeros[rows] = q, s, z
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         self.register_buffer("packed", packed)
         # (K/32, N', 2): the kernel's layout of each group's scale and zero
-        sz = torch.stack([torch.cat(scales).t(), torch.cat(zeros).t()], dim=-1).to(ACT_DTYPE).contiguous()
+        sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(ACT_DTYPE).contiguous()
         self.register_buffer("scales_and_zeros", sz)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
@@ -130,7 +130,7 @@ class QuantEmbedding(nn.Module):
 
 def int8_parts(codes: torch.Tensor, scale: torch.Tensor) -> Parts:
     """Int4Linear parts for 8-bit codes (N, K) in -128..127 with a scale per group: two 4-bit halves."""
-    c = codes.to(torch.int32) + 128
+    c = codes.to(torch.int16) + 128
     return [(c >> 4, 16 * scale, 8 * scale), (c & 15, scale, torch.zeros_like(scale))]
 
 
