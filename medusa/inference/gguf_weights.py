@@ -206,6 +206,9 @@ def _transformers_conversion(reader, model):
     gguf.get_tensor_name_map = functools.lru_cache(build)
     try:
         names = get_gguf_hf_weights_map(model, processor)
+    except NotImplementedError as e:               # gguf has no name table for this architecture
+        raise ValueError(f"cannot read a {model.config.model_type} model's weights from a GGUF file: "
+                         f"{str(e).split('. ')[0]}") from None
     finally:
         gguf.get_tensor_name_map = build
     parsed = {"config": config, "tensors": {}}
