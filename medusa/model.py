@@ -184,7 +184,7 @@ class MedusaModel(nn.Module):
                         pack_weights: str = "auto", compile: bool = False, log=None) -> "MedusaModel":
         """Load heads + base. `name_or_path` is a heads folder (ours or the original Medusa format), a base
         model (Hub id, folder or GGUF file; new untrained heads), or None for the embedded default.
-        `quantize`: None (a quantized GGUF file on a CPU keeps its 4-bit weights, anything else loads as stored),
+        `quantize`: None (a GGUF file on a CPU loads as stored, its 4-bit weights kept; anything else as stored),
         "none", "gguf", "int4", "int8" (CPU) or "8bit", "4bit" (bitsandbytes, CUDA): loading.QUANTIZE.
         `lookup`: tokens copied from the context per step as extra candidates: an int or LookupOptions
         (lookup.as_lookup).

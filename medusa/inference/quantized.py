@@ -54,17 +54,17 @@ class Int4Linear(nn.Module):
         if not fits(k):
             raise ValueError(f"Int4Linear needs inputs in groups of {GROUP}; this weight has {k}")
         self.in_features, self.out_features, self.parts = k, n, len(parts)
-        pad = -n % _N_MULTIPLE
-        codes, scales, zeros = [], [], []
-        for q, s, z in parts:
-            codes.append(nn.functional.pad(q.to(torch.int32), (0, 0, 0, pad)))
-            scales.append(nn.functional.pad(s.float(), (0, 0, 0, pad)))
-            zeros.append(nn.functional.pad(z.float(), (0, 0, 0, pad)))
-        self.padded = n + pad
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.cat(codes).contiguous(), 1)
+        self.padded = n + -n % _N_MULTIPLE
+        # the parts stacked along N, each padded with zero rows to a multiple of 16, written in place
+        codes = torch.zeros(self.padded * len(parts), k, dtype=torch.int32)
+        scales, zeros = torch.zeros(2, self.padded * len(parts), k // GROUP)
+        for i, (q, s, z) in enumerate(parts):
+            rows = slice(i * self.padded, i * self.padded + n)
+            codes[rows], scales[rows], zeros[rows] = q, s, z
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         self.register_buffer("packed", packed)
         # (K/32, N', 2): the kernel's layout of each group's scale and zero
-        sz = torch.stack([torch.cat(scales).t(), torch.cat(zeros).t()], dim=-1).to(ACT_DTYPE).contiguous()
+        sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(ACT_DTYPE).contiguous()
         self.register_buffer("scales_and_zeros", sz)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
@@ -97,15 +97,16 @@ class Int4Linear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """An embedding held as int8 codes with an fp32 scale and zero per group of 32: row = codes * scale + zero."""
+    """An embedding held as int8 codes with an fp32 scale and zero per group of 32: row = codes * scale + zero,
+    computed in fp32 and given in `dtype` (the model's)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
-                 padding_idx: int | None = None):
+                 padding_idx: int | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_embeddings, self.embedding_dim = codes.shape
         if not fits(self.embedding_dim):
             raise ValueError(f"QuantEmbedding needs rows in groups of {GROUP}; these have {self.embedding_dim}")
-        self.padding_idx = padding_idx
+        self.padding_idx, self.dtype = padding_idx, dtype
         self.register_buffer("codes", codes.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("zero", None if zero is None or not zero.any() else zero.float().contiguous())
@@ -115,7 +116,7 @@ class QuantEmbedding(nn.Module):
         w = self.codes[ids].float().unflatten(-1, (g, GROUP)) * self.scale[ids][..., None]
         if self.zero is not None:
             w = w + self.zero[ids][..., None]
-        return w.flatten(-2)
+        return w.flatten(-2).to(self.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids)
@@ -129,7 +130,7 @@ class QuantEmbedding(nn.Module):
 
 def int8_parts(codes: torch.Tensor, scale: torch.Tensor) -> Parts:
     """Int4Linear parts for 8-bit codes (N, K) in -128..127 with a scale per group: two 4-bit halves."""
-    c = codes.to(torch.int32) + 128
+    c = codes.to(torch.int16) + 128
     return [(c >> 4, 16 * scale, 8 * scale), (c & 15, scale, torch.zeros_like(scale))]
 
 

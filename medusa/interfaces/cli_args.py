@@ -29,7 +29,7 @@ def add_quantize(p, choices=None) -> None:
     from medusa.inference.loading import QUANTIZE
 
     choices = choices or QUANTIZE
-    cpu = "; on a CPU: gguf keeps a GGUF file's 4-bit weights (the default there for a quantized GGUF), int4/int8 " \
+    cpu = "; on a CPU: gguf keeps a GGUF file's 4-bit weights (the default there for a GGUF file), int4/int8 " \
           "quantize at load, none dequantizes" if "gguf" in choices else ""
     p.add_argument("--quantize", choices=choices, help=f"base weights: 8bit or 4bit via bitsandbytes (CUDA){cpu}")
     p.add_argument("--load-in-8bit", action="store_true", help="deprecated: --quantize 8bit")
