@@ -130,8 +130,8 @@ class Group:
     length: int = 0
 
 
-def padded(length: int) -> int:
-    """The width of an attention row over `length` keys: a one-token step and a tree node alike run their
+def padded(length):
+    """The width of an attention row over `length` keys (an int, or a tensor of them): a one-token step and a tree node alike run their
     products and softmax over this many keys, the extra ones blocked (a product's or a softmax's bits can depend
     on how many rows or columns it has), so that nodes at different depths run as one batch."""
     return -(-length // ROW_MULTIPLE) * ROW_MULTIPLE
@@ -140,7 +140,7 @@ def padded(length: int) -> int:
 def step_index(paths: Paths, prefix: int) -> tuple[Group, ...]:
     """For a tree step after `prefix` cached tokens: its nodes, grouped by padded row width."""
     lengths = prefix + paths.depth + 1
-    widths = (lengths + ROW_MULTIPLE - 1) // ROW_MULTIPLE * ROW_MULTIPLE
+    widths = padded(lengths)
     groups = []
     for width in widths.unique().tolist():
         rows = (widths == width).nonzero().flatten()
