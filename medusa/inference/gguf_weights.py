@@ -254,27 +254,27 @@ def keep_quantized(model: nn.Module, path: str | Path, *, log=None) -> dict:
     import gguf
 
     tensors = [_Tensor(t) for t in gguf.GGUFReader(str(path)).tensors if _keepable(t)]
-    waiting: dict[tuple, list] = {}        # (shape, fingerprint) -> the layers whose weights give them
+    waiting: dict[tuple, list] = {}        # (shape, fingerprint) -> the layers whose weights give them, and those
     for target in list(_targets(model)):
         w = _dense(target[3])
-        waiting.setdefault((w.shape, _fingerprint(w)), []).append(target)
+        waiting.setdefault((w.shape, _fingerprint(w)), []).append((target, w))
     report = {"kept": [], "dense": []}
     for t in tensors:
         ref = t.dense()                    # each tensor dequantized once
         group = waiting.get((ref.shape, _fingerprint(ref)), [])
-        for target in list(group):
-            name, parent, attr, module = target
-            order = _row_order(ref, _dense(module))
+        for entry in list(group):
+            (name, parent, attr, module), w = entry
+            order = _row_order(ref, w)
             if order is False:
                 continue
-            group.remove(target)
+            group.remove(entry)
             if not fits(t.k):
                 report["dense"].append((name, f"{t.k} inputs are not a multiple of {GROUP}"))
                 continue
             new = _quantized_module(t, order, module, module.weight.dtype)
             setattr(parent, attr, new.to(module.weight.device))
             report["kept"].append((name, t.name, t.kind))
-    report["dense"] += [(name, "no quantized tensor of the file holds these weights")
-                        for group in waiting.values() for name, *_ in group]
+    report["dense"] += [(target[0], "no quantized tensor of the file holds these weights")
+                        for group in waiting.values() for target, _ in group]
     _log_report(log, path, report)
     return report
