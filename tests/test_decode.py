@@ -111,7 +111,8 @@ def test_greedy_equals_plain_greedy_parent_token_heads(arch):
 def test_parent_token_heads_propose_each_node_after_its_own_parent():
     """Every node's token is its head's rank-th guess given the hidden state, the root, and that node's parent
     token, computed here one node at a time; a draft vocabulary maps output rows to tokens."""
-    from medusa.inference.heads import DraftProjection, propose
+    from medusa.inference.draft_head import DraftProjection
+    from medusa.inference.heads import propose
 
     model = tiny_model("llama")
     heads = random_heads(parent_token=True)
@@ -239,7 +240,7 @@ def test_no_state_left_on_model_between_calls():
 
 
 def test_fp32_cpu_guesses_come_from_a_bf16_copy_of_the_lm_head():
-    from medusa.inference.heads import draft_projection
+    from medusa.inference.draft_head import draft_projection
 
     model = tiny_model("llama")
     lm_head = model.get_output_embeddings()
@@ -267,7 +268,8 @@ def _draft_vocab_heads(seen):
 def test_draft_vocabulary_guesses_are_the_best_seen_tokens(dtype):
     """Heads trained on some tokens guess only among them: the same top-k as the full product with the other
     tokens masked out, read from only their rows (a bf16 copy of them for an fp32 CPU base)."""
-    from medusa.inference.heads import DraftProjection, guess
+    from medusa.inference.draft_head import DraftProjection
+    from medusa.inference.heads import guess
 
     seen = torch.arange(3, VOCAB, 2)                  # odd tokens: a guess left unmapped would show as even
     heads = _draft_vocab_heads(seen)
@@ -328,7 +330,7 @@ def test_dynamic_tree_follows_the_heads():
     """Each step's paths are the most probable under the heads' softmax (computed here directly) and each
     node's token its head's rank-th guess."""
     from medusa.inference.dynamic import propose_dynamic
-    from medusa.inference.heads import DraftProjection
+    from medusa.inference.draft_head import DraftProjection
     from medusa.inference.tree import DynamicTree, most_likely_paths
 
     model = tiny_model("llama")
@@ -373,7 +375,7 @@ def test_dynamic_tree_of_parent_token_heads_is_the_most_probable_by_brute_force(
     paths of highest probability among all paths (each node's children computed after its own token), and
     each node's token is its head's rank-th guess after its parent."""
     from medusa.inference.dynamic import propose_dynamic
-    from medusa.inference.heads import DraftProjection
+    from medusa.inference.draft_head import DraftProjection
     from medusa.inference.tree import DynamicTree
 
     model = tiny_model("llama")
