@@ -140,7 +140,7 @@ class MedusaModel(nn.Module):
 
     @property
     def draft_head(self) -> nn.Module:
-        """What turns the heads' features into guesses (heads.draft_projection)."""
+        """What turns the heads' features into guesses (draft_head.draft_projection)."""
         return self.engine.proposer.draft_head
 
     @property

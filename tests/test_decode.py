@@ -111,13 +111,16 @@ def test_greedy_equals_plain_greedy_parent_token_heads(arch):
 def test_parent_token_heads_propose_each_node_after_its_own_parent():
     """Every node's token is its head's rank-th guess given the hidden state, the root, and that node's parent
     token, computed here one node at a time; a draft vocabulary maps output rows to tokens."""
-    from medusa.inference.heads import DraftProjection, propose
+    from medusa.inference.draft_head import DraftProjection, Int4DraftProjection
+    from medusa.inference.heads import propose
 
     model = tiny_model("llama")
     heads = random_heads(parent_token=True)
     tree = tree_buffers([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 3), (0, 0, 0), (1, 0, 2)])
     hidden, root, emb = torch.randn(HIDDEN), torch.tensor(7), model.get_input_embeddings()
-    for draft in (model.lm_head, DraftProjection(model.lm_head, torch.arange(5, VOCAB, 2), torch.float32)):
+    seen = torch.arange(5, VOCAB, 2)
+    drafts = (DraftProjection(model.lm_head, seen, torch.float32), Int4DraftProjection(model.lm_head, seen, exact=4))
+    for draft in (model.lm_head, *drafts):
         ids = getattr(draft, "token_ids", torch.arange(VOCAB))
         with torch.no_grad():
             tokens = propose(heads, tree, hidden, root, draft, emb)
@@ -238,18 +241,25 @@ def test_no_state_left_on_model_between_calls():
 
 
 
-def test_fp32_cpu_guesses_come_from_a_bf16_copy_of_the_lm_head():
-    from medusa.inference.heads import draft_projection
+def test_cpu_guesses_come_from_4_bit_draft_rows_rescored(monkeypatch):
+    """An fp32 base on a CPU (a quantized one: test_quantized.py): the heads guess through 4-bit codes of the
+    lm_head's rows, each guess's best rescored from bf16 rows; bf16 rows alone without torch's int4 kernel; a
+    bf16 base, and heads with their own projections, through the lm_head itself."""
+    from medusa.inference import draft_head
+    from medusa.inference.draft_head import DraftProjection, Int4DraftProjection, draft_projection
 
     model = tiny_model("llama")
     lm_head = model.get_output_embeddings()
     m = MedusaModel(model, random_heads())
-    assert m.draft_head is not lm_head and m.draft_head.weight.dtype == torch.bfloat16
-    torch.testing.assert_close(m.draft_head.weight.float(), lm_head.weight, atol=1e-2, rtol=1e-2)
+    assert isinstance(m.draft_head, Int4DraftProjection) and m.draft_head.rows.dtype == torch.bfloat16
+    torch.testing.assert_close(m.draft_head.rows.float(), lm_head.weight, atol=1e-2, rtol=1e-2)
     hidden = torch.randn(50, lm_head.in_features)
     agree = (m.heads(hidden, m.draft_head).argmax(-1) == m.heads(hidden, lm_head).argmax(-1)).float().mean()
     assert agree > 0.95
     assert draft_projection(lm_head, random_heads(shared=False)) is lm_head      # own projections: untouched
+    monkeypatch.setattr(draft_head, "available", lambda: False)
+    assert type(draft_projection(lm_head, random_heads())) is DraftProjection
+    monkeypatch.undo()
     assert MedusaModel(model.to(torch.bfloat16), random_heads()).draft_head is lm_head
 
 
@@ -266,17 +276,18 @@ def _draft_vocab_heads(seen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_draft_vocabulary_guesses_are_the_best_seen_tokens(dtype):
     """Heads trained on some tokens guess only among them: the same top-k as the full product with the other
-    tokens masked out, read from only their rows (a bf16 copy of them for an fp32 CPU base)."""
-    from medusa.inference.heads import DraftProjection, guess
+    tokens masked out, read from only their rows (4-bit codes and bf16 rows of them for an fp32 CPU base)."""
+    from medusa.inference.draft_head import DraftProjection
+    from medusa.inference.heads import guess
 
     seen = torch.arange(3, VOCAB, 2)                  # odd tokens: a guess left unmapped would show as even
     heads = _draft_vocab_heads(seen)
     model = tiny_model("llama").to(dtype)
     m = MedusaModel(model, heads)
-    assert m.draft_head.weight.shape[0] == seen.numel() == heads.config.draft_vocab_size
+    assert m.draft_head.out_features == seen.numel() == heads.config.draft_vocab_size
     hidden = torch.randn(50, HIDDEN, dtype=dtype)
     got = guess(heads, hidden, m.draft_head, 5)                                       # (K, 50, 5)
-    full = heads(hidden, DraftProjection(model.get_output_embeddings(), None, m.draft_head.weight.dtype))
+    full = heads(hidden, DraftProjection(model.get_output_embeddings(), None, torch.bfloat16))
     masked = torch.full_like(full, float("-inf"))
     masked[..., seen] = full[..., seen]
     best = masked.topk(5, dim=-1)
@@ -328,7 +339,7 @@ def test_dynamic_tree_follows_the_heads():
     """Each step's paths are the most probable under the heads' softmax (computed here directly) and each
     node's token its head's rank-th guess."""
     from medusa.inference.dynamic import propose_dynamic
-    from medusa.inference.heads import DraftProjection
+    from medusa.inference.draft_head import DraftProjection
     from medusa.inference.tree import DynamicTree, most_likely_paths
 
     model = tiny_model("llama")
@@ -373,7 +384,7 @@ def test_dynamic_tree_of_parent_token_heads_is_the_most_probable_by_brute_force(
     paths of highest probability among all paths (each node's children computed after its own token), and
     each node's token is its head's rank-th guess after its parent."""
     from medusa.inference.dynamic import propose_dynamic
-    from medusa.inference.heads import DraftProjection
+    from medusa.inference.draft_head import DraftProjection
     from medusa.inference.tree import DynamicTree
 
     model = tiny_model("llama")

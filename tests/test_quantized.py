@@ -243,3 +243,48 @@ def test_trees_are_calibrated_apart_for_4_bit_weights():
     assert tree_for_device({"cpu": fp32, "cpu-int4": int4}, "cpu-int4") == int4
     assert tree_for_device({"cpu": fp32, "cpu-int4": int4}, "cpu") == fp32
     assert tree_for_device({"cpu": fp32}, "cpu-int4") == fp32            # the device's own, until calibrated
+
+
+def test_4_bit_draft_rows_rescored_guess_as_the_dense_rows():
+    """The heads' draft rows held as 4-bit codes, each guess's best rows scored again from bf16 rows: the dense
+    rows' top-k within bf16 rounding, where the 4-bit codes alone swap near-ties; outputs map to token ids."""
+    from medusa.inference.draft_head import DraftProjection, Int4DraftProjection
+
+    torch.manual_seed(0)
+    lm_head = Int4Linear(quantize_groupwise(torch.randn(3000, 64) * 0.1, 8))     # a GGUF Q8_0 lm_head's parts
+    ids = torch.arange(1, 3000, 3)
+    draft, dense = Int4DraftProjection(lm_head, ids), DraftProjection(lm_head, ids, torch.float32)
+    x = torch.randn(400, 64)
+    got, ref = draft(x), dense(x)
+
+    def same_top1(logits):
+        return float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
+
+    assert same_top1(got) > 0.98 and same_top1(draft.coarse(x)) < same_top1(got)
+    top = ref.topk(5).indices
+    torch.testing.assert_close(got.gather(-1, top), ref.gather(-1, top), atol=0.02, rtol=0.01)
+    assert (got.topk(5).indices == top).float().mean() > 0.95
+    assert torch.equal(draft.token_ids, ids) and draft.out_features == ids.numel()
+    assert torch.equal(draft(x[:1]), got[:1]) and draft(x[None]).shape == (1, 400, ids.numel())
+
+
+def test_a_quantized_base_guesses_through_4_bit_draft_rows_and_stays_exact():
+    """A quantized base's heads guess through an Int4DraftProjection of its lm_head's draft rows; greedy output
+    is still its generate's, token for token, with parent-token heads on a static and a dynamic tree."""
+    from medusa.inference.draft_head import Int4DraftProjection
+    from medusa.inference.heads import set_draft_vocab
+
+    model = tiny_model("llama")
+    quantize_linears(model)
+    heads = random_heads(parent_token=True)
+    counts = torch.zeros(96, dtype=torch.long)
+    counts[3:70] = 1
+    set_draft_vocab(heads, counts)
+    for tree in ("cpu_small", "dynamic:6"):
+        m = MedusaModel(model, heads, tree=tree, lookup=0)
+        assert isinstance(m.draft_head, Int4DraftProjection) and m.draft_head.out_features == 67
+        for seed in range(2):
+            ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(seed))
+            ref = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+            assert torch.equal(m.generate(ids, max_new_tokens=32), ref)
+

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from medusa.chat_format import encode_prompt
+from medusa.inference.draft_head import draft_projection
 from medusa.inference.dynamic import grow
-from medusa.inference.heads import draft_projection
 from medusa.inference.tree import DynamicTree, most_likely_paths, tree_nodes, tree_spec
 from medusa.training.accuracy import accuracy_by_rank, assistant_positions, guess_table
 from medusa.training.data import Example

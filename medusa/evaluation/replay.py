@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from medusa.evaluation.calibrate import accepted_depths, answer_example, dynamic_accepted
-from medusa.inference.heads import draft_projection
+from medusa.inference.draft_head import draft_projection
 from medusa.inference.tree import DynamicTree
 from medusa.training.accuracy import assistant_positions, guess_table
 

@@ -15,8 +15,8 @@ import torch
 from medusa.inference import packed_linear
 from medusa.inference.acceptance import SamplingOptions, accept, accept_greedy, next_token
 from medusa.inference.cache import context_limit, mask_layout
+from medusa.inference.draft_head import draft_projection
 from medusa.inference.greedy_head import greedy_head_for
-from medusa.inference.heads import draft_projection
 from medusa.inference.lookup import ContextIndex, LookupOptions
 from medusa.inference.propose import Candidates, Proposal, Proposer, TreeShapes
 from medusa.inference.quantized import device_of

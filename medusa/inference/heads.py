@@ -27,8 +27,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from medusa.inference.quantized import Int4Linear, dense_weight
-
 
 _FIELD_KINDS = {"int": ((int,), "an integer"), "bool": ((bool,), "true or false"),
                 "str | None": ((str, type(None)), "a string or null")}
@@ -225,20 +223,6 @@ def set_draft_vocab(heads: MedusaHeads, counts: torch.Tensor) -> None:
     heads.register_buffer("draft_vocab", ids.to(torch.long))
 
 
-class DraftProjection(nn.Linear):
-    """The heads' guesses: some rows of the base's lm_head (`token_ids[i]` is output i's token)."""
-
-    def __init__(self, lm_head: nn.Module, token_ids: torch.Tensor | None, dtype: torch.dtype):
-        w, b = dense_weight(lm_head).detach(), None if lm_head.bias is None else lm_head.bias.detach()
-        ids = torch.arange(w.shape[0], device=w.device) if token_ids is None else token_ids.to(w.device)
-        super().__init__(w.shape[1], ids.numel(), bias=b is not None, device="meta")  # no random init
-        self.weight = nn.Parameter(w[ids].to(dtype), requires_grad=False)
-        if b is not None:
-            self.bias = nn.Parameter(b[ids].to(dtype), requires_grad=False)
-        self.register_buffer("token_ids", ids, persistent=False)
-        self.eval()
-
-
 def guess(heads: MedusaHeads, hidden: torch.Tensor, draft_head: nn.Module, k: int, *, upto: int | None = None,
           next_embeds: torch.Tensor | None = None, parent_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """(upto or K, ..., k) token ids: each head's k best guesses, through `draft_head` (as at decode time)."""
@@ -286,21 +270,3 @@ def propose(heads: MedusaHeads, tree, hidden: torch.Tensor, root: torch.Tensor, 
             top = _best(heads.head_logits(d, hidden[:, None].expand(B, m, -1), draft_head, x, par), draft_head, k)
             tokens[:, nodes] = top[:, rows, tree.rank[nodes]]
     return tokens[0] if single else tokens
-
-
-def draft_projection(lm_head: nn.Module, heads: MedusaHeads) -> nn.Module:
-    """What turns shared-projection heads' features into guesses at decode time. Only each head's top-k
-    matters and the base model verifies every guess, so (outputs never change, guesses rarely):
-    - heads with a draft vocabulary guess among those tokens only (the product reads only their rows);
-    - with an fp32 or quantized base on a CPU the rows are copied once to bf16 (several times faster there).
-    Otherwise the base's own lm_head. `guess` maps output i to `token_ids[i]` when there is one."""
-    if heads.config.shared_lm_head and isinstance(lm_head, Int4Linear):
-        return DraftProjection(lm_head, getattr(heads, "draft_vocab", None), torch.bfloat16)
-    w = getattr(lm_head, "weight", None)
-    if not heads.config.shared_lm_head or not isinstance(lm_head, nn.Linear) or w is None:
-        return lm_head
-    vocab = getattr(heads, "draft_vocab", None)
-    fp32_cpu = w.dtype == torch.float32 and w.device.type == "cpu"
-    if vocab is None and not fp32_cpu:
-        return lm_head
-    return DraftProjection(lm_head, vocab, torch.bfloat16 if fp32_cpu else w.dtype)

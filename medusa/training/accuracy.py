@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from medusa.inference.heads import draft_projection, ranked_guesses, true_inputs
+from medusa.inference.draft_head import draft_projection
+from medusa.inference.heads import ranked_guesses, true_inputs
 from medusa.inference.quantized import device_of
 from medusa.training.data import Example, collate
 from medusa.training.features import last_hidden

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from medusa.inference.checkpoint import OUR_CONFIG, OUR_WEIGHTS, save_heads
-from medusa.inference.heads import DraftProjection, HeadsConfig, MedusaHeads, set_draft_vocab, true_inputs
+from medusa.inference.draft_head import DraftProjection
+from medusa.inference.heads import HeadsConfig, MedusaHeads, set_draft_vocab, true_inputs
 from medusa.training.data import collate, read_conversations, tokenize_conversation
 from medusa.training.losses import medusa_loss
 
