@@ -126,3 +126,20 @@ def test_attention_exactness_is_checked_on_this_machines_kernels(dtype, monkeypa
 
     monkeypatch.setattr(tree_attention, "_attend_rows", queries_as_rows)
     assert not tree_attention.attention_exact(model, 12)
+
+
+@pytest.mark.parametrize("length", [5, 63, 64, 100])
+def test_a_padded_row_read_from_the_caches_own_memory_equals_zeros_appended(length):
+    """A one-token step over a BatchCache row reads its filler keys from the row's memory past the length
+    (earlier, rejected entries: any finite values) instead of copying the row; blocked, they change no bit."""
+    gen = torch.Generator().manual_seed(0)
+    width = tree_attention.padded(length + 1)
+    keys, values = torch.randn(2, 2, 3, width, 16, generator=gen)         # 2 slots, 3 kv heads, stale past length
+    query = torch.randn(1, 6, 1, 16, generator=gen)
+    key, value = keys[1:2, :, :length], values[1:2, :, :length]
+    assert tree_attention._room(key, tree_attention.padded(length))
+    assert length % 64 == 0 or not tree_attention._room(key.contiguous(), tree_attention.padded(length))
+    module = torch.nn.Module().eval()
+    ours, _ = tree_attention.tree_attention(module, query, key, value, None, 0.25)
+    copied, _ = tree_attention.tree_attention(module, query, key.contiguous(), value.contiguous(), None, 0.25)
+    assert torch.equal(ours, copied)

@@ -25,6 +25,8 @@ import contextlib
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
+from medusa.inference.tree_attention import padded
+
 
 def sliding_window(config) -> int | None:
     """The attention window of the base model's sliding-window layers, if it has any in use (Mistral's
@@ -81,9 +83,12 @@ class _Layer(StaticLayer):
 
 
 class BatchCache(Cache):
-    """`slots` sequences of up to `capacity` entries each (capacity grows on demand)."""
+    """`slots` sequences of up to `capacity` entries each (capacity grows on demand). Capacity is kept a
+    multiple of tree_attention.ROW_MULTIPLE: medusa_tree's padded row of keys is then a view of the row's own
+    memory, not a copy."""
 
     def __init__(self, num_layers: int, slots: int = 1, capacity: int = 256):
+        capacity = padded(max(capacity, 1))
         super().__init__(layers=[_Layer(max_cache_len=capacity) for _ in range(num_layers)])
         self.slots, self.capacity = slots, capacity
         self.lengths = [0] * slots          # entries each row holds
@@ -134,7 +139,7 @@ class BatchCache(Cache):
         need = (self.lengths[row] if row is not None else max(self.lengths[:max(self.active, 1)])) + n
         if need <= self.capacity:
             return
-        self.capacity = max(need, 2 * self.capacity)
+        self.capacity = padded(max(need, 2 * self.capacity))
         for layer in self.layers:
             if layer.is_initialized:
                 layer.grow(self.capacity)

@@ -8,8 +8,9 @@ function (registered with transformers' `AttentionInterface`, so every model tha
 can use it; no modeling code is copied) gives a tree node a one-token step's exact shapes along its own path:
 
 - attention runs over a padded row of keys: the key count rounded up to a multiple of ROW_MULTIPLE, the extra
-  keys blocked (a one-token step appends zeros; a product's or a softmax's bits can depend on how many rows
-  or columns it has, never on what a blocked key holds);
+  keys blocked (a one-token step reads them from the cache's memory past the row, a BatchCache's capacity
+  being such a multiple, or appends zeros; a product's or a softmax's bits can depend on how many rows or
+  columns it has, never on what a blocked key holds, as long as it is finite);
 - per kv head, the scores are k qᵀ for the `rep` query heads that share it (no kv head is copied);
 - a tree step gathers each node's keys and values (its prefix, then its path, then filler) and runs the nodes
   of one padded width as one batch of those products: one group per step, two where the tree's rows straddle
@@ -183,15 +184,33 @@ def _attend_rows(q, k, v, scaling, pad, mask=None) -> torch.Tensor:
     return torch.matmul(weights, v)
 
 
+def _room(x: torch.Tensor, width: int) -> bool:
+    """Whether (B, Hkv, L, D) `x`, a view of a cache, has memory of its own for `width` positions per head: each
+    head's entries contiguous and at least `width` of them apart (a BatchCache's rows, whose capacity exceeds
+    the length in use), within the storage."""
+    B, H, _, D = x.shape
+    if x.stride(3) != 1 or x.stride(2) != D or x.stride(1) < width * D or (B > 1 and x.stride(0) < H * x.stride(1)):
+        return False
+    end = x.storage_offset() + (B - 1) * x.stride(0) + (H - 1) * x.stride(1) + width * D
+    return end * x.element_size() <= x.untyped_storage().nbytes()
+
+
 def _padded_keys(key, value, mask, length: int):
-    """The first `length` keys and values (B, Hkv, L, D) as a padded row: zeros appended up to padded(length),
-    the mask (if any) extended, and the filler columns (W,)."""
+    """The first `length` keys and values (B, Hkv, L, D) as a padded row up to padded(length), the mask (if
+    any) extended, and the filler columns (W,). The filler is the cache's own memory past the row where it has
+    room (zeros or earlier entries: finite, so a blocked key's zero weight leaves the sums as they are), else
+    zeros appended (a copy)."""
     width = padded(length)
-    key, value = key[:, :, :length], value[:, :, :length]
-    if width > length:
-        key = nn.functional.pad(key, (0, 0, 0, width - length))
-        value = nn.functional.pad(value, (0, 0, 0, width - length))
-        mask = None if mask is None else nn.functional.pad(mask, (0, width - length))
+    if width > length and _room(key, width) and _room(value, width):
+        key, value = (x.as_strided((*x.shape[:2], width, x.shape[3]), x.stride(), x.storage_offset())
+                      for x in (key, value))
+    else:
+        key, value = key[:, :, :length], value[:, :, :length]
+        if width > length:
+            key = nn.functional.pad(key, (0, 0, 0, width - length))
+            value = nn.functional.pad(value, (0, 0, 0, width - length))
+    if mask is not None and width > length:
+        mask = nn.functional.pad(mask[..., :length], (0, width - length))
     return key, value, mask, torch.arange(width, device=key.device) >= length
 
 
