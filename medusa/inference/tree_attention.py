@@ -14,7 +14,10 @@ can use it; no modeling code is copied) gives a tree node a one-token step's exa
 - per kv head, the scores are k qᵀ for the `rep` query heads that share it (no kv head is copied);
 - a tree step gathers each node's keys and values (its prefix, then its path, then filler) and runs the nodes
   of one padded width as one batch of those products: one group per step, two where the tree's rows straddle
-  a multiple of ROW_MULTIPLE, whatever the tree's depth.
+  a multiple of ROW_MULTIPLE, whatever the tree's depth;
+- a batch's one-token steps run as one batch of those products, every row padded to the widest: once a row
+  is padded to a multiple of ROW_MULTIPLE, more blocked keys after it leave its bits as they are (measured on
+  fp32 and bf16, head sizes 16 and 64; `attention_exact` checks it).
 
 That a batch of products gives each member the bits it gets alone belongs to the CPU's kernels: `rows_independent`
 checks the linear layers' products and `attention_exact` this attention at load. Where both hold, tree
@@ -99,6 +102,17 @@ def attention_exact(model, nodes: int) -> bool:
             alone, _ = tree_attention(probe, q[:, :, i:i + 1], k[:, :, :end], v[:, :, :end], None, dim ** -0.5)
             if not torch.equal(tree[:, i], alone[:, 0]):
                 return False
+    # a batch's one-token steps: rows of other lengths, run padded to the widest
+    lengths = (5, 70, 301)
+    q, k, v = (torch.randn(len(lengths), h, n, dim, generator=gen, device=device).to(dtype) ** 3 for h, n in
+               ((heads, 1), (hkv, max(lengths)), (hkv, max(lengths))))
+    root = torch.zeros(1, dtype=torch.long, device=device)
+    rows = [(Group(root, None, None, padded(n), n),) for n in lengths]
+    batch, _ = tree_attention(probe, q, k, v, None, dim ** -0.5, medusa_tree=rows)
+    for b, n in enumerate(lengths):
+        alone, _ = tree_attention(probe, q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], None, dim ** -0.5)
+        if not torch.equal(batch[b], alone[0]):
+            return False
     return True
 
 
@@ -240,16 +254,32 @@ def tree_attention(module, query, key, value, attention_mask, scaling, dropout=0
     # a batch row's padding nodes (beyond its own tree) are left out: zeros, never read
     out = (torch.zeros_like if B > 1 else torch.empty_like)(query).view(B, hkv, rep, n, D)
     q = query.view(B, hkv, rep, n, D)
+    lone = [(b, grp) for b, groups in enumerate(medusa_tree) for grp in groups if grp.index is None]
+    if lone:
+        _lone_roots(out, q, key, value, scaling, lone)
     for b, groups in enumerate(medusa_tree):      # per batch row, per group of nodes
         for grp in groups:
+            if grp.index is None:
+                continue
             qg = q[b][:, :, grp.rows].transpose(1, 2).contiguous()          # (Hkv, g, rep, D)
-            if grp.index is None:                 # a lone root: the prefix and itself, in cache order
-                k, v, _, pad = _padded_keys(key[b:b + 1], value[b:b + 1], None, grp.length)
-                k, v = k.transpose(0, 1), v.transpose(0, 1)                  # (Hkv, 1, W, D)
-            else:
-                shape = (hkv, grp.rows.numel(), grp.width, D)
-                k = key[b].index_select(1, grp.index).view(shape)
-                v = value[b].index_select(1, grp.index).view(shape)
-                pad = grp.pad
-            out[b, :, :, grp.rows] = _attend_rows(qg, k, v, scaling, pad).transpose(1, 2)
+            shape = (hkv, grp.rows.numel(), grp.width, D)
+            k = key[b].index_select(1, grp.index).view(shape)
+            v = value[b].index_select(1, grp.index).view(shape)
+            out[b, :, :, grp.rows] = _attend_rows(qg, k, v, scaling, grp.pad).transpose(1, 2)
     return out.view(B, H, n, D).transpose(1, 2).contiguous(), None
+
+
+def _lone_roots(out, q, key, value, scaling, lone) -> None:
+    """The lone roots of a batch's rows (each row's one-token step, or a tree's root alone in its width), each
+    over its own row's first `length` keys in cache order, as one batch of one-token products padded to the
+    widest: a row's bits do not depend on how many blocked keys follow its own (attention_exact checks it)."""
+    rows = [b for b, _ in lone]
+    lengths = torch.tensor([grp.length for _, grp in lone], device=key.device)
+    if rows != list(range(key.shape[0])):
+        index = torch.tensor(rows, device=key.device)
+        key, value = key.index_select(0, index), value.index_select(0, index)
+    k, v, _, _ = _padded_keys(key, value, None, int(lengths.max()))
+    pad = (torch.arange(k.shape[-2], device=k.device) >= lengths[:, None])[:, None, None]    # (R, 1, 1, W)
+    rows_t = torch.tensor(rows, device=q.device)
+    nodes = torch.cat([grp.rows for _, grp in lone])
+    out[rows_t, :, :, nodes] = _attend_rows(q[rows_t, :, :, nodes].contiguous(), k, v, scaling, pad)
