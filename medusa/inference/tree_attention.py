@@ -106,8 +106,8 @@ def attention_exact(model, nodes: int) -> bool:
     lengths = (5, 70, 301)
     q, k, v = (torch.randn(len(lengths), h, n, dim, generator=gen, device=device).to(dtype) ** 3 for h, n in
                ((heads, 1), (hkv, max(lengths)), (hkv, max(lengths))))
-    root = torch.zeros(1, dtype=torch.long, device=device)
-    rows = [(Group(root, None, None, padded(n), n),) for n in lengths]
+    root = Paths(torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, 1, dtype=torch.long, device=device))
+    rows = [step_index(root, n - 1) for n in lengths]        # each row's lone root, as the verifier passes it
     batch, _ = tree_attention(probe, q, k, v, None, dim ** -0.5, medusa_tree=rows)
     for b, n in enumerate(lengths):
         alone, _ = tree_attention(probe, q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], None, dim ** -0.5)
@@ -146,9 +146,10 @@ class Group:
 
 
 def padded(length):
-    """The width of an attention row over `length` keys (an int, or a tensor of them): a one-token step and a tree node alike run their
-    products and softmax over this many keys, the extra ones blocked (a product's or a softmax's bits can depend
-    on how many rows or columns it has), so that nodes at different depths run as one batch."""
+    """The width of an attention row over `length` keys (an int, or a tensor of them): a one-token step and a
+    tree node alike run their products and softmax over this many keys, the extra ones blocked (a product's or a
+    softmax's bits can depend on how many rows or columns it has), so that nodes at different depths run as one
+    batch."""
     return -(-length // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
