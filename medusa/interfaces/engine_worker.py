@@ -3,7 +3,9 @@ requests in it together, continuous batching: between two steps it admits waitin
 prompt prefilled alone, so the running rows are untouched; a long one `prefill_chunk` tokens per step, so they
 are not stalled for all of it) and drops finished or cancelled ones at once. Text
 pieces go back to the asyncio event loop per job. A bounded queue sheds load. Each row decodes exactly as it
-would alone, so nothing a client receives depends on who else is in the batch."""
+would alone, so nothing a client receives depends on who else is in the batch. The thread that makes the worker
+gives back its OpenMP team (medusa.inference.openmp), so that the worker's team decodes at full speed; torch
+work on other threads while the worker runs slows both."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +19,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import torch
 
 from medusa.inference.decode import Batch
+from medusa.inference.openmp import release_team
 from medusa.inference.stops import StopCutter
 from medusa.interfaces.textstream import RunStats, TextStream
 
@@ -125,6 +128,7 @@ class EngineWorker:
         self._pending = 0               # running + waiting
         self.running = 0                # jobs in the batch
         self._thread = threading.Thread(target=self._run, name="medusa-engine", daemon=True)
+        release_team()
         self._thread.start()
 
     @property
