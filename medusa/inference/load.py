@@ -7,7 +7,9 @@ GPU past hundreds. So a tree that pays for one row can cost more than it gains f
 `LoadTable` is what `medusa calibrate` measured on a machine: for plain steps, the calibrated tree and smaller
 calibrated trees, the seconds of a whole step by the number of rows, and the tokens each gives per row and step.
 With a table, each step takes the way with the most expected tokens per second for its number of rows, from
-the first step on, judging a way by the tokens per step it gave on this text once it ran. Without one,
+the first step on, judging a way by the tokens per step it gives on this text: its calibrated figure counts as
+`PRIOR_ROWS` row-steps beside those seen, and what was seen fades by `FORGET` a step, so one unlucky step does
+not turn a tree off, and a tree turned off by text its heads guess poorly is tried again later. Without one,
 `TreeByLoad` measures the tokens per second its steps give with trees and without them for each number of
 rows as a batch runs, and takes the faster, trying the other now and then.
 Only rows whose acceptance is exact (greedy, lossless sampling) follow it: their output is the same either way.
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TREE_FILE = "tree.json"
+PRIOR_ROWS = 16      # row-steps of evidence a way's calibrated tokens per step counts as
+FORGET = 0.99        # what each step keeps of the tokens and row-steps seen before it
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ class TreeByLoad:
     def __init__(self, table: LoadTable | None = None, explore_every: int = 48, smoothing: float = 0.3):
         self.table = table
         self.rate: dict[tuple[int, bool], float] = {}     # (rows, trees) -> tokens/s, smoothed
-        self.tokens: dict[tuple, float] = {}              # a table's way -> tokens per row and step seen, smoothed
+        self.seen: dict[tuple, tuple[float, float]] = {}  # a table's way -> (tokens, row-steps) seen, fading
         self.explore_every, self.smoothing, self.steps = explore_every, smoothing, 0
 
     def tree(self, rows: int) -> tuple | None:
@@ -112,6 +116,14 @@ class TreeByLoad:
         if self.table is not None:
             return self.table.best(rows, self.tokens).paths
         return None if self.use_trees(rows) else ()
+
+    @property
+    def tokens(self) -> dict[tuple, float]:
+        """A table's ways -> tokens per row and step expected: the calibrated figure with what was seen."""
+        if self.table is None:
+            return {}
+        return {w.paths: (PRIOR_ROWS * w.tokens_per_step + t) / (PRIOR_ROWS + n)
+                for w in self.table.ways for t, n in [self.seen.get(w.paths, (0.0, 0.0))]}
 
     def calibrated(self, rows: int) -> bool:
         """Whether `tree(rows)` comes from the table, whose costs were measured without context drafts."""
@@ -143,10 +155,11 @@ class TreeByLoad:
         for the rows' own). With a table, only the tokens per row and step the way gave count: the text served
         may be easier or harder to guess than the calibration's, and a way is judged by what it gives here."""
         if self.table is not None:
-            way, seen = self.table.tree if paths is None else paths, tokens / max(rows, 1)
+            self.seen = {w: (t * FORGET, n * FORGET) for w, (t, n) in self.seen.items()}
+            way = self.table.tree if paths is None else paths
             if way and rows > 1:             # plain steps give one token per row; a lone row adds drafts
-                old = self.tokens.get(way)
-                self.tokens[way] = seen if old is None else old + 0.1 * (seen - old)
+                t, n = self.seen.get(way, (0.0, 0.0))
+                self.seen[way] = (t + tokens, n + rows)
             return
         if rows <= 1 or seconds <= 0:
             return
