@@ -4,8 +4,9 @@ prompt prefilled alone, so the running rows are untouched; a long one `prefill_c
 are not stalled for all of it) and drops finished or cancelled ones at once. Text
 pieces go back to the asyncio event loop per job. A bounded queue sheds load. Each row decodes exactly as it
 would alone, so nothing a client receives depends on who else is in the batch. The thread that makes the worker
-gives back its OpenMP team (medusa.inference.openmp), so that the worker's team decodes at full speed; torch
-work on other threads while the worker runs slows both."""
+gives back its OpenMP team (medusa.inference.native), so that the worker's team decodes at full speed; torch
+work on other threads while the worker runs slows both. When the batch empties, the heap's free pages go back
+to the system."""
 from __future__ import annotations
 
 import asyncio
@@ -19,7 +20,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import torch
 
 from medusa.inference.decode import Batch
-from medusa.inference.openmp import release_team
+from medusa.inference.native import release_heap, release_team
 from medusa.inference.stops import StopCutter
 from medusa.interfaces.textstream import RunStats, TextStream
 
@@ -150,8 +151,11 @@ class EngineWorker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        batch, running = self._batch(), {}
+        batch, running, stepped = self._batch(), {}, False
         while True:
+            if not running and stepped and self._jobs.empty():    # idle after work: its freed memory goes back
+                release_heap()
+                stepped = False
             while len(running) < self.max_batch:          # admit waiting jobs into free rows
                 try:
                     job = self._jobs.get(block=not running)
@@ -171,6 +175,7 @@ class EngineWorker:
             if not running:
                 continue
             try:
+                stepped = True
                 steps = batch.step()
             except Exception as e:  # reported to every client in the batch; the worker keeps serving
                 self.running = 0

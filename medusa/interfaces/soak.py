@@ -83,11 +83,13 @@ def run_soak(model, prompts: list[str], *, requests: int = 200, clients: int = 1
 
         soak()                                                   # every path warmed: the memory's baseline
         _wait_idle(s.engine)
+        time.sleep(0.5)
         gc.collect()
         rss_start, t0 = rss_mib(), time.perf_counter()
         results = soak()
         seconds = time.perf_counter() - t0
         idle = _wait_idle(s.engine)
+        time.sleep(0.5)                      # the idle worker hands its freed memory back
         gc.collect()
         rss_end = rss_mib()
         health = httpx.get(s.url + "/health", timeout=30)

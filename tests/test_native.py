@@ -1,4 +1,5 @@
-"""medusa.inference.openmp: a thread gives back its libgomp team, and the server's engine worker takes it over.
+"""medusa.inference.native: a thread gives back its libgomp team, and the server's engine worker takes it over;
+the heap gives back its free pages.
 Each case runs in a fresh interpreter, where the process's threads can be counted (Linux: /proc/self/task)."""
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="co
 PRELUDE = f"""
 import os, sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from medusa.inference.openmp import release_team
+from medusa.inference.native import release_heap, release_team
 torch.set_num_threads(2)
 def tasks(): return len(os.listdir("/proc/self/task"))
 def parallel(): return float(torch.arange(1 << 22, dtype=torch.float64).sum())   # big enough to run in parallel
@@ -60,3 +61,20 @@ def test_the_engine_worker_takes_over_the_openmp_team_of_the_thread_that_makes_i
         worker.close()
     """)
     assert (with_team, with_worker) == (before + 1, before + 1)
+
+
+def test_release_heap_hands_the_free_pages_back():
+    """200 MB of small blocks freed below one still in use: the heap cannot shrink from its top, so glibc keeps
+    the pages until release_heap."""
+    before, freed, released = _run("""
+        def rss(): return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS:"))) // 1024
+        before = rss()
+        blocks = [bytearray(4000) for _ in range(50_000)]
+        last = bytearray(4000)
+        del blocks
+        freed = rss()
+        if not release_heap():
+            print("skip: no glibc"); sys.exit()
+        print(before, freed, rss())
+    """)
+    assert freed - before > 150 and released - before < 50

@@ -1,17 +1,22 @@
-"""The OpenMP runtime under torch's CPU kernels, and the one thing decoding on a worker thread needs from it.
+"""The native runtimes under torch's CPU work, and the two things a long-running engine thread needs from them.
 
-GNU libgomp (torch's OpenMP on Linux) keeps a team of helper threads for every thread that has run a parallel
-region, for as long as that thread lives. Idle helpers spin a while before they sleep, but only while libgomp
-manages no more threads than there are CPUs; past that they sleep at once, and each of a decode step's
-hundreds of small parallel regions waits for its helpers to be woken. A model loaded on the main thread and
-decoded on a worker thread makes two teams, and on a 2-core machine the worker then decodes at about half
+OpenMP teams: GNU libgomp (torch's OpenMP on Linux) keeps a team of helper threads for every thread that has
+run a parallel region, for as long as that thread lives. Idle helpers spin a while before they sleep, but only
+while libgomp manages no more threads than there are CPUs; past that they sleep at once, and each of a decode
+step's hundreds of small parallel regions waits for its helpers to be woken. A model loaded on the main thread
+and decoded on a worker thread makes two teams, and on a 2-core machine the worker then decodes at about half
 the speed of the main thread. `release_team()` ends the calling thread's team (OpenMP 5's
 `omp_pause_resource_all`), so the worker's team is the only one; the caller gets a new team if it runs a
 parallel region again. Other OpenMP runtimes (LLVM's libomp, Intel's) have no such rule and are left alone.
+
+The heap: torch's CPU tensors come from malloc, and glibc keeps what a busy batch freed (KV caches, a step's
+activations) in its arenas rather than giving it back, so a server idle after a burst stays at the burst's
+size. `release_heap()` hands the free pages back (`malloc_trim`).
 """
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import functools
 import os
 from pathlib import Path
@@ -47,3 +52,26 @@ def release_team() -> bool:
     for lib in _libgomp():
         done = lib.omp_pause_resource_all(OMP_PAUSE_SOFT) == 0 or done
     return done
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library: musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_heap() -> bool:
+    """Give the heap's free pages back to the system (glibc's arenas, all of them). True where glibc did;
+    False where there is no glibc and nothing was done."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
