@@ -2,7 +2,9 @@
 trees by (inference/load.py).
 
 For B = 1, 2, 4, 8, 16 rows, time whole decoding steps of a batch whose every row verifies the calibrated
-tree, each smaller calibrated tree, or nothing (plain one-token steps); `rounds` passes over all of them, so
+tree, each smaller calibrated tree, or nothing (plain one-token steps), each row `CONTEXT` tokens into its
+text (a chat prompt and part of its answer: a tree's attention costs more against plain steps' as the context
+grows, so a short context would favour trees); `rounds` passes over all of them, so
 that a shared machine's drift and bursts fall on every way alike, and the median of each. With the tokens
 each way gives per row and step (from the calibration), the decode loop then knows at each batch size which
 way serves the most tokens per second, without trying them.
@@ -20,13 +22,18 @@ from medusa.inference.decode import Batch
 from medusa.inference.load import LoadTable, StepCost
 
 DEFAULT_ROWS = (1, 2, 4, 8, 16)
+CONTEXT = 320           # tokens before the timed steps: the prompt, repeated to this length
 
 
 @torch.inference_mode()
-def time_batch(model, ids: torch.Tensor, paths, rows: int, *, steps: int = 6) -> list[float]:
-    """Seconds of `steps` decoding steps of `rows` copies of the prompt `ids` (1, T), every row verifying the
-    tree `paths` ([] = plain steps) with no context drafts, after one untimed step."""
-    reqs, _ = model.requests([ids.reshape(-1)] * rows, tree=list(paths) or "root", lookup=0,
+def time_batch(model, ids: torch.Tensor, paths, rows: int, *, steps: int = 6, context: int = CONTEXT) -> list[float]:
+    """Seconds of `steps` decoding steps of `rows` copies of the prompt `ids` (1, T) repeated to `context`
+    tokens (at least once, at most half the model's context), every row verifying the tree `paths` ([] = plain steps) with no context drafts,
+    after one untimed step."""
+    ids = ids.reshape(-1)
+    context = max(min(context, model.engine.context_limit // 2), ids.numel())   # room left for the steps
+    ids = ids.repeat(-(-context // ids.numel()))[:context]
+    reqs, _ = model.requests([ids] * rows, tree=list(paths) or "root", lookup=0,
                              max_new_tokens=(steps + 2) * 16, eos_token_id=[])
     batch = Batch(model.engine, slots=rows, capacity=max(model.engine.capacity(r) for r in reqs),
                   trees_by_load=False)
