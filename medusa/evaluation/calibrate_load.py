@@ -28,8 +28,8 @@ CONTEXT = 320           # tokens before the timed steps: the prompt, repeated to
 @torch.inference_mode()
 def time_batch(model, ids: torch.Tensor, paths, rows: int, *, steps: int = 6, context: int = CONTEXT) -> list[float]:
     """Seconds of `steps` decoding steps of `rows` copies of the prompt `ids` (1, T) repeated to `context`
-    tokens (at least once, at most half the model's context), every row verifying the tree `paths` ([] = plain steps) with no context drafts,
-    after one untimed step."""
+    tokens (at least once, at most half the model's context), every row verifying the tree `paths` ([] = plain
+    steps) with no context drafts, after one untimed step."""
     ids = ids.reshape(-1)
     context = max(min(context, model.engine.context_limit // 2), ids.numel())   # room left for the steps
     ids = ids.repeat(-(-context // ids.numel()))[:context]

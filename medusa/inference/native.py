@@ -58,12 +58,13 @@ def release_team() -> bool:
 def _malloc_trim():
     """glibc's malloc_trim, or None (another C library: musl, macOS)."""
     name = ctypes.util.find_library("c")
+    if name is None:
+        return None
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
+        trim = ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):
         return None
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim
 
 

@@ -59,9 +59,12 @@ def soak_request(url: str, i: int, prompt: str, max_tokens: int) -> tuple[str, i
 
 
 def _wait_idle(engine, timeout: float = 120.0) -> bool:
+    """Whether the worker ran out of jobs within `timeout`; then half a second more, in which the idle worker
+    hands its freed memory back (so that RSS read next is the idle server's)."""
     deadline = time.monotonic() + timeout
     while engine.pending and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(0.5)
     return engine.pending == 0
 
 
@@ -83,13 +86,11 @@ def run_soak(model, prompts: list[str], *, requests: int = 200, clients: int = 1
 
         soak()                                                   # every path warmed: the memory's baseline
         _wait_idle(s.engine)
-        time.sleep(0.5)
         gc.collect()
         rss_start, t0 = rss_mib(), time.perf_counter()
         results = soak()
         seconds = time.perf_counter() - t0
         idle = _wait_idle(s.engine)
-        time.sleep(0.5)                      # the idle worker hands its freed memory back
         gc.collect()
         rss_end = rss_mib()
         health = httpx.get(s.url + "/health", timeout=30)
