@@ -143,3 +143,52 @@ def test_a_padded_row_read_from_the_caches_own_memory_equals_zeros_appended(leng
     ours, _ = tree_attention.tree_attention(module, query, key, value, None, 0.25)
     copied, _ = tree_attention.tree_attention(module, query, key.contiguous(), value.contiguous(), None, 0.25)
     assert torch.equal(ours, copied)
+
+
+@pytest.mark.parametrize("length", [198, 205])
+@pytest.mark.parametrize("chunk", [64, 128])
+def test_a_prompt_prefilled_in_chunks_gets_the_bits_of_one_prefilled_at_once(length, chunk):
+    """A long prompt joining a running batch is prefilled a chunk per step; with 4-bit products its logits and
+    cache entries equal, bit for bit, those of the prompt prefilled in one forward (as alone, or `generate`).
+    (Attention over the whole prompt's shapes gave these two prompts other bits in chunks of 64 on Zen 4.)"""
+    model = _model("llama")
+    assert quantize_linears(model) > 0
+    m = MedusaModel(model, random_heads())
+    ids = torch.randint(3, 90, (length,), generator=torch.Generator().manual_seed(length))
+    with torch.inference_mode():
+        whole = BatchCache.for_model(model, capacity=length)
+        whole.add()
+        logits, hidden = m.engine.verifier.prefill(ids, whole)
+        parts = BatchCache.for_model(model, capacity=length)
+        parts.add()
+        for start in range(0, length, chunk):
+            part_logits, part_hidden = m.engine.verifier.prefill(ids[start:start + chunk], parts, start=start)
+    assert torch.equal(part_logits, logits) and torch.equal(part_hidden, hidden)
+    for a, b in zip(whole.layers, parts.layers):
+        assert torch.equal(a.keys[0, :, :length], b.keys[0, :, :length])
+        assert torch.equal(a.values[0, :, :length], b.values[0, :, :length])
+
+
+def test_a_long_prompt_joining_a_batch_in_chunks_decodes_as_alone():
+    """Through the batch: a 180-token prompt joins a running row with prefill_chunk=50 (whole prefill blocks:
+    64 under medusa_tree), and both rows' greedy tokens equal generate's for each prompt alone."""
+    from medusa.inference.decode import Batch
+
+    model = _model("llama")
+    assert quantize_linears(model) > 0
+    m = MedusaModel(model, random_heads(), tree="cpu_small")
+    short, long = _prompt(8, 6)[0], _prompt(9, 180)[0]
+    reqs, _ = m.requests([short, long], max_new_tokens=[40, 30])
+    batch = Batch(m.engine, slots=2, capacity=64, prefill_chunk=50)
+    assert batch.prefill_chunk == 64
+    out = {0: [], 1: []}
+    batch.add(reqs[0])
+    for s in batch.step():
+        out[s.row] += s.tokens.tolist()
+    assert batch.add(reqs[1]) is None                  # waits for its chunks
+    while batch.busy:
+        for s in batch.step():
+            out[s.row] += s.tokens.tolist()
+    for prompt, n, row in ((short, 40, 0), (long, 30, 1)):
+        ref = model.generate(prompt[None], max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        assert out[row] == ref[0, prompt.numel():].tolist(), f"row {row}"

@@ -21,6 +21,7 @@ from torch.profiler import record_function
 from medusa.inference.cache import BatchCache
 from medusa.inference.engine import DecodeOptions, Engine, PromptTooLongError, Request, Row, Step
 from medusa.inference.load import TreeByLoad
+from medusa.inference.tree_attention import PREFILL_BLOCK
 
 __all__ = ["Batch", "DecodeOptions", "PromptTooLongError", "Request", "Step", "decode"]
 
@@ -37,12 +38,16 @@ class _Prefill:
 class Batch:
     """Rows decoding together over one BatchCache of `slots` rows. A scheduler (`decode`, the server) adds
     requests while `free` and calls `step` until no row is left (`busy`). `prefill_chunk`: a prompt longer than
-    this joining running rows is prefilled that many tokens per step, between their steps (None: at once)."""
+    this joining running rows is prefilled that many tokens per step, between their steps (None: at once;
+    under medusa_tree attention rounded up to a multiple of its PREFILL_BLOCK)."""
 
     def __init__(self, engine: Engine, slots: int = 1, capacity: int = 256, trees_by_load: bool = True,
                  prefill_chunk: int | None = None):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if prefill_chunk is not None and engine.verifier.tree_attention:
+            # chunks of whole prefill blocks give a prompt the bits of a prefill at once (tree_attention._prefill)
+            prefill_chunk = -(-prefill_chunk // PREFILL_BLOCK) * PREFILL_BLOCK
         self.engine, self.prefill_chunk = engine, prefill_chunk
         self.cache = BatchCache(engine.num_layers, slots, capacity)
         self.rows: list[Row] = []          # rows[i] decodes in cache row i

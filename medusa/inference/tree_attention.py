@@ -19,6 +19,10 @@ can use it; no modeling code is copied) gives a tree node a one-token step's exa
   is padded to a multiple of ROW_MULTIPLE, more blocked keys after it leave its bits as they are (measured on
   fp32 and bf16, head sizes 16 and 64; `attention_exact` checks it).
 
+A prompt's prefill attends in blocks of queries at fixed cache positions (`_prefill`), so a long prompt prefilled
+in chunks while a batch decodes gets the bits of the same prompt prefilled at once (a product's bits depend on
+its shapes, and a chunk's would otherwise differ from the whole prompt's).
+
 That a batch of products gives each member the bits it gets alone belongs to the CPU's kernels: `rows_independent`
 checks the linear layers' products and `attention_exact` this attention at load. Where both hold, tree
 verification is bit-identical to `generate` run with this same attention (its one-token steps are these).
@@ -39,6 +43,7 @@ from medusa.inference.quantized import Int4Linear, device_of
 NAME = "medusa_tree"
 _UNSUPPORTED = ("softcap", "s_aux", "sinks")
 ROW_MULTIPLE = 64            # attention rows are padded to a multiple of this many columns
+PREFILL_BLOCK = 64           # a prompt's queries attend in blocks starting at multiples of this many positions
 
 
 def register() -> None:
@@ -245,9 +250,8 @@ def tree_attention(module, query, key, value, attention_mask, scaling, dropout=0
     hkv = key.shape[1]
     rep = H // hkv
     mask = None if attention_mask is None else attention_mask[..., :key.shape[-2]]
-    if medusa_tree is None and n > 1:             # prefill: eager attention, as the transformers models write it
-        out, weights = _attend(query, _repeat_kv(key, rep), _repeat_kv(value, rep), scaling, mask)
-        return out.transpose(1, 2).contiguous(), weights
+    if medusa_tree is None and n > 1:             # prefill
+        return _prefill(query, _repeat_kv(key, rep), _repeat_kv(value, rep), scaling, mask), None
     if medusa_tree is None:                       # one-token step
         k, v, mask, pad = _padded_keys(key, value, mask, key.shape[-2])
         out = _attend_rows(query.reshape(B, hkv, rep, D).contiguous(), k, v, scaling, pad, mask)
@@ -268,6 +272,24 @@ def tree_attention(module, query, key, value, attention_mask, scaling, dropout=0
             v = value[b].index_select(1, grp.index).view(shape)
             out[b, :, :, grp.rows] = _attend_rows(qg, k, v, scaling, grp.pad).transpose(1, 2)
     return out.view(B, H, n, D).transpose(1, 2).contiguous(), None
+
+
+def _prefill(query, key, value, scaling, mask) -> torch.Tensor:
+    """Eager attention (as the transformers models write it) for a prompt's n tokens, the cache's last n entries,
+    in blocks of queries that start at multiples of PREFILL_BLOCK cache positions, each block over the keys up to
+    its last query: a block's products then have the same shapes whether the prompt is prefilled at once or in
+    chunks of a multiple of PREFILL_BLOCK tokens (a batch's long prompt; decode.Batch), so both give it the
+    same bits. -> (B, n, H, D)."""
+    n = query.shape[2]
+    start = key.shape[-2] - n
+    outs, lo = [], 0
+    while lo < n:
+        hi = min(n, lo + PREFILL_BLOCK - (start + lo) % PREFILL_BLOCK)
+        end = start + hi
+        block = None if mask is None else mask[..., lo:hi, :end]
+        outs.append(_attend(query[:, :, lo:hi], key[:, :, :end], value[:, :, :end], scaling, block)[0])
+        lo = hi
+    return torch.cat(outs, 2).transpose(1, 2).contiguous()
 
 
 def _lone_roots(out, q, key, value, scaling, lone) -> None:

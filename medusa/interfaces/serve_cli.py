@@ -22,7 +22,7 @@ def add_commands(sub) -> dict:
                    help="requests decoded together (continuous batching: a finished one's row takes the next)")
     g.add_argument("--prefill-chunk", type=int, metavar="N",
                    help="prompt tokens prefilled per step while other requests decode, so a long prompt joining "
-                        "does not stall them for all of it (default 256)")
+                        "does not stall them for all of it (default 256; with medusa_tree attention a multiple of 64)")
     g.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait while the batch is full; more get 429 at once")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
