@@ -118,6 +118,21 @@ def test_tree_json_keeps_loading_with_and_without_a_table(tmp_path):
     assert read_tree_file(tmp_path / "tree.json")["cpu"] == [(0,), (0, 0)]
 
 
+@pytest.mark.parametrize("context, expect", [(100, 100), (1000, 128)])
+def test_steps_are_timed_context_tokens_into_each_row(context, expect, monkeypatch):
+    """The load table's steps run `context` tokens into every row (the prompt repeated), capped at half the
+    model's context (256 here) so that the steps have room: a tree's attention costs grow with the context."""
+    from medusa.evaluation.calibrate_load import time_batch
+
+    m = MedusaModel(tiny_model("llama"), random_heads(), tree=TREE, lookup=0)
+    seen, verify = [], m.engine.verifier.verify
+    monkeypatch.setattr(m.engine.verifier, "verify", lambda cache, lengths, *a: seen.append(list(lengths)) or
+                        verify(cache, lengths, *a))
+    times = time_batch(m, _prompts((9,))[0][None], list(SMALL), 2, steps=3, context=context)
+    assert len(times) == 3 and len(seen) == 4 and all(len(lengths) == 2 for lengths in seen)
+    assert all(expect <= n <= expect + 4 * 3 for lengths in seen for n in lengths)
+
+
 def test_calibrate_times_steps_by_rows_and_saves_the_table(tmp_path):
     from medusa.evaluation.calibrate import save_tree
     from medusa.evaluation.calibrate_load import calibrate_load, ways_to_time

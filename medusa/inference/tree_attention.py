@@ -28,7 +28,8 @@ checks the linear layers' products and `attention_exact` this attention at load.
 verification is bit-identical to `generate` run with this same attention (its one-token steps are these).
 
 Use: load the base with `attn_implementation="medusa_tree"` (`--attn medusa_tree`); the decode loop then
-passes `medusa_tree=[step_index(tree_paths(tree), cache_length) for each batch row]` on tree steps instead of a mask.
+passes `medusa_tree=plan(step_index(tree_paths(tree), cache_length) for each batch row)` (or that list) on tree
+steps instead of a mask.
 Plain softmax attention only: soft-capped or sink-token attention is refused.
 """
 from __future__ import annotations
@@ -178,6 +179,36 @@ def step_index(paths: Paths, prefix: int) -> tuple[Group, ...]:
     return tuple(groups)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A forward's medusa_tree steps, made once per step rather than in every layer: each batch row's groups,
+    and the lone roots of all rows (`lone`: their batch rows, also as a tensor `index`, `nodes`, and `pad`
+    (R, 1, 1, W) True past each one's keys in a row padded to the `longest`'s width) run as one batch."""
+    rows: tuple[tuple[Group, ...], ...]
+    lone: list[int]
+    index: torch.Tensor | None = None
+    nodes: torch.Tensor | None = None
+    longest: int = 0
+    pad: torch.Tensor | None = None
+    every_row: bool = False             # a lone root in every row, in order, and nothing else
+
+
+def plan(rows) -> Plan:
+    """The Plan of a step whose batch row b has the groups `rows[b]` (step_index's)."""
+    rows = tuple(rows)
+    lone = [(b, grp) for b, groups in enumerate(rows) for grp in groups if grp.index is None]
+    if not lone:
+        return Plan(rows, [])
+    device = lone[0][1].rows.device
+    batch_rows = [b for b, _ in lone]
+    every = batch_rows == list(range(len(rows))) and all(len(groups) == 1 for groups in rows)
+    lengths = torch.tensor([grp.length for _, grp in lone], device=device)
+    longest = int(lengths.max())
+    pad = (torch.arange(padded(longest), device=device) >= lengths[:, None])[:, None, None]
+    return Plan(rows, batch_rows, torch.tensor(batch_rows, device=device), torch.cat([grp.rows for _, grp in lone]),
+                longest, pad, every)
+
+
 def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     """(B, Hkv, ..., D) -> (B, Hkv * n, ..., D), each kv head repeated n times in place (as transformers does)."""
     return x if n == 1 else x.repeat_interleave(n, dim=1)
@@ -256,13 +287,17 @@ def tree_attention(module, query, key, value, attention_mask, scaling, dropout=0
         k, v, mask, pad = _padded_keys(key, value, mask, key.shape[-2])
         out = _attend_rows(query.reshape(B, hkv, rep, D).contiguous(), k, v, scaling, pad, mask)
         return out.view(B, 1, H, D), None
+    step = medusa_tree if isinstance(medusa_tree, Plan) else plan(medusa_tree)
+    if step.every_row and n == 1:                 # a batch's one-token steps
+        out = _lone_roots(query.reshape(B, hkv, rep, D).contiguous(), key, value, scaling, step)
+        return out.view(B, 1, H, D), None
     # a batch row's padding nodes (beyond its own tree) are left out: zeros, never read
     out = (torch.zeros_like if B > 1 else torch.empty_like)(query).view(B, hkv, rep, n, D)
     q = query.view(B, hkv, rep, n, D)
-    lone = [(b, grp) for b, groups in enumerate(medusa_tree) for grp in groups if grp.index is None]
-    if lone:
-        _lone_roots(out, q, key, value, scaling, lone)
-    for b, groups in enumerate(medusa_tree):      # per batch row, per group of nodes
+    if step.lone:
+        rows, nodes = step.index, step.nodes
+        out[rows, :, :, nodes] = _lone_roots(q[rows, :, :, nodes].contiguous(), key, value, scaling, step)
+    for b, groups in enumerate(step.rows):        # per batch row, per group of nodes
         for grp in groups:
             if grp.index is None:
                 continue
@@ -292,17 +327,12 @@ def _prefill(query, key, value, scaling, mask) -> torch.Tensor:
     return torch.cat(outs, 2).transpose(1, 2).contiguous()
 
 
-def _lone_roots(out, q, key, value, scaling, lone) -> None:
-    """The lone roots of a batch's rows (each row's one-token step, or a tree's root alone in its width), each
-    over its own row's first `length` keys in cache order, as one batch of one-token products padded to the
-    widest: a row's bits do not depend on how many blocked keys follow its own (attention_exact checks it)."""
-    rows = [b for b, _ in lone]
-    lengths = torch.tensor([grp.length for _, grp in lone], device=key.device)
-    if rows != list(range(key.shape[0])):
-        index = torch.tensor(rows, device=key.device)
-        key, value = key.index_select(0, index), value.index_select(0, index)
-    k, v, _, _ = _padded_keys(key, value, None, int(lengths.max()))
-    pad = (torch.arange(k.shape[-2], device=k.device) >= lengths[:, None])[:, None, None]    # (R, 1, 1, W)
-    rows_t = torch.tensor(rows, device=q.device)
-    nodes = torch.cat([grp.rows for _, grp in lone])
-    out[rows_t, :, :, nodes] = _attend_rows(q[rows_t, :, :, nodes].contiguous(), k, v, scaling, pad)
+def _lone_roots(q, key, value, scaling, step: Plan) -> torch.Tensor:
+    """The lone roots of a batch's rows (each row's one-token step, or a tree's root alone in its width), q
+    (R, Hkv, rep, D), each over its own row's first `length` keys in cache order, as one batch of one-token
+    products padded to the widest: a row's bits do not depend on how many blocked keys follow its own
+    (attention_exact checks it). -> (R, Hkv, rep, D)."""
+    if step.lone != list(range(key.shape[0])):
+        key, value = key.index_select(0, step.index), value.index_select(0, step.index)
+    k, v, _, _ = _padded_keys(key, value, None, step.longest)
+    return _attend_rows(q, k, v, scaling, step.pad)

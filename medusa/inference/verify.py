@@ -16,7 +16,7 @@ import torch
 
 from medusa.inference.packed_linear import engaged
 from medusa.inference.propose import Candidates
-from medusa.inference.tree_attention import step_index
+from medusa.inference.tree_attention import plan, step_index
 
 NO_LOGITS = torch.empty(0, dtype=torch.long)   # logits_to_keep for a forward whose logits nobody reads
 
@@ -80,7 +80,7 @@ class Verifier:
         if len(cands) == 1 and N == 1:
             return None, {}
         if self.tree_attention:      # a batch's one-token steps too: each row over its own cache only, as alone
-            return None, {"medusa_tree": [step_index(c.shape, n) for c, n in zip(cands, lengths)]}
+            return None, {"medusa_tree": plan(step_index(c.shape, n) for c, n in zip(cands, lengths))}
         device, low = cands[0].tokens.device, torch.finfo(self.dtype).min
         width = max(lengths) + N
         mask = torch.full((len(cands), 1, N, width), low, dtype=self.dtype, device=device)
