@@ -266,13 +266,14 @@ def test_bench_serve_runs_the_server_side_by_side(tmp_path):
     rows = [{"question_id": i, "category": "qa", "turns": [f"question {i} " * (1 + i % 3)]} for i in range(4)]
     questions = _write_questions(tmp_path / "q.jsonl", rows)
     proc = _command(tmp_path, "bench-serve", "--questions", str(questions), "--output", str(tmp_path / "out"),
-                    "--max-new-tokens", "8", "--concurrency", "1,3", "--max-batch", "2")
+                    "--max-new-tokens", "8", "--concurrency", "1,3", "--max-batch", "2", "--rounds", "2")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "out" / "serve.json").read_text())
     got = {(r["clients"], r["setting"]): r for r in result["rows"]}
     assert set(got) == {(c, s) for c in (1, 3) for s in ("medusa", "plain", "one-at-a-time")}
     for r in got.values():
         assert r["same_as_alone"] == 4 and r["tokens"] > 0 and r["ttft_p50"] > 0
+        assert len(r["rounds_tokens_per_s"]) == 2 and r["tokens_per_s"] == r["rounds_tokens_per_s"][0]
     assert (tmp_path / "out" / "serve.png").is_file() and "| 3 |" in proc.stdout
 
 

@@ -1,20 +1,22 @@
 """`medusa bench-serve`: the server under C concurrent clients, medusa against plain decoding.
 
 Each setting starts `medusa serve`'s app on a free loopback port in this process and runs C client threads
-over the prompts (each client takes the next prompt when its answer is done; streaming chat completions,
-greedy). Settings, side by side in one run for each concurrency, in an order that rotates:
+over the prompts in a process of their own (serve_clients.py; each client takes the next prompt when its
+answer is done; streaming chat completions, greedy). Settings, side by side in one run for each concurrency, in an order that rotates:
   medusa         the batching server with the model's tree and context drafts (load-sized trees)
   plain          the same server with no candidates (tree "root", no drafts): plain batched decoding
   one-at-a-time  medusa with one row (`--max-batch 1`): requests served in turn
-Per setting and concurrency: total output tokens/s (all answers' tokens / wall time), time to first token and
-time per output token after it (p50, p90), and how many answers equal the prompt's answer served alone.
+Per setting and concurrency: total output tokens/s (all answers' tokens / wall time; with `rounds`, each
+cell run that many times and the median round kept: a shared machine's speed drifts by tens of percent
+between minutes), time to first token and time per output token after it (p50, p90), and how many answers
+equal the prompt's answer served alone.
 """
 from __future__ import annotations
 
 import json
 import statistics
-import time
-from concurrent.futures import ThreadPoolExecutor
+import subprocess
+import sys
 from pathlib import Path
 
 from medusa.evaluation.report import line_plot, write_result
@@ -34,28 +36,14 @@ def _server(model, *, max_batch: int, defaults: dict, max_tokens: int) -> LocalS
     return LocalServer(app)
 
 
-def ask(url: str, prompt: str, max_tokens: int) -> dict:
-    """One streaming chat completion: its text, tokens, time to first token and total time."""
-    import httpx
-
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}}
-    t0, first, text, tokens = time.perf_counter(), None, [], 0
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            for choice in chunk.get("choices", []):
-                piece = choice.get("delta", {}).get("content")
-                if piece:
-                    first = first or time.perf_counter()
-                    text.append(piece)
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    end = time.perf_counter()
-    return {"text": "".join(text), "tokens": tokens, "ttft": (first or end) - t0, "seconds": end - t0}
+def clients(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+    """`concurrency` clients over `prompts` in a process of their own (serve_clients.py): {"seconds", "answers"}."""
+    job = json.dumps({"url": url, "prompts": prompts, "clients": concurrency, "max_tokens": max_tokens})
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("serve_clients.py"))], input=job,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the benchmark's clients failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -64,34 +52,50 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run_serve_bench(model, prompts: list[str], concurrencies: list[int], max_tokens: int, *,
-                    max_batch: int = MAX_BATCH, log=print) -> dict:
-    """Every setting at every concurrency over `prompts`; returns the figures (rows) and the settings used."""
+                    max_batch: int = MAX_BATCH, rounds: int = 1, log=print) -> dict:
+    """Every setting at every concurrency over `prompts`, `rounds` times (the settings' order rotating each
+    time); returns the figures (rows: the median round's tokens/s, latencies over every round's answers, and
+    answers equal to the solo ones in the worst round) and the settings used."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     with _server(model, max_batch=1, defaults={}, max_tokens=max_tokens) as s:
-        ask(s.url, prompts[0], 8)                                   # warm-up
-        alone = [ask(s.url, p, max_tokens)["text"] for p in prompts]
+        clients(s.url, prompts[:1], 1, 8)                           # warm-up
+        alone = [a["text"] for a in clients(s.url, prompts, 1, max_tokens)["answers"]]
     rows = []
     for i, c in enumerate(concurrencies):
-        names = list(SETTINGS)
-        for name in names[i % 3:] + names[:i % 3]:          # the order rotates: drift falls on all alike
-            setting = SETTINGS[name]
-            with _server(model, max_batch=setting["max_batch"] or max_batch, defaults=setting["defaults"],
-                         max_tokens=max_tokens) as s:
-                t0 = time.perf_counter()
-                with ThreadPoolExecutor(c) as pool:
-                    answers = list(pool.map(lambda p: ask(s.url, p, max_tokens), prompts))
-                wall = time.perf_counter() - t0
-            tokens = sum(a["tokens"] for a in answers)
-            tpot = [(a["seconds"] - a["ttft"]) / (a["tokens"] - 1) for a in answers if a["tokens"] > 1]
-            rows.append({"clients": c, "setting": name, "tokens": tokens, "seconds": round(wall, 2),
-                         "tokens_per_s": round(tokens / wall, 2),
-                         "ttft_p50": round(statistics.median(a["ttft"] for a in answers), 3),
-                         "ttft_p90": round(_pct([a["ttft"] for a in answers], 0.9), 3),
-                         "tpot_p50": round(statistics.median(tpot), 4) if tpot else None,
-                         "tpot_p90": round(_pct(tpot, 0.9), 4) if tpot else None,
-                         "same_as_alone": sum(a["text"] == t for a, t in zip(answers, alone)),
-                         "prompts": len(prompts)})
+        runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+        for k in range(rounds):
+            names = list(SETTINGS)
+            turn = (i + k) % len(names)
+            for name in names[turn:] + names[:turn]:         # the order rotates: drift falls on all alike
+                setting = SETTINGS[name]
+                with _server(model, max_batch=setting["max_batch"] or max_batch, defaults=setting["defaults"],
+                             max_tokens=max_tokens) as s:
+                    runs[name].append(clients(s.url, prompts, c, max_tokens))
+                if rounds > 1:
+                    run = runs[name][-1]
+                    log(f"C={c:>2} {name:<13} round {k + 1}: "
+                        f"{sum(a['tokens'] for a in run['answers']) / run['seconds']:.1f} tokens/s")
+        for name in SETTINGS:
+            rows.append(_row(c, name, runs[name], alone))
             log(format_row(rows[-1]))
     return {"rows": rows}
+
+
+def _row(clients: int, setting: str, runs: list[dict], alone: list[str]) -> dict:
+    speeds = sorted((sum(a["tokens"] for a in r["answers"]) / r["seconds"], r) for r in runs)
+    speed, median = speeds[(len(speeds) - 1) // 2]
+    answers = [a for r in runs for a in r["answers"]]
+    tpot = [(a["seconds"] - a["ttft"]) / (a["tokens"] - 1) for a in answers if a["tokens"] > 1]
+    return {"clients": clients, "setting": setting, "tokens": sum(a["tokens"] for a in median["answers"]),
+            "seconds": round(median["seconds"], 2), "tokens_per_s": round(speed, 2),
+            "rounds_tokens_per_s": [round(s, 2) for s, _ in speeds],
+            "ttft_p50": round(statistics.median(a["ttft"] for a in answers), 3),
+            "ttft_p90": round(_pct([a["ttft"] for a in answers], 0.9), 3),
+            "tpot_p50": round(statistics.median(tpot), 4) if tpot else None,
+            "tpot_p90": round(_pct(tpot, 0.9), 4) if tpot else None,
+            "same_as_alone": min(sum(a["text"] == t for a, t in zip(r["answers"], alone)) for r in runs),
+            "prompts": len(alone)}
 
 
 def format_row(r: dict) -> str:

@@ -36,6 +36,8 @@ def add_commands(sub) -> dict:
     b.add_argument("--per-category", type=int, help="only N questions of each category, evenly spread")
     b.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated client counts")
     b.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    b.add_argument("--rounds", type=int, default=1, help="runs of every cell (settings rotating): the median is "
+                                                         "reported")
     b.add_argument("--output", default="bench-serve", help="folder for serve.json and serve.png")
     b.add_argument("--soak", type=int, metavar="N",
                    help="instead: a soak of N requests from --clients clients (streaming and not, hang-ups, "
@@ -68,18 +70,21 @@ def cmd_bench_serve(a) -> int:
     from medusa.interfaces import serve_bench
 
     clients = [int(c) for c in a.concurrency.split(",")]
-    if any(c < 1 for c in clients) or a.max_batch < 1:
-        raise ValueError(f"--concurrency and --max-batch take counts >= 1, got {a.concurrency} and {a.max_batch}")
+    if any(c < 1 for c in clients) or a.max_batch < 1 or a.rounds < 1:
+        raise ValueError(f"--concurrency, --max-batch and --rounds take counts >= 1, got {a.concurrency}, "
+                         f"{a.max_batch} and {a.rounds}")
     prompts = [q.turns[0] for q in load_questions(a.questions, limit=a.limit, per_category=a.per_category)]
     model = LoadOptions.from_args(a).load()
     name = a.model.rstrip("/") if a.model else DEFAULT_MODEL_NAME
     if a.soak is not None:
         return _soak(a, model, prompts)
-    result = serve_bench.run_serve_bench(model, prompts, clients, a.max_new_tokens, max_batch=a.max_batch)
+    result = serve_bench.run_serve_bench(model, prompts, clients, a.max_new_tokens, max_batch=a.max_batch,
+                                         rounds=a.rounds)
     threads = torch.get_num_threads()
     result["settings"] = {"model_id": name, "dtype": str(model.base_model.dtype), "threads": threads,
                           "machine": machine(device_of(model.base_model.get_input_embeddings())),
-                          "max_batch": a.max_batch, "questions": a.questions, "prompts": len(prompts),
+                          "max_batch": a.max_batch, "rounds": a.rounds, "questions": a.questions,
+                          "prompts": len(prompts),
                           "max_new_tokens": a.max_new_tokens,
                           "title": f"{Path(name).name}, {len(prompts)} prompts, {threads} threads, "
                                    f"max batch {a.max_batch}"}
