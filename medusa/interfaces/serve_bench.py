@@ -2,7 +2,8 @@
 
 Each setting starts `medusa serve`'s app on a free loopback port in this process and runs C client threads
 over the prompts in a process of their own (serve_clients.py; each client takes the next prompt when its
-answer is done; streaming chat completions, greedy). Settings, side by side in one run for each concurrency, in an order that rotates:
+answer is done; streaming chat completions, greedy). Settings, side by side in one run for each concurrency,
+in an order that rotates:
   medusa         the batching server with the model's tree and context drafts (load-sized trees)
   plain          the same server with no candidates (tree "root", no drafts): plain batched decoding
   one-at-a-time  medusa with one row (`--max-batch 1`): requests served in turn
@@ -83,7 +84,7 @@ def run_serve_bench(model, prompts: list[str], concurrencies: list[int], max_tok
 
 
 def _row(clients: int, setting: str, runs: list[dict], alone: list[str]) -> dict:
-    speeds = sorted((sum(a["tokens"] for a in r["answers"]) / r["seconds"], r) for r in runs)
+    speeds = sorted(((sum(a["tokens"] for a in r["answers"]) / r["seconds"], r) for r in runs), key=lambda s: s[0])
     speed, median = speeds[(len(speeds) - 1) // 2]
     answers = [a for r in runs for a in r["answers"]]
     tpot = [(a["seconds"] - a["ttft"]) / (a["tokens"] - 1) for a in answers if a["tokens"] > 1]
